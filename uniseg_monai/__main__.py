@@ -1,0 +1,3 @@
+from uniseg_monai.cli import main
+
+main()

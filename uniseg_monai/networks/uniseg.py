@@ -1,0 +1,274 @@
+"""The UniSeg network (Ye et al., MICCAI 2023) and its downstream backbone, in MONAI's axis convention.
+
+Spatial axes are (X, Y, Z) as MONAI loads NIfTI. The paper's 64x192x192 (z, y, x) patch is therefore
+``patch_size=(192, 192, 64)``, the stage-0 kernel is (3, 3, 1) and the stage-1 stride (2, 2, 1).
+
+Pieces of the paper's Fig. 2, each a named attribute:
+
+- ``encoder[0][0]`` — :class:`ModalityStems`: the first conv of stage 0 for 1, 2 and 4 input channels.
+- ``encoder`` — stages 0..4 (two conv blocks each, stride on the first) and ``bottleneck`` — stage 5.
+- ``universal_prompt`` — learnable (1, N, X/32, Y/32, Z/16) tensor shared by all tasks.
+- ``fuse`` — FUSE: cat(bottleneck, universal prompt) -> 3 conv blocks -> N task prompts.
+- :meth:`UniSeg.select_task_prompt` — picks each sample's own task prompt (one channel).
+- ``decoder`` — prompt-driven decoder: its input is cat(bottleneck, task prompt); five stages of transposed
+  conv + skip + two conv blocks.
+- ``heads`` — one 1x1x1 deep-supervision head per decoder stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from uniseg_monai.networks.blocks import DecoderStage, ModalityStems, conv_block, stage
+
+PAPER_FEATURES = (32, 64, 128, 256, 320, 320)
+PAPER_KERNEL_SIZES = ((3, 3, 1),) + ((3, 3, 3),) * 5
+PAPER_STRIDES = ((1, 1, 1), (2, 2, 1)) + ((2, 2, 2),) * 4
+PAPER_PATCH_SIZE = (192, 192, 64)
+PAPER_IN_CHANNELS = (1, 2, 4)
+
+TaskId = int | Sequence[int] | torch.Tensor
+
+
+def nnunet_features(base: int = 32, maximum: int = 320, num_stages: int = 6) -> tuple[int, ...]:
+    """nnU-Net channel plan: ``base`` doubled per stage, capped at ``maximum``."""
+    return tuple(min(base * 2**s, maximum) for s in range(num_stages))
+
+
+def _triple(value: Sequence[int] | int) -> tuple[int, int, int]:
+    out = (value,) * 3 if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(out) != 3:
+        raise ValueError(f"expected 3 spatial values (x, y, z), got {value}")
+    return out  # type: ignore[return-value]
+
+
+class UniSegBackbone(nn.Module):
+    """nnU-Net-style 3D U-Net with modality stems: UniSeg without prompt and FUSE (the downstream form).
+
+    Args:
+        num_classes: output channels of every head (incl. background).
+        in_channels: channel counts that get a modality stem.
+        features: channels per encoder stage, the last one being the bottleneck.
+        kernel_sizes: conv kernel per stage, (x, y, z).
+        strides: stride of each stage's first conv, (x, y, z); the first one must be 1.
+        deep_supervision: in ``train()`` mode return the logits of every decoder stage.
+
+    ``forward(x)``: x (B, C, X, Y, Z) with C in ``in_channels`` and X, Y, Z divisible by :attr:`total_stride`.
+    Returns (B, num_classes, X, Y, Z) logits, or in training with deep supervision a list of
+    ``len(features) - 1`` logit tensors, highest resolution first, each at its decoder stage's resolution.
+    """
+
+    task_prompt_channels = 0  # channels concatenated to the bottleneck before the decoder
+
+    def __init__(
+        self,
+        num_classes: int = 14,
+        in_channels: Sequence[int] = PAPER_IN_CHANNELS,
+        features: Sequence[int] = PAPER_FEATURES,
+        kernel_sizes: Sequence[Sequence[int] | int] = PAPER_KERNEL_SIZES,
+        strides: Sequence[Sequence[int] | int] = PAPER_STRIDES,
+        deep_supervision: bool = True,
+    ) -> None:
+        super().__init__()
+        kernels = [_triple(k) for k in kernel_sizes]
+        steps = [_triple(s) for s in strides]
+        if not len(features) == len(kernels) == len(steps) or len(features) < 2:
+            raise ValueError(
+                f"features, kernel_sizes and strides need one entry per stage (at least 2), got "
+                f"{len(features)}, {len(kernels)} and {len(steps)}"
+            )
+        if steps[0] != (1, 1, 1):
+            raise ValueError(f"stage 0 cannot be strided, got strides[0]={steps[0]}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.deep_supervision = deep_supervision
+        self.total_stride = tuple(int(torch.tensor([s[a] for s in steps]).prod()) for a in range(3))
+
+        stem = ModalityStems(in_channels, features[0], kernels[0])
+        first = nn.Sequential(stem, conv_block(features[0], features[0], kernels[0]))
+        self.encoder = nn.ModuleList(
+            [first] + [stage(features[s - 1], features[s], kernels[s], steps[s]) for s in range(1, len(features) - 1)]
+        )
+        self.bottleneck = stage(features[-2], features[-1], kernels[-1], steps[-1])
+        self.decoder = nn.ModuleList(
+            DecoderStage(
+                features[s + 1] + (self.task_prompt_channels if s == len(features) - 2 else 0),
+                features[s],
+                kernels[s + 1],  # as nnU-Net: the decoder stage that upsamples stage s+1 uses its kernel
+                steps[s + 1],
+            )
+            for s in reversed(range(len(features) - 1))
+        )
+        self.heads = nn.ModuleList(
+            Convolution(3, features[s], num_classes, kernel_size=1, conv_only=True, bias=False)
+            for s in reversed(range(len(features) - 1))
+        )
+        self.apply(_he_init)
+
+    @property
+    def in_channels(self) -> tuple[int, ...]:
+        """Channel counts with a modality stem."""
+        return self.encoder[0][0].in_channels
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless x is (B, C, X, Y, Z) with a stem for C and a size divisible by the stride."""
+        if x.ndim != 5:
+            raise ValueError(f"expected a (B, C, X, Y, Z) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] not in self.in_channels:
+            raise ValueError(
+                f"input has {x.shape[1]} channels, but this network has modality stems for "
+                f"{list(self.in_channels)} channels only (1: CT or MR, 2: CT+PET, 4: four MR sequences)"
+            )
+        size = tuple(x.shape[2:])
+        if any(n % s for n, s in zip(size, self.total_stride)):
+            raise ValueError(
+                f"spatial size {size} is not divisible by the total stride {self.total_stride} (x, y, z); "
+                "pad the input or choose a window size that is a multiple of it"
+            )
+        if all(n == s for n, s in zip(size, self.total_stride)):
+            raise ValueError(
+                f"spatial size {size} leaves one bottleneck voxel, where instance norm is undefined; the input "
+                f"needs at least 2 voxels at the bottleneck (twice the total stride {self.total_stride} on one axis)"
+            )
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x (B, C, X, Y, Z) -> (skips of stages 0..S-2, bottleneck features (B, F, X/32, Y/32, Z/16))."""
+        self.check_input(x)
+        skips = []
+        for enc_stage in self.encoder:
+            x = enc_stage(x)
+            skips.append(x)
+        return skips, self.bottleneck(x)
+
+    def decode(self, z: torch.Tensor, skips: list[torch.Tensor], all_heads: bool) -> list[torch.Tensor]:
+        """Decoder input z -> logits, highest resolution first (all heads, or only the full-resolution one)."""
+        logits = []
+        for i, (dec_stage, head) in enumerate(zip(self.decoder, self.heads)):
+            z = dec_stage(z, skips[-(i + 1)])
+            if all_heads or i == len(self.decoder) - 1:
+                logits.append(head(z))
+        return logits[::-1]
+
+    def output(self, logits: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """The forward result: all deep-supervision logits when training with it, else the full-resolution one."""
+        return logits if self.training and self.deep_supervision else logits[0]
+
+    def forward_all_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """All deep-supervision logits, highest resolution first, whatever the mode."""
+        skips, z = self.encode(x)
+        return self.decode(z, skips, all_heads=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        skips, z = self.encode(x)
+        return self.output(self.decode(z, skips, self.training and self.deep_supervision))
+
+
+class UniSeg(UniSegBackbone):
+    """UniSeg: the backbone with a universal prompt, FUSE and a prompt-driven decoder.
+
+    Args:
+        num_tasks: N, the number of tasks (universal prompt channels and FUSE outputs).
+        num_classes: output channels (max classes over tasks, incl. background).
+        patch_size: training window (X, Y, Z); the universal prompt has size patch_size / total stride.
+        fuse_blocks: conv blocks in FUSE (paper: 3; hidden width (F + N) // 4).
+        other arguments: as :class:`UniSegBackbone`.
+
+    ``forward(x, task_id)``: x (B, C, X, Y, Z); task_id an int (whole batch), a sequence of B ints or a (B,)
+    tensor — every sample is decoded with its own task. Output as :class:`UniSegBackbone`.
+
+    Window sizes: at ``patch_size`` the universal prompt is used as is (the official behaviour). For any other
+    size divisible by the total stride it is resampled to the bottleneck size with trilinear interpolation
+    (``align_corners=False``), so sliding windows of any admissible size work.
+    """
+
+    task_prompt_channels = 1
+
+    def __init__(
+        self,
+        num_tasks: int = 11,
+        num_classes: int = 4,
+        patch_size: Sequence[int] = PAPER_PATCH_SIZE,
+        in_channels: Sequence[int] = PAPER_IN_CHANNELS,
+        features: Sequence[int] = PAPER_FEATURES,
+        kernel_sizes: Sequence[Sequence[int] | int] = PAPER_KERNEL_SIZES,
+        strides: Sequence[Sequence[int] | int] = PAPER_STRIDES,
+        fuse_blocks: int = 3,
+        deep_supervision: bool = True,
+    ) -> None:
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        if fuse_blocks < 1:
+            raise ValueError(f"fuse_blocks must be >= 1, got {fuse_blocks}")
+        super().__init__(num_classes, in_channels, features, kernel_sizes, strides, deep_supervision)
+        self.num_tasks = num_tasks
+        patch = _triple(patch_size)
+        if any(p % s for p, s in zip(patch, self.total_stride)):
+            raise ValueError(f"patch_size {patch} is not divisible by the total stride {self.total_stride}")
+        prompt_size = tuple(p // s for p, s in zip(patch, self.total_stride))
+        self.universal_prompt = nn.Parameter(torch.randn(1, num_tasks, *prompt_size))
+        width = (features[-1] + num_tasks) // 4
+        ins = [features[-1] + num_tasks] + [width] * (fuse_blocks - 1)
+        outs = [width] * (fuse_blocks - 1) + [num_tasks]
+        self.fuse = nn.Sequential(*(conv_block(i, o, 3) for i, o in zip(ins, outs)))
+        self.fuse.apply(_he_init)
+
+    def task_ids(self, task_id: TaskId, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """Validate ``task_id`` and return it as a (B,) long tensor."""
+        ids = torch.as_tensor(task_id, device=device)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"task_id must be integer, got dtype {ids.dtype}")
+        ids = ids.long()
+        if ids.ndim == 0:
+            ids = ids.expand(batch_size)
+        ids = ids.flatten()
+        if ids.numel() != batch_size:
+            raise ValueError(f"got {ids.numel()} task ids for a batch of {batch_size} samples; give one per sample")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_tasks):
+            raise ValueError(
+                f"task ids {ids.tolist()} outside [0, {self.num_tasks}) for this {self.num_tasks}-task network"
+            )
+        return ids
+
+    def prompt_at(self, size: Sequence[int]) -> torch.Tensor:
+        """The universal prompt (1, N, *size): as learned at the training size, trilinearly resampled otherwise."""
+        if tuple(size) == tuple(self.universal_prompt.shape[2:]):
+            return self.universal_prompt
+        return F.interpolate(self.universal_prompt, size=tuple(size), mode="trilinear", align_corners=False)
+
+    def task_prompts(self, z: torch.Tensor) -> torch.Tensor:
+        """FUSE: bottleneck features (B, F, *s) -> task prompts (B, N, *s); independent of the task."""
+        prompt = self.prompt_at(z.shape[2:]).expand(z.shape[0], -1, -1, -1, -1)
+        return self.fuse(torch.cat([z, prompt], dim=1))
+
+    @staticmethod
+    def select_task_prompt(task_prompts: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Each sample's own task prompt: (B, N, *s) and (B,) ids -> (B, 1, *s)."""
+        index = task_ids.to(task_prompts.device).view(-1, 1, 1, 1, 1).expand(-1, 1, *task_prompts.shape[2:])
+        return torch.gather(task_prompts, 1, index)
+
+    def forward_all_heads(self, x: torch.Tensor, task_id: TaskId) -> list[torch.Tensor]:  # type: ignore[override]
+        """All deep-supervision logits, highest resolution first, whatever the mode."""
+        return self._segment(x, task_id, all_heads=True)
+
+    def forward(self, x: torch.Tensor, task_id: TaskId) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
+        return self.output(self._segment(x, task_id, self.training and self.deep_supervision))
+
+    def _segment(self, x: torch.Tensor, task_id: TaskId, all_heads: bool) -> list[torch.Tensor]:
+        ids = self.task_ids(task_id, x.shape[0], x.device)
+        skips, z = self.encode(x)
+        task_prompt = self.select_task_prompt(self.task_prompts(z), ids)
+        return self.decode(torch.cat([z, task_prompt], dim=1), skips, all_heads)
+
+
+def _he_init(module: nn.Module) -> None:
+    """nnU-Net's initialisation: He normal (a=0.01) on (transposed) convs, zero biases."""
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=0.01)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
