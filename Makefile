@@ -23,3 +23,9 @@ test: lint
 
 bench: setup
 	$(BIN)/python benchmarks/network_speed.py
+	$(BIN)/python benchmarks/data_speed.py
+
+demo: setup
+	test -f demo_output/data/datalist.json || $(BIN)/uniseg generate-phantoms --out demo_output/data
+	$(BIN)/uniseg check-data demo_output/data/datalist.json
+	$(BIN)/uniseg tasks --datalist demo_output/data/datalist.json

@@ -1,0 +1,174 @@
+"""Phantoms, check-data and prepare."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from uniseg_monai.data import load_items
+from uniseg_monai.data.check import check_datalist
+from uniseg_monai.data.phantoms import generate_phantoms
+from uniseg_monai.data.prepare import prepare
+from uniseg_monai.tasks import registry_for_datalist
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory) -> Path:
+    return generate_phantoms(tmp_path_factory.mktemp("phantoms") / "data")
+
+
+def test_phantoms_are_deterministic_and_clean(phantoms, tmp_path):
+    again = generate_phantoms(tmp_path / "again")
+    assert again.read_text() == phantoms.read_text()
+    a = nib.load(phantoms.parent / "brain" / "brain_003_flair.nii.gz")
+    b = nib.load(again.parent / "brain" / "brain_003_flair.nii.gz")
+    assert np.array_equal(a.get_fdata(), b.get_fdata()) and np.allclose(a.affine, b.affine)
+    run = subprocess.run([sys.executable, "-m", "uniseg_monai", "check-data", str(phantoms)], capture_output=True)
+    assert run.returncode == 0, run.stdout
+
+
+def test_phantoms_need_the_task_to_be_solved(phantoms):
+    registry = registry_for_datalist(phantoms)
+    assert sorted(registry) == ["ph_brain", "ph_organs", "ph_petct", "ph_tumour"]
+    assert {registry[n].in_channels for n in registry} == {1, 2, 4}
+    items = load_items(phantoms, "training", registry)
+    organs = {i["image"]: i["label"] for i in items if i["task"] == "ph_organs"}
+    tumours = {i["image"]: i["label"] for i in items if i["task"] == "ph_tumour"}
+    assert organs.keys() == tumours.keys()  # the same CT volumes carry both tasks
+    for image in organs:
+        organ = nib.load(organs[image]).get_fdata()
+        tumour = nib.load(tumours[image]).get_fdata() > 0
+        assert tumour.any() and (organ[tumour] == 1).all()  # tumour voxels are "liver" in the other task
+    orientations = {nib.aff2axcodes(nib.load(i["image"]).affine) for i in items if i["task"] == "ph_organs"}
+    assert len(orientations) == 2  # RAS and LPS cases
+
+
+def write_like(src: Path, dst: Path, data=None, affine=None) -> str:
+    img = nib.load(src)
+    out = img.get_fdata() if data is None else data
+    nib.save(nib.Nifti1Image(out, img.affine if affine is None else affine), dst)
+    return str(dst)
+
+
+def test_check_data_reports_every_problem_with_its_file(phantoms, tmp_path):
+    root = phantoms.parent
+    good = json.loads(phantoms.read_text())
+    ct, organs = root / "abdomen/abdomen_000_ct.nii.gz", root / "abdomen/abdomen_000_organs.nii.gz"
+    shape = nib.load(ct).shape
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"not a nifti at all")
+    nan = np.zeros(shape)
+    nan[0, 0, 0] = np.nan
+    nan[1, 1, 1] = 5
+    bad_affine = nib.load(ct).affine.copy()
+    bad_affine[0, 3] += 30
+    flat = np.zeros(shape)
+    too_many = nib.load(organs).get_fdata() * 2
+    files = {
+        "shape": write_like(organs, tmp_path / "shape.nii.gz", data=np.zeros((10, 10, 10))),
+        "affine": write_like(organs, tmp_path / "affine.nii.gz", affine=bad_affine),
+        "values": write_like(organs, tmp_path / "values.nii.gz", data=too_many),
+        "nan": write_like(ct, tmp_path / "nan.nii.gz", data=nan),
+        "flat": write_like(ct, tmp_path / "flat.nii.gz", data=flat),
+        "2d": write_like(ct, tmp_path / "flat2d.nii.gz", data=np.ones((20, 20)) * np.arange(20)),
+    }
+    cases = [
+        ({"image": str(root / "missing.nii.gz"), "label": str(organs), "task": "ph_organs"}, "missing.nii.gz"),
+        ({"image": str(corrupt), "label": str(organs), "task": "ph_organs"}, "corrupt.nii.gz"),
+        ({"image": str(ct), "label": files["shape"], "task": "ph_organs"}, "shape.nii.gz"),
+        ({"image": str(ct), "label": files["affine"], "task": "ph_organs"}, "affine.nii.gz"),
+        ({"image": str(ct), "label": files["values"], "task": "ph_organs"}, "values.nii.gz"),
+        ({"image": files["nan"], "label": str(organs), "task": "ph_organs"}, "nan.nii.gz"),
+        ({"image": files["flat"], "label": str(organs), "task": "ph_organs"}, "flat.nii.gz"),
+        ({"image": files["2d"], "task": "ph_organs"}, "flat2d.nii.gz"),
+        ({"image": str(ct), "label": str(organs), "task": "ph_brain"}, "4 (T1+T1ce+T2+FLAIR)"),
+        ({"image": str(ct), "label": str(organs), "task": "no_such_task"}, "unknown task 'no_such_task'"),
+    ]
+    expected = {
+        "missing.nii.gz": "file not found",
+        "corrupt.nii.gz": "unreadable or corrupt",
+        "shape.nii.gz": "differ from image",
+        "affine.nii.gz": "differ from image",
+        "values.nii.gz": "outside task 'ph_organs'",
+        "nan.nii.gz": "NaN or Inf",
+        "flat.nii.gz": "empty or constant",
+        "flat2d.nii.gz": "not a 3D volume",
+        "4 (T1+T1ce+T2+FLAIR)": "channel(s)",
+        "unknown task 'no_such_task'": "unknown task",
+    }
+    for item, marker in cases:
+        datalist = tmp_path / "dl.json"
+        datalist.write_text(json.dumps({"tasks": good["tasks"], "training": [item]}))
+        problems = [str(p) for p in check_datalist(datalist, progress=False)]
+        assert any(marker in p and expected[marker] in p for p in problems), (marker, problems)
+        assert all("fix:" in p for p in problems)
+
+    leak = {"tasks": good["tasks"], "training": good["training"][:1], "validation": good["training"][:1]}
+    duplicate_ids = {"tasks": {**good["tasks"], "ph_tumour": {**good["tasks"]["ph_tumour"], "id": 0}}}
+    duplicate_ids["training"] = good["training"][:2]
+    for content, marker in ((leak, "the same image is in training and validation"), (duplicate_ids, "share id 0")):
+        datalist = tmp_path / "dl.json"
+        datalist.write_text(json.dumps(content))
+        assert any(marker in str(p) for p in check_datalist(datalist, progress=False))
+    run = subprocess.run([sys.executable, "-m", "uniseg_monai", "check-data", str(datalist)], capture_output=True)
+    assert run.returncode == 1 and b"share id 0" in run.stdout
+
+
+def test_prepare_msd_and_nnunet_folders_merge_into_one_datalist(phantoms, tmp_path):
+    root = phantoms.parent
+    msd = tmp_path / "Task09_Spleen"
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (msd / sub).mkdir(parents=True)
+    for i in range(5):
+        shutil.copy(root / f"abdomen/abdomen_00{i}_ct.nii.gz", msd / f"imagesTr/spleen_{i}.nii.gz")
+        shutil.copy(root / f"abdomen/abdomen_00{i}_organs.nii.gz", msd / f"labelsTr/spleen_{i}.nii.gz")
+    shutil.copy(root / "abdomen/abdomen_009_ct.nii.gz", msd / "imagesTs/spleen_9.nii.gz")
+    meta = {
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "liver", "2": "spleen"},
+        "training": [
+            {"image": f"./imagesTr/spleen_{i}.nii.gz", "label": f"./labelsTr/spleen_{i}.nii.gz"} for i in range(5)
+        ],
+        "test": ["./imagesTs/spleen_9.nii.gz"],
+    }
+    (msd / "dataset.json").write_text(json.dumps(meta))
+    nnunet = tmp_path / "Dataset003_PetCt"
+    for sub in ("imagesTr", "labelsTr"):
+        (nnunet / sub).mkdir(parents=True)
+    for i in range(3):
+        shutil.copy(root / f"petct/petct_00{i}_ct.nii.gz", nnunet / f"imagesTr/pc_{i}_0000.nii.gz")
+        shutil.copy(root / f"petct/petct_00{i}_pet.nii.gz", nnunet / f"imagesTr/pc_{i}_0001.nii.gz")
+        shutil.copy(root / f"petct/petct_00{i}_lesions.nii.gz", nnunet / f"labelsTr/pc_{i}.nii.gz")
+    nn_meta = {
+        "channel_names": {"0": "CT", "1": "PET"},
+        "labels": {"background": 0, "lesion": 1},
+        "file_ending": ".nii.gz",
+    }
+    (nnunet / "dataset.json").write_text(json.dumps(nn_meta))
+
+    out = tmp_path / "lists" / "datalist.json"
+    assert prepare(msd, "my_abdomen", out, fmt="msd") == {"training": 4, "validation": 1, "testing": 1}
+    assert prepare(nnunet, "autopet", out, fmt="nnunet", val_fraction=0.34) == {
+        "training": 2,
+        "validation": 1,
+        "testing": 0,
+    }
+    prepare(msd, "my_abdomen", out, fmt="msd")  # re-running replaces, never duplicates
+    data = json.loads(out.read_text())
+    assert len(data["training"]) == 6 and set(data["tasks"]) == {"my_abdomen"}  # autopet is built in
+    task = data["tasks"]["my_abdomen"]
+    assert task["labels"] == ["background", "liver", "spleen"] and task["normalization"] == ["ct"]
+    assert task["spacing"][2] == pytest.approx(4.0, rel=0.2)
+    registry = registry_for_datalist(out)
+    items = load_items(out, "training", registry)
+    petct = [i for i in items if i["task"] == "autopet"]
+    assert len(petct[0]["image"]) == 2 and petct[0]["image"][1].endswith("_0001.nii.gz")
+    assert all(Path(p).exists() for i in items for p in ([i["image"]] if isinstance(i["image"], str) else i["image"]))
+    assert check_datalist(out, progress=False) == []

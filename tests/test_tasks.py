@@ -1,0 +1,91 @@
+"""The task registry: built-in facts, user extension through the datalist, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from uniseg_monai.tasks import TaskError, TaskRegistry
+
+PAPER_TASKS = [
+    "liver",
+    "kidney",
+    "hepatic_vessel",
+    "pancreas",
+    "colon",
+    "lung",
+    "spleen",
+    "verse20",
+    "prostate",
+    "brats21",
+    "autopet",
+]
+PAPER_CLASSES = {0: 3, 1: 3, 2: 3, 3: 3, 4: 2, 5: 2, 6: 2, 7: 2, 8: 2, 9: 4, 10: 2}
+
+
+def test_builtin_tasks_follow_the_paper():
+    reg = TaskRegistry()
+    assert [reg.by_id(i).name for i in range(11)] == PAPER_TASKS
+    assert {i: reg.by_id(i).num_classes for i in range(11)} == PAPER_CLASSES
+    assert reg["brats21"].in_channels == 4 and reg["autopet"].in_channels == 2
+    assert reg["liver"].spacing == (1.5, 1.5, 3.0) and reg["verse20"].spacing == (2.0, 2.0, 4.0)
+    assert reg["autopet"].spacing == (4.0, 4.0, 8.0) and reg["brats21"].spacing == (1.0, 1.0, 1.0)
+    assert [n.kind for n in reg["autopet"].normalization] == ["ct", "zscore"]
+    assert reg["liver"].normalization[0].window == (-325.0, 325.0)
+    assert reg["brats21"].label_map == {2: 1, 1: 2, 4: 3}
+    assert reg["btcv"].num_classes == 14 and reg["btcv"].labels[1] == "spleen" and reg["vs"].num_classes == 2
+    assert reg.subset(PAPER_TASKS).num_tasks == 11 and reg.subset(PAPER_TASKS).num_classes == 4
+
+
+def test_users_add_and_override_tasks_without_code():
+    reg = TaskRegistry().extended(
+        {
+            "brain_tissue": {
+                "modalities": ["MR"],
+                "labels": ["background", "grey matter", "white matter"],
+                "spacing": [2.0, 2.0, 2.0],
+                "normalization": ["zscore_nonzero"],
+            },
+            "liver": {"normalization": [{"type": "ct", "window": [-100, 200]}]},
+        }
+    )
+    assert reg["brain_tissue"].id == 13 and reg["brain_tissue"].num_classes == 3
+    assert reg["liver"].normalization[0].window == (-100.0, 200.0)
+    assert reg["liver"].labels == TaskRegistry()["liver"].labels  # untouched fields kept
+    assert reg.subset(["liver", "brain_tissue"]).num_tasks == 14
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"modalities": ["a", "b", "c"], "labels": ["bg", "x"], "spacing": [1, 1, 1]}, "stems for 1, 2 or 4"),
+        ({"modalities": ["CT"], "labels": ["bg"], "spacing": [1, 1, 1]}, "at least one class"),
+        ({"modalities": ["CT"], "labels": ["bg", "x"], "spacing": [1, 1]}, "spacing"),
+        ({"modalities": ["CT"], "labels": ["bg", "x"], "spacing": [1, 1, 1], "normalization": ["minmax"]}, "minmax"),
+        ({"modalities": ["CT"], "labels": ["bg", "x"], "spacing": [1, 1, 1], "label_map": {"3": 2}}, "label_map"),
+        ({"modalities": ["CT"], "labels": ["bg", "x"]}, "missing"),
+        ({"modalities": ["CT"], "labels": ["bg", "x"], "spacing": [1, 1, 1], "colour": 1}, "unknown keys"),
+    ],
+)
+def test_invalid_task_definitions_are_clear_errors(spec, message):
+    with pytest.raises(TaskError, match=message):
+        TaskRegistry().extended({"mine": spec})
+
+
+def test_duplicate_ids_and_unknown_tasks():
+    reg = TaskRegistry().extended({"mine": {"id": 0, "modalities": ["CT"], "labels": ["bg", "x"], "spacing": [1] * 3}})
+    with pytest.raises(TaskError, match="share id 0"):
+        reg.subset(["liver", "mine"])
+    assert reg.subset(["mine", "spleen"]).num_tasks == 7
+    with pytest.raises(TaskError, match="unknown task 'livr'"):
+        reg["livr"]
+
+
+def test_cli_prints_registry():
+    table = subprocess.run([sys.executable, "-m", "uniseg_monai", "tasks"], capture_output=True, text=True)
+    assert table.returncode == 0 and all(name in table.stdout for name in PAPER_TASKS + ["btcv", "vs"])
+    as_json = subprocess.run([sys.executable, "-m", "uniseg_monai", "tasks", "--json"], capture_output=True, text=True)
+    assert json.loads(as_json.stdout) == json.loads(json.dumps(TaskRegistry().to_json()))

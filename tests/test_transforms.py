@@ -1,0 +1,120 @@
+"""Task-aware pre-processing and augmentation, on real volumes from ../shared/data/real_samples."""
+
+from __future__ import annotations
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import shared_path
+from monai.transforms import Compose
+
+from uniseg_monai.data.phantoms import generate_phantoms
+from uniseg_monai.tasks import TaskRegistry
+from uniseg_monai.transforms import augmentation, preprocessing
+
+REGISTRY = TaskRegistry().extended(
+    {
+        "aorta": {"modalities": ["CT"], "labels": ["background", "aorta"], "spacing": [3.0, 3.0, 3.0]},
+        "brats2": {
+            "modalities": ["FLAIR", "T1c"],
+            "labels": ["background", "edema", "necrosis", "enhancing"],
+            "spacing": [2.0, 2.0, 2.0],
+            "normalization": ["zscore_nonzero", "zscore_nonzero"],
+            "label_map": {"2": 1, "1": 2, "4": 3},
+        },
+        "tiny_ct": {"modalities": ["CT"], "labels": ["background", "x"], "spacing": [1.0, 1.0, 10.0]},
+    }
+)
+PRE = Compose(preprocessing(REGISTRY))
+
+
+def world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    ijk = np.argwhere(mask).mean(axis=0)
+    return affine[:3, :3] @ ijk + affine[:3, 3]
+
+
+def test_lps_ct_is_reoriented_resampled_normalised_and_stays_aligned():
+    image = shared_path("data/real_samples/totalseg_examples/ct_thorax_1p5mm.nii.gz")
+    label = shared_path("data/real_samples/totalseg_examples/ct_thorax_1p5mm_aorta.nii.gz")
+    raw = nib.load(label)
+    assert nib.aff2axcodes(raw.affine) == ("L", "P", "S")
+    out = PRE({"image": str(image), "label": str(label), "task": "aorta"})
+    affine = out["image"].affine.numpy()
+    assert nib.aff2axcodes(affine) == ("R", "A", "S")
+    assert np.allclose(np.linalg.norm(affine[:3, :3], axis=0), 3.0)
+    assert out["image"].shape[1:] == out["label"].shape[1:]
+    assert out["image"].shape[1] == pytest.approx(120 * 1.5 / 3, abs=1)
+    assert 0.0 <= out["image"].min() and out["image"].max() <= 1.0
+    assert set(out["label"].unique().tolist()) == {0.0, 1.0}
+    before = world_centroid(raw.get_fdata() > 0, raw.affine)
+    after = world_centroid(out["label"][0].numpy() > 0, affine)
+    assert np.abs(before - after).max() < 1.5  # under half an output voxel
+    fraction_before = (raw.get_fdata() > 0).mean()
+    assert out["label"].mean().item() == pytest.approx(fraction_before, rel=0.1)
+
+
+def test_multi_file_channels_zscore_inside_brain_and_label_map():
+    folder = "data/real_samples/tiny_multitask/brats_tumour"
+    images = [str(shared_path(f"{folder}/imagesTr/brats_2013_pat0003_1_000{c}.nii.gz")) for c in (0, 1)]
+    label = shared_path(f"{folder}/labelsTr/brats_2013_pat0003_1.nii.gz")
+    out = PRE({"image": images, "label": str(label), "task": "brats2"})
+    img = out["image"]
+    assert img.shape[0] == 2
+    for c in range(2):
+        raw = nib.load(images[c]).get_fdata()
+        assert int((img[c] != 0).sum()) == int((raw != 0).sum())  # outside the brain stays 0 (native 2 mm)
+        values = img[c][img[c] != 0]
+        assert values.mean().item() == pytest.approx(0.0, abs=0.05) and values.std().item() == pytest.approx(
+            1, abs=0.05
+        )
+    raw_label = nib.load(label).get_fdata()
+    counts = {v: int((out["label"] == v).sum()) for v in range(4)}
+    assert counts[1] == int((raw_label == 2).sum()) and counts[3] == int((raw_label == 4).sum())
+    assert counts[2] == int((raw_label == 1).sum())  # raw 3 (non-enhancing) is not in the map: background
+    assert set(out["label"].unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}
+
+
+def test_dicom_series_folder_loads_through_itk():
+    folder = shared_path("data/real_samples/monai_testing_tiny/CT_DICOM_16x16")
+    out = PRE({"image": str(folder), "task": "tiny_ct"})
+    assert out["image"].shape[0] == 1 and out["image"].ndim == 4
+    assert np.allclose(np.linalg.norm(out["image"].affine.numpy()[:3, :3], axis=0), [1.0, 1.0, 10.0])
+    assert 0.0 <= out["image"].min() < out["image"].max() <= 1.0
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_nrrd_and_mha_give_the_same_result_as_nifti(tmp_path, suffix):
+    datalist = generate_phantoms(tmp_path / "ph")
+    nifti = datalist.parent / "abdomen" / "abdomen_001_ct.nii.gz"  # stored LPS
+    other = tmp_path / f"ct{suffix}"
+    itk.imwrite(itk.imread(str(nifti)), str(other))
+    reg = TaskRegistry().extended({"ct": {"modalities": ["CT"], "labels": ["bg", "x"], "spacing": [2.0, 2.0, 4.0]}})
+    pre = Compose(preprocessing(reg, keys=["image"]))
+    a, b = pre({"image": str(nifti), "task": "ct"}), pre({"image": str(other), "task": "ct"})
+    assert a["image"].shape == b["image"].shape
+    assert np.allclose(a["image"].affine.numpy(), b["image"].affine.numpy(), atol=1e-4)
+    assert torch.allclose(a["image"].as_tensor(), b["image"].as_tensor(), atol=1e-4)
+
+
+def test_augmentation_pads_small_volumes_and_keeps_labels_valid():
+    torch.manual_seed(0)
+    image = torch.rand(2, 20, 30, 10)
+    label = torch.zeros(1, 20, 30, 10)
+    label[0, 5:9, 5:9, 2:5] = 3
+    aug = Compose(augmentation((32, 32, 16)))
+    aug.set_random_state(0)
+    for _ in range(10):
+        out = aug({"image": image, "label": label, "task": "x"})[0]
+        assert out["image"].shape == (2, 32, 32, 16) and out["label"].shape == (1, 32, 32, 16)
+        assert set(out["label"].unique().tolist()) <= {0.0, 3.0}
+
+
+def test_foreground_oversampling_rate():
+    label = torch.zeros(1, 100, 100, 40)
+    label[0, 10:14, 10:14, 5:8] = 1  # tiny structure: random crops almost never hit it
+    crop = Compose(augmentation((32, 32, 16))[:2])
+    crop.set_random_state(1)
+    hits = sum(bool(crop({"image": label.clone(), "label": label})[0]["label"].any()) for _ in range(400))
+    assert 0.25 < hits / 400 < 0.45

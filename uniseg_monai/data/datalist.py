@@ -1,0 +1,58 @@
+"""The datalist: a JSON file naming tasks, cases and their files (format in README.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from uniseg_monai.tasks import TaskRegistry
+
+SECTIONS = ("training", "validation", "testing")
+
+
+class DatalistError(ValueError):
+    """A datalist that cannot be read or used."""
+
+
+def read_datalist(path: str | Path) -> dict[str, Any]:
+    """The raw datalist JSON, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatalistError(f"{path}: datalist not found") from None
+    except json.JSONDecodeError as err:
+        raise DatalistError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not any(s in data for s in (*SECTIONS, "tasks")):
+        raise DatalistError(f"{path}: expected an object with 'training', 'validation', 'testing' and/or 'tasks'")
+    for section in SECTIONS:
+        for i, item in enumerate(data.get(section, [])):
+            if not isinstance(item, dict) or "image" not in item or "task" not in item:
+                raise DatalistError(f"{path}: {section}[{i}] needs 'image' and 'task' (got {item!r})")
+    return data
+
+
+def _absolute(value: str | list[str], root: Path) -> str | list[str]:
+    if isinstance(value, list):
+        return [str((root / v).resolve()) for v in value]
+    return str((root / value).resolve())
+
+
+def load_items(path: str | Path, section: str, registry: TaskRegistry) -> list[dict[str, Any]]:
+    """Items of one section with absolute paths, ``task`` (name) and ``task_id`` (network index).
+
+    ``registry`` must know every task the section uses (see :func:`uniseg_monai.tasks.registry_for_datalist`).
+    """
+    if section not in SECTIONS:
+        raise DatalistError(f"section must be one of {SECTIONS}, got {section!r}")
+    root = Path(path).resolve().parent
+    items = []
+    for item in read_datalist(path).get(section, []):
+        out = dict(item)
+        for key in ("image", "label"):
+            if key in out:
+                out[key] = _absolute(out[key], root)
+        out["task_id"] = registry[item["task"]].id
+        items.append(out)
+    return items

@@ -1,0 +1,222 @@
+"""Deterministic synthetic multi-task data: the embedded default data of the demo and the tests.
+
+Four tasks, written as NIfTI with realistic spacings and affines (some cases stored LPS, native spacings
+jittered around the task spacing so resampling is exercised):
+
+- ``ph_organs`` (CT, id 0): liver and spleen in an abdomen with fat, muscle and a bright spine.
+- ``ph_tumour`` (CT, id 1): the liver tumours **of the same CT volumes** — inside the liver, so only the
+  task prompt tells the network whether a tumour voxel is "liver" or "tumour".
+- ``ph_brain`` (4-channel MR, id 2): BraTS-like tumour (edema, necrotic core, enhancing rim) in raw BraTS
+  label values 1/2/4, mapped by the task's ``label_map``; one file per channel.
+- ``ph_petct`` (CT + PET, id 3): hot lesions in PET among physiological uptake (kidneys, bladder).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+TASKS = {
+    "ph_organs": {
+        "id": 0,
+        "modalities": ["CT"],
+        "labels": ["background", "liver", "spleen"],
+        "spacing": [2.0, 2.0, 4.0],
+        "normalization": ["ct"],
+    },
+    "ph_tumour": {
+        "id": 1,
+        "modalities": ["CT"],
+        "labels": ["background", "liver tumour"],
+        "spacing": [2.0, 2.0, 4.0],
+        "normalization": ["ct"],
+    },
+    "ph_brain": {
+        "id": 2,
+        "modalities": ["T1", "T1ce", "T2", "FLAIR"],
+        "labels": ["background", "edema", "necrotic core", "enhancing tumour"],
+        "spacing": [2.0, 2.0, 2.0],
+        "normalization": ["zscore_nonzero"] * 4,
+        "label_map": {"2": 1, "1": 2, "4": 3},
+    },
+    "ph_petct": {
+        "id": 3,
+        "modalities": ["CT", "PET"],
+        "labels": ["background", "lesion"],
+        "spacing": [3.0, 3.0, 6.0],
+        "normalization": ["ct", "zscore"],
+    },
+}
+SPLITS = {"training": 6, "validation": 2, "testing": 2}
+FOV_MM = {"abdomen": (192.0, 192.0, 160.0), "head": (128.0, 128.0, 96.0), "body": (192.0, 192.0, 192.0)}
+
+
+def _grid(shape: tuple[int, ...], spacing: np.ndarray) -> list[np.ndarray]:
+    """Voxel-centre coordinates in mm, centred on the volume."""
+    return [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+
+
+def _ellipsoid(coords: list[np.ndarray], centre, radii) -> np.ndarray:
+    x, y, z = coords
+    return (
+        ((x[:, None, None] - centre[0]) / radii[0]) ** 2
+        + ((y[None, :, None] - centre[1]) / radii[1]) ** 2
+        + ((z[None, None, :] - centre[2]) / radii[2]) ** 2
+    ) <= 1
+
+
+def _volume(rng: np.random.Generator, fov: str, spacing: list[float]) -> tuple[tuple[int, ...], np.ndarray]:
+    native = np.array(spacing) * rng.uniform(0.85, 1.15, 3)
+    shape = tuple(round(f / s) for f, s in zip(FOV_MM[fov], native))
+    return shape, native
+
+
+def _affine(native: np.ndarray, shape: tuple[int, ...], lps: bool) -> np.ndarray:
+    affine = np.diag([*native, 1.0])
+    affine[:3, 3] = -(np.array(shape) - 1) / 2 * native
+    if lps:  # same anatomy, stored with flipped x and y axes
+        affine[0, 0] *= -1
+        affine[1, 1] *= -1
+        affine[:2, 3] *= -1
+    return affine
+
+
+def _save(array: np.ndarray, affine: np.ndarray, lps: bool, path: Path, dtype) -> None:
+    data = array[::-1, ::-1] if lps else array
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data).astype(dtype), affine), path)
+
+
+def _abdomen(rng: np.random.Generator, shape, native):
+    c = _grid(shape, native)
+    body = _ellipsoid(c, (0, 0, 0), (85, 70, 200))
+    ct = np.full(shape, -1000.0)
+    ct[body] = -100.0  # fat
+    ct[_ellipsoid(c, (0, 0, 0), (75, 60, 200))] = 40.0  # muscle / soft tissue
+    ct[_ellipsoid(c, (0, -45, 0), (12, 12, 200))] = 450.0  # spine
+    liver_c = (rng.uniform(-40, -30), rng.uniform(-5, 10), rng.uniform(-10, 10))
+    liver_r = (rng.uniform(28, 34), rng.uniform(30, 38), rng.uniform(45, 60))
+    liver = _ellipsoid(c, liver_c, liver_r)
+    spleen = _ellipsoid(c, (rng.uniform(38, 48), rng.uniform(-15, 0), rng.uniform(-5, 15)), (14, 18, 30))
+    ct[liver] = 70.0
+    ct[spleen] = 120.0
+    tumour = np.zeros(shape, bool)
+    for _ in range(rng.integers(1, 3)):
+        offset = rng.uniform(-0.4, 0.4, 3) * np.array(liver_r)
+        tumour |= _ellipsoid(c, np.array(liver_c) + offset, [rng.uniform(9, 15)] * 3)
+    tumour &= liver
+    ct[tumour] = -20.0
+    ct += rng.normal(0, 12, shape)
+    organs = np.where(liver, 1, 0) + np.where(spleen & ~liver, 2, 0)
+    return ct, organs, tumour.astype(np.uint8)
+
+
+def _brain(rng: np.random.Generator, shape, native):
+    c = _grid(shape, native)
+    head = _ellipsoid(c, (0, 0, 0), (55, 60, 42))
+    brain = _ellipsoid(c, (0, 0, 0), (48, 54, 36))
+    centre = np.array([rng.uniform(-20, 20), rng.uniform(-20, 20), rng.uniform(-8, 8)])
+    r = rng.uniform(11, 15)
+    edema = _ellipsoid(c, centre, (r * 1.8, r * 1.7, r * 1.5)) & brain
+    enhancing = _ellipsoid(c, centre, (r, r, r))
+    necrotic = _ellipsoid(c, centre, (r * 0.55,) * 3)
+    raw = np.where(edema, 2, 0)
+    raw[enhancing] = 4
+    raw[necrotic] = 1
+    # tissue intensities per channel: (scalp, brain, edema, enhancing, necrotic) for T1, T1ce, T2, FLAIR
+    table = {
+        "T1": (300, 500, 380, 420, 250),
+        "T1ce": (300, 500, 400, 1000, 200),
+        "T2": (200, 400, 800, 600, 900),
+        "FLAIR": (250, 400, 900, 650, 300),
+    }
+    channels = []
+    for scalp, tissue, ed, en, ne in table.values():
+        img = np.zeros(shape)
+        img[head] = scalp
+        img[brain] = tissue
+        img[edema] = ed
+        img[enhancing] = en
+        img[necrotic] = ne
+        img[head] += rng.normal(0, 25, int(head.sum()))
+        channels.append(img)
+    return channels, raw.astype(np.uint8)
+
+
+def _petct(rng: np.random.Generator, shape, native):
+    c = _grid(shape, native)
+    body = _ellipsoid(c, (0, 0, 0), (85, 70, 300))
+    ct = np.full(shape, -1000.0)
+    ct[body] = 30.0
+    ct[_ellipsoid(c, (0, -45, 0), (12, 12, 300))] = 450.0
+    pet = np.zeros(shape)
+    pet[body] = 1.0
+    for side in (-1, 1):  # kidneys: elongated physiological uptake
+        pet[_ellipsoid(c, (side * 35, -20, 20), (10, 12, 25))] = 5.0
+    pet[_ellipsoid(c, (0, 20, -70), (20, 18, 15))] = 9.0  # bladder
+    lesions = np.zeros(shape, bool)
+    for _ in range(rng.integers(2, 4)):
+        centre = (rng.uniform(-50, 50), rng.uniform(-30, 40), rng.uniform(-40, 60))
+        lesions |= _ellipsoid(c, centre, [rng.uniform(8, 13)] * 3)
+    lesions &= body
+    pet[lesions] = rng.uniform(6, 9)
+    pet = np.clip(pet + rng.normal(0, 0.3, shape), 0, None)
+    ct += rng.normal(0, 12, shape)
+    return ct, pet, lesions.astype(np.uint8)
+
+
+def generate_phantoms(out: str | Path, seed: int = 0) -> Path:
+    """Write the phantom data set and ``datalist.json`` under ``out``; returns the datalist path.
+
+    Deterministic for a given seed. Refuses to write into a non-empty folder that holds other files.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "datalist.json").exists():
+        raise FileExistsError(f"{out} is not empty and holds no phantom datalist; choose an empty folder")
+    rng = np.random.default_rng(seed)
+    datalist: dict = {"tasks": TASKS, "training": [], "validation": [], "testing": []}
+    for kind in ("abdomen", "brain", "petct"):
+        folder = out / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        case = 0
+        for section, count in SPLITS.items():
+            for _ in range(count):
+                name = f"{kind}_{case:03d}"
+                lps = case % 2 == 1
+                case += 1
+                if kind == "abdomen":
+                    shape, native = _volume(rng, "abdomen", TASKS["ph_organs"]["spacing"])
+                    affine = _affine(native, shape, lps)
+                    ct, organs, tumour = _abdomen(rng, shape, native)
+                    _save(ct, affine, lps, folder / f"{name}_ct.nii.gz", np.int16)
+                    _save(organs, affine, lps, folder / f"{name}_organs.nii.gz", np.uint8)
+                    _save(tumour, affine, lps, folder / f"{name}_tumour.nii.gz", np.uint8)
+                    for task, lab in (("ph_organs", "organs"), ("ph_tumour", "tumour")):
+                        item = {"image": f"{kind}/{name}_ct.nii.gz", "task": task}
+                        datalist[section].append({**item, "label": f"{kind}/{name}_{lab}.nii.gz"})
+                elif kind == "brain":
+                    shape, native = _volume(rng, "head", TASKS["ph_brain"]["spacing"])
+                    affine = _affine(native, shape, lps)
+                    channels, raw = _brain(rng, shape, native)
+                    images = []
+                    for modality, img in zip(TASKS["ph_brain"]["modalities"], channels):
+                        _save(img, affine, lps, folder / f"{name}_{modality.lower()}.nii.gz", np.float32)
+                        images.append(f"{kind}/{name}_{modality.lower()}.nii.gz")
+                    _save(raw, affine, lps, folder / f"{name}_seg.nii.gz", np.uint8)
+                    item = {"image": images, "label": f"{kind}/{name}_seg.nii.gz", "task": "ph_brain"}
+                    datalist[section].append(item)
+                else:
+                    shape, native = _volume(rng, "body", TASKS["ph_petct"]["spacing"])
+                    affine = _affine(native, shape, lps)
+                    ct, pet, lesions = _petct(rng, shape, native)
+                    _save(ct, affine, lps, folder / f"{name}_ct.nii.gz", np.int16)
+                    _save(pet, affine, lps, folder / f"{name}_pet.nii.gz", np.float32)
+                    _save(lesions, affine, lps, folder / f"{name}_lesions.nii.gz", np.uint8)
+                    images = [f"{kind}/{name}_ct.nii.gz", f"{kind}/{name}_pet.nii.gz"]
+                    item = {"image": images, "label": f"{kind}/{name}_lesions.nii.gz", "task": "ph_petct"}
+                    datalist[section].append(item)
+    path = out / "datalist.json"
+    path.write_text(json.dumps(datalist, indent=1))
+    return path

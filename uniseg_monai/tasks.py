@@ -1,0 +1,273 @@
+"""The task registry: the one place where task facts live.
+
+A task is a dataset with its own label set. Its integer ``id`` is the network's task index (the universal
+prompt channel), so the paper's upstream tasks keep the paper's ids 0-10. Spacings are in MONAI axis order
+(x, y, z). Users add or override tasks without code through the ``"tasks"`` object of a datalist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+NORMALIZATIONS = ("ct", "zscore", "zscore_nonzero")
+DEFAULT_CT_WINDOW = (-325.0, 325.0)
+_ABDOMEN_CT = {"modalities": ["CT"], "spacing": [1.5, 1.5, 3.0], "normalization": ["ct"]}
+
+# name -> task fields; the paper's upstream tasks (ids 0-10), then the two downstream tasks
+BUILTIN_TASKS: dict[str, dict[str, Any]] = {
+    "liver": {"id": 0, **_ABDOMEN_CT, "labels": ["background", "liver", "liver tumour"]},
+    "kidney": {"id": 1, **_ABDOMEN_CT, "labels": ["background", "kidney", "kidney tumour"]},
+    "hepatic_vessel": {"id": 2, **_ABDOMEN_CT, "labels": ["background", "hepatic vessel", "hepatic tumour"]},
+    "pancreas": {"id": 3, **_ABDOMEN_CT, "labels": ["background", "pancreas", "pancreas tumour"]},
+    "colon": {"id": 4, **_ABDOMEN_CT, "labels": ["background", "colon tumour"]},
+    "lung": {"id": 5, **_ABDOMEN_CT, "labels": ["background", "lung tumour"]},
+    "spleen": {"id": 6, **_ABDOMEN_CT, "labels": ["background", "spleen"]},
+    "verse20": {
+        "id": 7,
+        "modalities": ["CT"],
+        "labels": ["background", "vertebrae"],
+        "spacing": [2.0, 2.0, 4.0],
+        "normalization": ["ct"],
+        "label_map": {str(v): 1 for v in range(1, 29)},  # all vertebrae (C1 .. L6, T13) -> 1
+    },
+    "prostate": {
+        "id": 8,
+        "modalities": ["T2"],
+        "labels": ["background", "prostate"],
+        "spacing": [1.5, 1.5, 3.0],
+        "normalization": ["zscore"],
+        "label_map": {"1": 1, "2": 1},  # MSD peripheral + transition zone -> whole prostate
+    },
+    "brats21": {
+        "id": 9,
+        "modalities": ["T1", "T1ce", "T2", "FLAIR"],
+        "labels": ["background", "edema", "non-enhancing/necrotic tumour", "enhancing tumour"],
+        "spacing": [1.0, 1.0, 1.0],
+        "normalization": ["zscore_nonzero"] * 4,
+        "label_map": {"2": 1, "1": 2, "4": 3},
+    },
+    "autopet": {
+        "id": 10,
+        "modalities": ["CT", "PET"],
+        "labels": ["background", "lesion"],
+        "spacing": [4.0, 4.0, 8.0],
+        "normalization": ["ct", "zscore"],
+    },
+    "btcv": {
+        "id": 11,
+        **_ABDOMEN_CT,
+        "labels": [
+            "background",
+            "spleen",
+            "right kidney",
+            "left kidney",
+            "gallbladder",
+            "esophagus",
+            "liver",
+            "stomach",
+            "aorta",
+            "inferior vena cava",
+            "portal and splenic vein",
+            "pancreas",
+            "right adrenal gland",
+            "left adrenal gland",
+        ],
+    },
+    "vs": {
+        "id": 12,
+        "modalities": ["T1ce"],
+        "labels": ["background", "vestibular schwannoma"],
+        "spacing": [0.5, 0.5, 1.5],
+        "normalization": ["zscore"],
+    },
+}
+
+
+class TaskError(ValueError):
+    """A task definition or reference that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel intensity normalisation: ``ct`` (clip to window, scale to [0, 1]), ``zscore`` (whole
+    image) or ``zscore_nonzero`` (statistics and output inside the non-zero mask)."""
+
+    kind: str
+    window: tuple[float, float] = DEFAULT_CT_WINDOW
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any], where: str) -> Normalization:
+        if isinstance(spec, str):
+            spec = {"type": spec}
+        kind = spec.get("type")
+        if kind not in NORMALIZATIONS:
+            raise TaskError(f"{where}: normalization {spec!r} unknown; use one of {list(NORMALIZATIONS)}")
+        window = tuple(float(v) for v in spec.get("window", DEFAULT_CT_WINDOW))
+        if len(window) != 2 or window[0] >= window[1]:
+            raise TaskError(f"{where}: CT window must be [low, high] with low < high, got {spec.get('window')}")
+        return cls(kind, window)  # type: ignore[arg-type]
+
+    def to_json(self) -> str | dict[str, Any]:
+        if self.kind == "ct" and self.window != DEFAULT_CT_WINDOW:
+            return {"type": "ct", "window": list(self.window)}
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Task:
+    """One segmentation task: channels in ``modalities`` order, classes ``labels`` (incl. background)."""
+
+    name: str
+    id: int
+    modalities: tuple[str, ...]
+    labels: tuple[str, ...]
+    spacing: tuple[float, float, float]
+    normalization: tuple[Normalization, ...]
+    label_map: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.modalities)
+
+    @classmethod
+    def parse(cls, name: str, spec: Mapping[str, Any]) -> Task:
+        where = f"task {name!r}"
+        unknown = set(spec) - {"id", "modalities", "labels", "spacing", "normalization", "label_map"}
+        if unknown:
+            raise TaskError(f"{where}: unknown keys {sorted(unknown)}")
+        missing = {"id", "modalities", "labels", "spacing"} - set(spec)
+        if missing:
+            raise TaskError(f"{where}: missing {sorted(missing)}")
+        modalities = tuple(str(m) for m in spec["modalities"])
+        labels = tuple(str(v) for v in spec["labels"])
+        spacing = tuple(float(v) for v in spec["spacing"])
+        norm_spec = spec.get("normalization") or ["ct" if m.upper() == "CT" else "zscore" for m in modalities]
+        normalization = tuple(Normalization.parse(n, where) for n in norm_spec)
+        label_map = {int(k): int(v) for k, v in (spec.get("label_map") or {}).items()}
+        if not isinstance(spec["id"], int) or spec["id"] < 0:
+            raise TaskError(f"{where}: id must be a non-negative integer, got {spec['id']!r}")
+        if len(modalities) not in (1, 2, 4):
+            raise TaskError(f"{where}: {len(modalities)} modalities; UniSeg has stems for 1, 2 or 4 channels")
+        if len(labels) < 2:
+            raise TaskError(f"{where}: labels must list background and at least one class, got {list(labels)}")
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise TaskError(f"{where}: spacing must be 3 positive numbers (x, y, z) in mm, got {spec['spacing']}")
+        if len(normalization) != len(modalities):
+            raise TaskError(f"{where}: {len(normalization)} normalization entries for {len(modalities)} modalities")
+        bad = {k: v for k, v in label_map.items() if not 0 <= v < len(labels)}
+        if bad:
+            raise TaskError(f"{where}: label_map targets {bad} outside the {len(labels)} classes")
+        return cls(name, spec["id"], modalities, labels, spacing, normalization, label_map)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["normalization"] = [n.to_json() for n in self.normalization]
+        out["label_map"] = {str(k): v for k, v in self.label_map.items()}
+        out.pop("name")
+        return out
+
+
+class TaskRegistry(Mapping[str, Task]):
+    """Tasks by name; ``TaskRegistry()`` holds the built-in ones, :meth:`extended` adds a datalist's."""
+
+    def __init__(self, tasks: Iterable[Task] | None = None) -> None:
+        if tasks is None:
+            tasks = (Task.parse(n, s) for n, s in BUILTIN_TASKS.items())
+        self._tasks = {t.name: t for t in tasks}
+
+    def __getitem__(self, name: str) -> Task:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise TaskError(f"unknown task {name!r}; known tasks: {sorted(self._tasks)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self):
+        return iter(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def extended(self, specs: Mapping[str, Mapping[str, Any]]) -> TaskRegistry:
+        """A registry with ``specs`` (a datalist's ``"tasks"``) added; a known name is overridden field by field.
+
+        A new task without ``id`` gets the next free one (after every id already in use).
+        """
+        tasks = dict(self._tasks)
+        for name, spec in specs.items():
+            base = tasks[name].to_json() if name in tasks else {}
+            merged = {**base, **spec}
+            if "id" not in merged:
+                merged["id"] = 1 + max((t.id for t in tasks.values()), default=-1)
+            tasks[name] = Task.parse(name, merged)
+        return TaskRegistry(tasks.values())
+
+    def subset(self, names: Iterable[str]) -> TaskRegistry:
+        """The named tasks only; their ids must be distinct."""
+        chosen = [self[n] for n in dict.fromkeys(names)]
+        by_id: dict[int, str] = {}
+        for task in chosen:
+            if task.id in by_id:
+                raise TaskError(
+                    f"tasks {by_id[task.id]!r} and {task.name!r} share id {task.id}; give one of them another "
+                    '"id" in the datalist\'s "tasks"'
+                )
+            by_id[task.id] = task.name
+        return TaskRegistry(chosen)
+
+    def by_id(self, task_id: int) -> Task:
+        for task in self._tasks.values():
+            if task.id == task_id:
+                return task
+        raise TaskError(f"no task with id {task_id}; ids: {sorted(t.id for t in self._tasks.values())}")
+
+    @property
+    def num_tasks(self) -> int:
+        """Network task slots needed: max id + 1."""
+        return 1 + max(t.id for t in self._tasks.values())
+
+    @property
+    def num_classes(self) -> int:
+        """Network output channels needed: max classes over the tasks."""
+        return max(t.num_classes for t in self._tasks.values())
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        return {t.name: t.to_json() for t in sorted(self._tasks.values(), key=lambda t: t.id)}
+
+    def table(self) -> str:
+        """A plain-text table of the tasks, by id."""
+        rows = [("id", "name", "channels", "classes", "spacing (x,y,z)", "normalization", "labels")]
+        for t in sorted(self._tasks.values(), key=lambda t: t.id):
+            norm = ",".join(n.kind if n.kind != "ct" else f"ct{list(n.window)}" for n in t.normalization)
+            rows.append(
+                (
+                    str(t.id),
+                    t.name,
+                    "+".join(t.modalities),
+                    str(t.num_classes),
+                    "x".join(f"{s:g}" for s in t.spacing),
+                    norm,
+                    ", ".join(t.labels[1:]),
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
+
+
+def registry_for_datalist(path: str | Path) -> TaskRegistry:
+    """Built-in tasks extended by the datalist's ``"tasks"``, narrowed to the tasks the datalist uses."""
+    from uniseg_monai.data.datalist import read_datalist
+
+    datalist = read_datalist(path)
+    full = TaskRegistry().extended(datalist.get("tasks", {}))
+    used = [item["task"] for section in ("training", "validation", "testing") for item in datalist.get(section, [])]
+    return full.subset(used or list(datalist.get("tasks", {})))
