@@ -6,6 +6,7 @@ prompt) is permuted from (.., z, y, x) to MONAI's (.., x, y, z).
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -90,7 +91,7 @@ def infer_network_def(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     if "intermedia_prompt" not in state:
         return {"_target_": "uniseg_monai.networks.UniSegBackbone", **args}
     prompt = state["intermedia_prompt"]
-    total = [int(torch.tensor([s[a] for s in strides]).prod()) for a in range(3)]
+    total = [math.prod(s[a] for s in strides) for a in range(3)]
     fuse_blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("fusion_layer."))
     return {
         "_target_": "uniseg_monai.networks.UniSeg",

@@ -17,6 +17,7 @@ Pieces of the paper's Fig. 2, each a named attribute:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -88,7 +89,7 @@ class UniSegBackbone(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
-        self.total_stride = tuple(int(torch.tensor([s[a] for s in steps]).prod()) for a in range(3))
+        self.total_stride = tuple(math.prod(s[a] for s in steps) for a in range(3))
 
         stem = ModalityStems(in_channels, features[0], kernels[0])
         first = nn.Sequential(stem, conv_block(features[0], features[0], kernels[0]))
