@@ -28,4 +28,4 @@ bench: setup
 demo: setup
 	test -f demo_output/data/datalist.json || $(BIN)/uniseg generate-phantoms --out demo_output/data
 	$(BIN)/uniseg check-data demo_output/data/datalist.json
-	$(BIN)/uniseg tasks --datalist demo_output/data/datalist.json
+	$(BIN)/uniseg demo --out demo_output --bundle bundles/uniseg_pretrain

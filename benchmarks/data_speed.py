@@ -29,7 +29,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         datalist = generate_phantoms(tmp)
         registry = registry_for_datalist(datalist)
-        pre, aug = Compose(preprocessing(registry)), Compose(augmentation(args.patch))
+        pre, aug = Compose(preprocessing(registry)), Compose(augmentation(registry, args.patch))
         aug.set_random_state(0)
         items = load_items(datalist, "training", registry)
         print(f"{'task':<10}{'cases':>6}{'preprocess/s':>14}{'augment/s':>11}{'ratio':>7}")

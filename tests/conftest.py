@@ -31,3 +31,11 @@ def official_fixture() -> dict:
 def zyx_to_xyz(t: torch.Tensor) -> torch.Tensor:
     """(B, C, Z, Y, X) <-> (B, C, X, Y, Z)."""
     return t.permute(0, 1, 4, 3, 2)
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory) -> Path:
+    """The phantom data set (4 tasks, 2 of them on the same CT volumes); returns its datalist."""
+    from uniseg_monai.data.phantoms import generate_phantoms
+
+    return generate_phantoms(tmp_path_factory.mktemp("phantoms"))

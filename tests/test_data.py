@@ -19,11 +19,6 @@ from uniseg_monai.data.prepare import prepare
 from uniseg_monai.tasks import registry_for_datalist
 
 
-@pytest.fixture(scope="session")
-def phantoms(tmp_path_factory) -> Path:
-    return generate_phantoms(tmp_path_factory.mktemp("phantoms") / "data")
-
-
 def test_phantoms_are_deterministic_and_clean(phantoms, tmp_path):
     again = generate_phantoms(tmp_path / "again")
     assert again.read_text() == phantoms.read_text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import itk
 import nibabel as nib
 import numpy as np
@@ -10,8 +12,9 @@ import torch
 from conftest import shared_path
 from monai.transforms import Compose
 
+from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_phantoms
-from uniseg_monai.tasks import TaskRegistry
+from uniseg_monai.tasks import TaskRegistry, registry_for_datalist
 from uniseg_monai.transforms import augmentation, preprocessing
 
 REGISTRY = TaskRegistry().extended(
@@ -103,18 +106,37 @@ def test_augmentation_pads_small_volumes_and_keeps_labels_valid():
     image = torch.rand(2, 20, 30, 10)
     label = torch.zeros(1, 20, 30, 10)
     label[0, 5:9, 5:9, 2:5] = 3
-    aug = Compose(augmentation((32, 32, 16)))
+    aug = Compose(augmentation(REGISTRY, (32, 32, 16)))
     aug.set_random_state(0)
     for _ in range(10):
-        out = aug({"image": image, "label": label, "task": "x"})[0]
+        out = aug({"image": image, "label": label, "task": "brats2"})[0]
         assert out["image"].shape == (2, 32, 32, 16) and out["label"].shape == (1, 32, 32, 16)
         assert set(out["label"].unique().tolist()) <= {0.0, 3.0}
 
 
-def test_foreground_oversampling_rate():
+def test_foreground_oversampling_rate_and_class_balance():
     label = torch.zeros(1, 100, 100, 40)
     label[0, 10:14, 10:14, 5:8] = 1  # tiny structure: random crops almost never hit it
-    crop = Compose(augmentation((32, 32, 16))[:2])
+    crop = Compose(augmentation(REGISTRY, (32, 32, 16))[:2])
     crop.set_random_state(1)
-    hits = sum(bool(crop({"image": label.clone(), "label": label})[0]["label"].any()) for _ in range(400))
+    hits = sum(
+        bool(crop({"image": label.clone(), "label": label, "task": "aorta"})[0]["label"].any()) for _ in range(400)
+    )
     assert 0.25 < hits / 400 < 0.45
+
+    label[0, 50:90, 50:90, 10:35] = 2  # a large class beside the tiny one: the tiny one is still drawn half the time
+    label[0, 60:62, 20:22, 30:32] = 3
+    tiny = sum(
+        bool((crop({"image": label, "label": label, "task": "brats2"})[0]["label"] == 1).any()) for _ in range(400)
+    )
+    assert 0.06 < tiny / 400 < 0.18  # 0.33 / 3 classes
+
+
+def test_preprocessing_is_thread_safe_for_one_file_per_channel(phantoms):
+    """CacheDataset caches with threads; MONAI's shared LoadImaged would mix up multi-file channels."""
+    registry = registry_for_datalist(phantoms)
+    items = load_items(phantoms, "training", registry) * 2
+    pre = Compose(preprocessing(registry)[:1])
+    with ThreadPoolExecutor(4) as pool:
+        channels = list(pool.map(lambda item: (item["task"], pre(dict(item))["image"].shape[0]), items))
+    assert all(n == registry[task].in_channels for task, n in channels)

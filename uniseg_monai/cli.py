@@ -60,12 +60,20 @@ def _check_data(datalist: str) -> None:
     print(f"{datalist}: no problems found")
 
 
+def _demo(out: str = "demo_output", bundle: str = "bundles/uniseg_pretrain") -> None:
+    """Train, evaluate and apply the pretrain bundle on the phantom data in OUT (what `make demo` runs)."""
+    from uniseg_monai.demo import run_demo
+
+    run_demo(out, bundle)
+
+
 COMMANDS: dict[str, Callable[..., Any]] = {
     "convert-official": _convert_official,
     "tasks": _tasks,
     "prepare": _prepare,
     "generate-phantoms": _generate_phantoms,
     "check-data": _check_data,
+    "demo": _demo,
 }
 
 USER_ERRORS = (OfficialCheckpointError, DatalistError, TaskError, FileExistsError, FileNotFoundError, ValueError)

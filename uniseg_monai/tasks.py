@@ -7,6 +7,7 @@ prompt channel), so the paper's upstream tasks keep the paper's ids 0-10. Spacin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -240,6 +241,14 @@ class TaskRegistry(Mapping[str, Task]):
         """Network output channels needed: max classes over the tasks."""
         return max(t.num_classes for t in self._tasks.values())
 
+    @property
+    def classes_per_task(self) -> list[int]:
+        """Classes (incl. background) indexed by task id; 0 for ids no task uses."""
+        out = [0] * self.num_tasks
+        for t in self._tasks.values():
+            out[t.id] = t.num_classes
+        return out
+
     def to_json(self) -> dict[str, dict[str, Any]]:
         return {t.name: t.to_json() for t in sorted(self._tasks.values(), key=lambda t: t.id)}
 
@@ -261,6 +270,54 @@ class TaskRegistry(Mapping[str, Task]):
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
+
+
+PAPER_UPSTREAM_TASKS = tuple(name for name, spec in BUILTIN_TASKS.items() if spec["id"] <= 10)
+MODEL_TASKS_FILE = "tasks.json"
+
+
+def channel_def(registry: TaskRegistry) -> dict[str, str]:
+    """Bundle metadata ``channel_def`` of the network output: channel k is label k of the ongoing task."""
+    tasks = sorted(registry.values(), key=lambda t: t.id)
+    out = {"0": "background"}
+    for k in range(1, registry.num_classes):
+        out[str(k)] = " | ".join(f"{t.name}: {t.labels[k]}" for t in tasks if k < t.num_classes)
+    return out
+
+
+def save_model_tasks(registry: TaskRegistry, ckpt_dir: str | Path) -> Path:
+    """Write the tasks a model is trained on to ``<ckpt_dir>/tasks.json`` (beside ``model.pt``).
+
+    An existing file must describe the same tasks (a resumed run); otherwise it is left alone and an error
+    raised, so a model's task table is never silently replaced.
+    """
+    path = Path(ckpt_dir) / MODEL_TASKS_FILE
+    text = json.dumps({"tasks": registry.to_json()}, indent=2) + "\n"
+    if path.exists():
+        if load_model_tasks(path.parent).to_json() != registry.to_json():
+            raise TaskError(
+                f"{path} describes other tasks than this run's datalist; use another --ckpt_dir for a new task set"
+            )
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def load_model_tasks(ckpt_dir: str | Path) -> TaskRegistry:
+    """The tasks of the model in ``ckpt_dir`` (its ``tasks.json``, written by training or the converter)."""
+    path = Path(ckpt_dir) / MODEL_TASKS_FILE
+    try:
+        specs = json.loads(path.read_text())["tasks"]
+    except FileNotFoundError:
+        raise TaskError(
+            f"{path} not found: a model folder needs model.pt and the tasks.json its training wrote"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise TaskError(f"{path}: not a task table ({err})") from None
+    return TaskRegistry(Task.parse(name, spec) for name, spec in specs.items())
 
 
 def registry_for_datalist(path: str | Path) -> TaskRegistry:

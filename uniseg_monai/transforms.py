@@ -8,21 +8,26 @@ PersistentDataset); :func:`augmentation` is the random part (nnU-Net "moreDA" st
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    CopyItemsd,
     EnsureTyped,
+    InvertibleTransform,
     LoadImaged,
     MapTransform,
     Orientationd,
     RandAdjustContrastd,
-    RandCropByPosNegLabeld,
+    RandCropByLabelClassesd,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
+    Randomizable,
     RandRotated,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
@@ -36,6 +41,19 @@ from monai.utils import convert_to_dst_type
 
 from uniseg_monai.tasks import Normalization, Task, TaskRegistry
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def image_stem(source: str | Sequence[str]) -> str:
+    """File name without folder and image extension (of the first file when one file per channel)."""
+    if isinstance(source, (list, tuple)):
+        source = source[0] if source else ""
+    name = Path(str(source)).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
 
 class _TaskAware(MapTransform):
     def __init__(self, keys: KeysCollection, registry: TaskRegistry, allow_missing_keys: bool = False) -> None:
@@ -46,8 +64,11 @@ class _TaskAware(MapTransform):
         return self.registry[data["task"]]
 
 
-class ResampleToTaskSpacingd(_TaskAware):
-    """Resample ``keys`` to the item's task spacing (x, y, z mm); ``mode`` per key (image linear, label nearest)."""
+class ResampleToTaskSpacingd(_TaskAware, InvertibleTransform):
+    """Resample ``keys`` to the item's task spacing (x, y, z mm); ``mode`` per key (image linear, label nearest).
+
+    Invertible (``Invertd`` restores the original grid) through the task's own ``Spacingd``.
+    """
 
     def __init__(
         self,
@@ -64,6 +85,16 @@ class ResampleToTaskSpacingd(_TaskAware):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         return self._spacing[self.task(data).name](data)
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Undo the resampling; the task comes from ``task`` or, inside ``Invertd``, from the meta data that
+        :class:`RecordTaskd` wrote."""
+        name = data.get("task")
+        for key in self.key_iterator(dict(data)):
+            name = name or getattr(data[key], "meta", {}).get("task")
+        if name is None:
+            raise ValueError("cannot invert the task resampling: no 'task' in the item nor in its meta data")
+        return self._spacing[self.registry[name].name].inverse(data)
 
 
 def normalize_channel(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
@@ -112,36 +143,135 @@ class MapTaskLabelsd(_TaskAware):
         return d
 
 
+class RecordTaskd(MapTransform):
+    """Copy the item's ``task`` name into the meta data of ``keys``, so it survives ``Invertd`` into saved files."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key].meta["task"] = d["task"]
+        return d
+
+
+def task_file_name(metadict: dict, saver: Transform) -> dict[str, Any]:
+    """``SaveImaged(output_name_formatter=...)``: ``<image file stem>_<task>``, so one image segmented under
+    several tasks gives one file per task."""
+    stem = image_stem(metadict.get("filename_or_obj", "") if metadict else "")
+    task = metadict.get("task", "") if metadict else ""
+    return {"subject": f"{stem}_{task}" if task else stem, "idx": metadict.get("patch_index") if metadict else None}
+
+
+class ThreadSafeLoadImaged(MapTransform):
+    """``LoadImaged`` with one instance per thread.
+
+    MONAI 1.6's ``NibabelReader`` keeps per-call state (``self.filenames``), so one shared ``LoadImaged`` mixes up
+    the channels of multi-file images (one file per channel) when ``CacheDataset`` caches with several threads.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs: Any) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self._kwargs = {"allow_missing_keys": allow_missing_keys, **kwargs}
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for spawned DataLoader workers
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        if not hasattr(self._local, "load"):
+            self._local.load = LoadImaged(self.keys, **self._kwargs)
+        return self._local.load(data)
+
+
 def preprocessing(
-    registry: TaskRegistry, keys: Sequence[str] = ("image", "label"), image_mode: str = "bilinear"
+    registry: TaskRegistry,
+    keys: Sequence[str] = ("image", "label"),
+    image_mode: str = "bilinear",
+    original_label: str | None = None,
 ) -> list[Transform]:
     """Deterministic part: load (NIfTI/NRRD/MHA/DICOM folder; a list of files = one file per channel),
-    channel first, RAS orientation, task spacing, task intensity normalisation, task label map."""
+    channel first, RAS orientation, task spacing, task intensity normalisation, task label map.
+
+    ``original_label``: also keep the label on its original grid under this key (label-mapped, not reoriented
+    or resampled), to score predictions inverted to the original geometry."""
     keys = list(keys)
     image_keys = [k for k in keys if k != "label"]
     modes = [image_mode if k != "label" else "nearest" for k in keys]
+    keep = [CopyItemsd("label", names=original_label, allow_missing_keys=True)] if original_label else []
+    label_keys = [k for k in ("label", original_label) if k and "label" in keys]
     return [
-        LoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True),
+        ThreadSafeLoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True),
+        RecordTaskd(image_keys),
+        *keep,
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
         ResampleToTaskSpacingd(keys, registry, mode=modes, allow_missing_keys=True),
         NormalizeTaskIntensityd(image_keys, registry),
-        MapTaskLabelsd("label", registry, allow_missing_keys=True),
+        *([MapTaskLabelsd(label_keys, registry, allow_missing_keys=True)] if label_keys else []),
         EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True),
     ]
 
 
-def augmentation(patch_size: Sequence[int], pos_fraction: float = 0.33) -> list[Transform]:
-    """Random part on ``image``/``label``: pad to the patch, foreground-oversampled crop, then nnU-Net "moreDA":
-    rotation +-30 deg (p 0.2), scaling 0.7-1.4 (p 0.2), Gaussian noise (p 0.1), Gaussian blur sigma 0.5-1
-    (p 0.2), brightness x0.75-1.25 (p 0.15), contrast x0.75-1.25 (p 0.15), simulated low resolution x0.5-1
-    (p 0.25), gamma 0.7-1.5 inverted (p 0.1) and normal (p 0.3), mirroring on each axis (p 0.5)."""
+AUGMENTATIONS = ("moreDA", "mirror")
+
+
+class RandCropByTaskClassesd(_TaskAware, Randomizable):
+    """nnU-Net's foreground oversampling, per task: with probability ``pos_fraction`` the patch is centred on a
+    voxel of one of the task's foreground classes, the class drawn uniformly among those the label holds (so a
+    small organ is sampled as often as a large one), otherwise on a background voxel. Returns a list of one item.
+    """
+
+    def __init__(self, keys: KeysCollection, registry: TaskRegistry, spatial_size: Sequence[int], pos_fraction: float):
+        super().__init__(keys, registry)
+        self._crops = {
+            n: RandCropByLabelClassesd(
+                keys, "label", spatial_size, ratios=[1 - pos_fraction] + [pos_fraction / (n - 1)] * (n - 1),
+                num_classes=n, num_samples=1, warn=False,
+            )
+            for n in {t.num_classes for t in registry.values()}
+        }  # fmt: skip
+
+    def set_random_state(self, seed: int | None = None, state: Any = None) -> RandCropByTaskClassesd:
+        super().set_random_state(seed, state)
+        for crop in self._crops.values():
+            crop.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:  # the chosen crop draws its own centre
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        return self._crops[self.task(data).num_classes](data)
+
+
+def augmentation(
+    registry: TaskRegistry, patch_size: Sequence[int], pos_fraction: float = 0.33, preset: str = "moreDA"
+) -> list[Transform]:
+    """Random part on ``image``/``label``: pad to the patch, foreground-oversampled crop
+    (:class:`RandCropByTaskClassesd`), then
+
+    - ``preset="moreDA"`` (the paper's nnU-Net "moreDA"): rotation +-30 deg (p 0.2), scaling 0.7-1.4 (p 0.2),
+      Gaussian noise (p 0.1), Gaussian blur sigma 0.5-1 (p 0.2), brightness x0.75-1.25 (p 0.15), contrast
+      x0.75-1.25 (p 0.15), simulated low resolution x0.5-1 (p 0.25), gamma 0.7-1.5 inverted (p 0.1) and normal
+      (p 0.3), mirroring on each axis (p 0.5);
+    - ``preset="mirror"``: mirroring only (quick runs such as the demo, where a few hundred iterations cannot
+      profit from heavy augmentation).
+    """
+    if preset not in AUGMENTATIONS:
+        raise ValueError(f"augmentation preset must be one of {AUGMENTATIONS}, got {preset!r}")
     keys = ["image", "label"]
     angle = math.pi / 6
-    return [
+    crop = [
         SpatialPadd(keys, spatial_size=patch_size),
-        RandCropByPosNegLabeld(
-            keys, "label", spatial_size=patch_size, pos=pos_fraction, neg=1 - pos_fraction, num_samples=1
-        ),
+        RandCropByTaskClassesd(keys, registry, patch_size, pos_fraction),
+    ]
+    mirror = [RandFlipd(keys, spatial_axis=axis, prob=0.5) for axis in range(3)]
+    if preset == "mirror":
+        return crop + mirror
+    return [
+        *crop,
         RandRotated(keys, range_x=angle, range_y=angle, range_z=angle, prob=0.2, mode=("bilinear", "nearest")),
         RandZoomd(keys, min_zoom=0.7, max_zoom=1.4, prob=0.2, mode=("trilinear", "nearest")),
         RandGaussianNoised("image", prob=0.1, std=0.1**0.5),
@@ -151,5 +281,5 @@ def augmentation(patch_size: Sequence[int], pos_fraction: float = 0.33) -> list[
         RandSimulateLowResolutiond("image", zoom_range=(0.5, 1.0), prob=0.25),
         RandAdjustContrastd("image", gamma=(0.7, 1.5), invert_image=True, retain_stats=True, prob=0.1),
         RandAdjustContrastd("image", gamma=(0.7, 1.5), retain_stats=True, prob=0.3),
-        *(RandFlipd(keys, spatial_axis=axis, prob=0.5) for axis in range(3)),
+        *mirror,
     ]

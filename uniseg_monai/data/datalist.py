@@ -39,10 +39,11 @@ def _absolute(value: str | list[str], root: Path) -> str | list[str]:
     return str((root / value).resolve())
 
 
-def load_items(path: str | Path, section: str, registry: TaskRegistry) -> list[dict[str, Any]]:
+def load_items(path: str | Path, section: str, registry: TaskRegistry, task: str | None = None) -> list[dict[str, Any]]:
     """Items of one section with absolute paths, ``task`` (name) and ``task_id`` (network index).
 
     ``registry`` must know every task the section uses (see :func:`uniseg_monai.tasks.registry_for_datalist`).
+    ``task``: segment every item as this task instead of the item's own (a bundle's ``--task``).
     """
     if section not in SECTIONS:
         raise DatalistError(f"section must be one of {SECTIONS}, got {section!r}")
@@ -53,6 +54,8 @@ def load_items(path: str | Path, section: str, registry: TaskRegistry) -> list[d
         for key in ("image", "label"):
             if key in out:
                 out[key] = _absolute(out[key], root)
-        out["task_id"] = registry[item["task"]].id
+        if task:
+            out["task"] = task
+        out["task_id"] = registry[out["task"]].id
         items.append(out)
     return items

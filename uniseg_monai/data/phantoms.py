@@ -99,13 +99,13 @@ def _abdomen(rng: np.random.Generator, shape, native):
     liver_c = (rng.uniform(-40, -30), rng.uniform(-5, 10), rng.uniform(-10, 10))
     liver_r = (rng.uniform(28, 34), rng.uniform(30, 38), rng.uniform(45, 60))
     liver = _ellipsoid(c, liver_c, liver_r)
-    spleen = _ellipsoid(c, (rng.uniform(38, 48), rng.uniform(-15, 0), rng.uniform(-5, 15)), (14, 18, 30))
+    spleen = _ellipsoid(c, (rng.uniform(40, 48), rng.uniform(-15, 0), rng.uniform(-5, 15)), (20, 24, 34))
     ct[liver] = 70.0
     ct[spleen] = 120.0
     tumour = np.zeros(shape, bool)
     for _ in range(rng.integers(1, 3)):
         offset = rng.uniform(-0.4, 0.4, 3) * np.array(liver_r)
-        tumour |= _ellipsoid(c, np.array(liver_c) + offset, [rng.uniform(9, 15)] * 3)
+        tumour |= _ellipsoid(c, np.array(liver_c) + offset, [rng.uniform(14, 19)] * 3)
     tumour &= liver
     ct[tumour] = -20.0
     ct += rng.normal(0, 12, shape)
@@ -118,10 +118,10 @@ def _brain(rng: np.random.Generator, shape, native):
     head = _ellipsoid(c, (0, 0, 0), (55, 60, 42))
     brain = _ellipsoid(c, (0, 0, 0), (48, 54, 36))
     centre = np.array([rng.uniform(-20, 20), rng.uniform(-20, 20), rng.uniform(-8, 8)])
-    r = rng.uniform(11, 15)
+    r = rng.uniform(16, 20)
     edema = _ellipsoid(c, centre, (r * 1.8, r * 1.7, r * 1.5)) & brain
     enhancing = _ellipsoid(c, centre, (r, r, r))
-    necrotic = _ellipsoid(c, centre, (r * 0.55,) * 3)
+    necrotic = _ellipsoid(c, centre, (r * 0.6,) * 3)
     raw = np.where(edema, 2, 0)
     raw[enhancing] = 4
     raw[necrotic] = 1
@@ -159,7 +159,7 @@ def _petct(rng: np.random.Generator, shape, native):
     lesions = np.zeros(shape, bool)
     for _ in range(rng.integers(2, 4)):
         centre = (rng.uniform(-50, 50), rng.uniform(-30, 40), rng.uniform(-40, 60))
-        lesions |= _ellipsoid(c, centre, [rng.uniform(8, 13)] * 3)
+        lesions |= _ellipsoid(c, centre, [rng.uniform(12, 17)] * 3)
     lesions &= body
     pet[lesions] = rng.uniform(6, 9)
     pet = np.clip(pet + rng.normal(0, 0.3, shape), 0, None)

@@ -17,7 +17,8 @@ class TaskUniformSampler(Sampler[int]):
         batch_size: the DataLoader's batch size (batches are consecutive runs of indices).
         single_task_batches: every batch from one task (the official behaviour); else each sample draws its own.
         seed, rank: the stream is seeded by (seed, epoch, rank), so ranks of a distributed run differ and
-            every rank is still task-uniform. Call :meth:`set_epoch` each epoch.
+            every rank is still task-uniform. Every pass over the sampler advances the epoch by one (engines need
+            no hook); :meth:`set_epoch` sets the epoch of the next pass.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class TaskUniformSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % 2**63)
+        self.epoch += 1
         n_tasks = len(self.tasks)
         for _ in range(self.batches):
             if self.single_task_batches:

@@ -63,13 +63,13 @@ class ModalityStems(nn.Module):
         self.adn = ADN(ordering="NA", in_channels=out_channels, act=ACT, norm=NORM, norm_dim=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
-        if str(channels) not in self.convs:
-            raise ValueError(
-                f"input has {channels} channels, but this network has modality stems for {list(self.in_channels)} "
-                "channels only (1: CT or MR, 2: CT+PET, 4: four MR sequences)"
-            )
-        return self.adn(self.convs[str(channels)](x))
+        for channels, conv in self.convs.items():  # a loop rather than convs[str(C)], so TorchScript compiles it
+            if int(channels) == x.shape[1]:
+                return self.adn(conv(x))
+        raise ValueError(
+            f"input has {x.shape[1]} channels, but this network has modality stems for {list(self.in_channels)} "
+            "channels only (1: CT or MR, 2: CT+PET, 4: four MR sequences)"
+        )
 
 
 class DecoderStage(nn.Module):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,7 @@ class UniSegBackbone(nn.Module):
     """
 
     task_prompt_channels = 0  # channels concatenated to the bottleneck before the decoder
+    __jit_unused_properties__ = ["in_channels"]  # noqa: RUF012 (TorchScript's opt-out list)
 
     def __init__(
         self,
@@ -117,6 +119,7 @@ class UniSegBackbone(nn.Module):
         """Channel counts with a modality stem."""
         return self.encoder[0][0].in_channels
 
+    @torch.jit.unused
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError unless x is (B, C, X, Y, Z) with a stem for C and a size divisible by the stride."""
         if x.ndim != 5:
@@ -140,8 +143,9 @@ class UniSegBackbone(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x (B, C, X, Y, Z) -> (skips of stages 0..S-2, bottleneck features (B, F, X/32, Y/32, Z/16))."""
-        self.check_input(x)
-        skips = []
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+        skips: list[torch.Tensor] = []
         for enc_stage in self.encoder:
             x = enc_stage(x)
             skips.append(x)
@@ -149,23 +153,26 @@ class UniSegBackbone(nn.Module):
 
     def decode(self, z: torch.Tensor, skips: list[torch.Tensor], all_heads: bool) -> list[torch.Tensor]:
         """Decoder input z -> logits, highest resolution first (all heads, or only the full-resolution one)."""
-        logits = []
+        logits: list[torch.Tensor] = []
+        last = len(self.decoder) - 1
         for i, (dec_stage, head) in enumerate(zip(self.decoder, self.heads)):
-            z = dec_stage(z, skips[-(i + 1)])
-            if all_heads or i == len(self.decoder) - 1:
-                logits.append(head(z))
-        return logits[::-1]
+            z = dec_stage(z, skips[last - i])
+            if all_heads or i == last:
+                logits.insert(0, head(z))
+        return logits
 
-    def output(self, logits: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    def output(self, logits: list[torch.Tensor]) -> Union[torch.Tensor, list[torch.Tensor]]:  # noqa: UP007
         """The forward result: all deep-supervision logits when training with it, else the full-resolution one."""
-        return logits if self.training and self.deep_supervision else logits[0]
+        if self.training and self.deep_supervision:
+            return logits
+        return logits[0]
 
     def forward_all_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
         """All deep-supervision logits, highest resolution first, whatever the mode."""
         skips, z = self.encode(x)
         return self.decode(z, skips, all_heads=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:  # noqa: UP007
         skips, z = self.encode(x)
         return self.output(self.decode(z, skips, self.training and self.deep_supervision))
 
@@ -219,9 +226,15 @@ class UniSeg(UniSegBackbone):
         self.fuse = nn.Sequential(*(conv_block(i, o, 3) for i, o in zip(ins, outs)))
         self.fuse.apply(_he_init)
 
-    def task_ids(self, task_id: TaskId, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
-        """Validate ``task_id`` and return it as a (B,) long tensor."""
-        ids = torch.as_tensor(task_id, device=device)
+    def task_ids(self, task_id: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``task_id`` (int, B ints or a tensor) as a validated (B,) long tensor on the device of the prompt."""
+        if torch.jit.is_scripting():
+            return task_id.long().flatten().expand(batch_size)  # (1,) or (B,); checked in eager mode only
+        return self._checked_task_ids(task_id, batch_size)
+
+    @torch.jit.unused
+    def _checked_task_ids(self, task_id: TaskId, batch_size: int) -> torch.Tensor:
+        ids = torch.as_tensor(task_id, device=self.universal_prompt.device)
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"task_id must be integer, got dtype {ids.dtype}")
         ids = ids.long()
@@ -236,11 +249,11 @@ class UniSeg(UniSegBackbone):
             )
         return ids
 
-    def prompt_at(self, size: Sequence[int]) -> torch.Tensor:
+    def prompt_at(self, size: list[int]) -> torch.Tensor:
         """The universal prompt (1, N, *size): as learned at the training size, trilinearly resampled otherwise."""
-        if tuple(size) == tuple(self.universal_prompt.shape[2:]):
+        if list(size) == list(self.universal_prompt.shape[2:]):
             return self.universal_prompt
-        return F.interpolate(self.universal_prompt, size=tuple(size), mode="trilinear", align_corners=False)
+        return F.interpolate(self.universal_prompt, size=list(size), mode="trilinear", align_corners=False)
 
     def task_prompts(self, z: torch.Tensor) -> torch.Tensor:
         """FUSE: bottleneck features (B, F, *s) -> task prompts (B, N, *s); independent of the task."""
@@ -250,18 +263,22 @@ class UniSeg(UniSegBackbone):
     @staticmethod
     def select_task_prompt(task_prompts: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Each sample's own task prompt: (B, N, *s) and (B,) ids -> (B, 1, *s)."""
-        index = task_ids.to(task_prompts.device).view(-1, 1, 1, 1, 1).expand(-1, 1, *task_prompts.shape[2:])
+        size = task_prompts.shape
+        index = task_ids.to(task_prompts.device).view(-1, 1, 1, 1, 1).expand(-1, 1, size[2], size[3], size[4])
         return torch.gather(task_prompts, 1, index)
 
-    def forward_all_heads(self, x: torch.Tensor, task_id: TaskId) -> list[torch.Tensor]:  # type: ignore[override]
+    @torch.jit.export
+    def forward_all_heads(self, x: torch.Tensor, task_id: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
         """All deep-supervision logits, highest resolution first, whatever the mode."""
         return self._segment(x, task_id, all_heads=True)
 
-    def forward(self, x: torch.Tensor, task_id: TaskId) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, task_id: torch.Tensor
+    ) -> Union[torch.Tensor, list[torch.Tensor]]:  # noqa: UP007
         return self.output(self._segment(x, task_id, self.training and self.deep_supervision))
 
-    def _segment(self, x: torch.Tensor, task_id: TaskId, all_heads: bool) -> list[torch.Tensor]:
-        ids = self.task_ids(task_id, x.shape[0], x.device)
+    def _segment(self, x: torch.Tensor, task_id: torch.Tensor, all_heads: bool) -> list[torch.Tensor]:
+        ids = self.task_ids(task_id, x.shape[0])
         skips, z = self.encode(x)
         task_prompt = self.select_task_prompt(self.task_prompts(z), ids)
         return self.decode(torch.cat([z, task_prompt], dim=1), skips, all_heads)

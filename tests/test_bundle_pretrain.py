@@ -1,0 +1,206 @@
+"""The uniseg_pretrain bundle, model-zoo style: metadata, properties, train / resume / evaluate / infer, export,
+and a 2-rank gloo run under torchrun, all on the phantom data set with tiny overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import shared_path
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+
+from uniseg_monai.data import load_items
+from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS, TaskRegistry, channel_def, load_model_tasks, registry_for_datalist
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
+CONFIGS = BUNDLE / "configs"
+TINY = {
+    "patch_size": [64, 64, 32],
+    "base_features": 4,
+    "iterations_per_epoch": 2,
+    "val_interval": 1,
+    "num_workers": 0,
+    "sw_batch_size": 2,
+    "cache_rate": 0.0,
+}
+
+
+def configs(*names: str) -> list[str]:
+    return [str(CONFIGS / f"{n}.json") for n in names]
+
+
+def workflow(kind: str, files: list[str], **override) -> ConfigWorkflow:
+    wf = ConfigWorkflow(
+        config_file=files,
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type=kind,
+        bundle_root=str(BUNDLE),
+        **override,
+    )
+    wf.initialize()
+    return wf
+
+
+def run_dirs(phantoms: Path, root: Path, **extra) -> dict:
+    """Data, checkpoint and output folders of a run in ``root``, the tiny settings, and ``extra`` on top."""
+    dirs = {"dataset_dir": str(phantoms.parent), "ckpt_dir": str(root / "models"), "output_dir": str(root / "eval")}
+    return {**dirs, **TINY, **extra}
+
+
+def test_metadata_verifies_offline_and_matches_the_task_registry():
+    schema = shared_path("schemas/meta_schema_20240725.json")
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))  # raises when invalid
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    paper = load_model_tasks(BUNDLE / "models")
+    assert paper.to_json() == TaskRegistry().subset(PAPER_UPSTREAM_TASKS).to_json()
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == channel_def(paper)
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == paper.num_classes == 4
+    assert meta["schema"].endswith("meta_schema_20240725.json")
+
+
+def test_train_properties_are_complete(phantoms, tmp_path):
+    assert workflow("train", configs("train"), **run_dirs(phantoms, tmp_path)).check_properties() == []
+
+
+def test_network_in_out_with_the_task_as_extra_argument(phantoms):
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "train.json"),
+        n=2,
+        any=1,
+        extra_forward_args={"task_id": torch.tensor([1])},
+        dataset_dir=str(phantoms.parent),
+        base_features=4,
+        patch_size=[64, 64, 32],
+        **{"_meta_#network_data_format#inputs#image#num_channels": 1},
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory) -> Path:
+    """One epoch, then an interrupted-and-resumed second epoch; returns the run folder."""
+    root = tmp_path_factory.mktemp("pretrain")
+    first = workflow("train", configs("train"), **run_dirs(phantoms, root, epochs=1))
+    first.run()
+    first.finalize()
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["checkpoint_epoch=1.pt", "model.pt", "tasks.json"]
+    with pytest.raises(RuntimeError) as refused:  # a new run never overwrites the earlier one
+        workflow("train", configs("train"), **run_dirs(phantoms, root, epochs=2))
+    assert isinstance(refused.value.__cause__, FileExistsError) and "--resume true" in str(refused.value.__cause__)
+
+    resumed = workflow("train", configs("train"), **run_dirs(phantoms, root, epochs=2, resume=True))
+    trainer = resumed.parser.get_parsed_content("train#trainer")
+    ran = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: ran.append(e.state.iteration))
+    resumed.run()
+    resumed.finalize()
+    assert ran == [3, 4]  # continued at iteration 3 of 4, not from scratch
+    assert trainer.state.epoch == 2
+    saved = torch.load(root / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == 4 and saved["lr_scheduler"]["last_epoch"] == 2
+    return root
+
+
+def test_training_resumes_and_writes_model_and_tasks(trained, phantoms):
+    assert load_model_tasks(trained / "models").to_json() == registry_for_datalist(phantoms).to_json()
+    assert any(p.name.startswith("events.out.tfevents") for p in (trained / "eval").iterdir())
+
+
+def test_evaluation_writes_the_report(trained, phantoms):
+    wf = workflow(
+        "eval", configs("train", "evaluate"), **run_dirs(phantoms, trained, output_dir=str(trained / "report"))
+    )
+    wf.run()
+    wf.finalize()
+    report = trained / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    tasks = ["ph_organs", "ph_tumour", "ph_brain", "ph_petct"]
+    assert sorted(summary["tasks"]) == sorted(tasks)
+    assert 0 <= summary["mean_dice"] <= 1
+    assert summary["mean_dice"] == pytest.approx(np.mean([summary["tasks"][t]["dice"] for t in tasks]))
+    assert set(summary["tasks"]["ph_brain"]["per_class"]) == {"edema", "necrotic core", "enhancing tumour"}
+    assert (report / "summary.md").read_text().splitlines()[0] == "| metric | " + " | ".join(tasks) + " | mean |"
+    assert "HD95 (mm)" in (report / "summary.csv").read_text()
+    rows = (report / "per_case.csv").read_text().splitlines()
+    validation = load_items(phantoms, "validation", registry_for_datalist(phantoms))
+    expected_rows = sum(len(registry_for_datalist(phantoms)[i["task"]].labels) - 1 for i in validation)
+    assert len(rows) == 1 + expected_rows
+
+
+def test_inference_keeps_the_input_geometry_and_names_the_task(trained, phantoms):
+    wf = workflow("infer", configs("inference"), **run_dirs(phantoms, trained, output_dir=str(trained / "infer")))
+    assert wf.check_properties() == []
+    wf.run()
+    wf.finalize()
+    registry = registry_for_datalist(phantoms)
+    for item in load_items(phantoms, "testing", registry):
+        image = item["image"][0] if isinstance(item["image"], list) else item["image"]
+        stem = Path(image).name.removesuffix(".nii.gz")
+        pred = nib.load(trained / "infer" / "predictions" / f"{stem}_{item['task']}_seg.nii.gz")
+        source = nib.load(image)
+        assert pred.shape == source.shape[:3]
+        np.testing.assert_allclose(pred.affine, source.affine, atol=1e-4)
+        assert int(np.asarray(pred.dataobj).max()) < registry[item["task"]].num_classes
+
+
+def test_inference_task_from_the_command_line(trained, phantoms):
+    data = json.loads(phantoms.read_text())
+    ct_only = phantoms.with_name("datalist_ct.json")
+    ct_only.write_text(json.dumps({"testing": [i for i in data["testing"] if i["task"] == "ph_organs"]}))
+    out = trained / "infer_tumour"
+    wf = workflow("infer", configs("inference"), **run_dirs(phantoms, trained, output_dir=str(out), task="ph_tumour",
+                                                            datalist=str(ct_only)))  # fmt: skip
+    wf.run()
+    wf.finalize()
+    assert sorted(p.name.split("_")[-2] for p in (out / "predictions").iterdir()) == ["tumour"] * 2
+
+
+def test_torchscript_export_takes_image_and_task(trained, phantoms, tmp_path):
+    ts = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts),
+        ckpt_file=str(trained / "models" / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "train.json"),
+        dataset_dir=str(phantoms.parent),
+        base_features=4,
+        patch_size=[64, 64, 32],
+    )
+    scripted = torch.jit.load(str(ts))
+    wf = workflow("infer", configs("inference"), **run_dirs(phantoms, trained))
+    net = wf.network_def.eval()
+    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
+    x = torch.randn(1, 4, 64, 96, 64)  # a 4-channel window of another admissible size
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x, torch.tensor([2])), net(x, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_two_rank_gloo_training_and_evaluation(phantoms, tmp_path):
+    common = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in run_dirs(phantoms, tmp_path).items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*files: str, extra=()) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+               "-m", "monai.bundle", "run", "--config_file", json.dumps(configs(*files)),
+               "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+               "--bundle_root", str(BUNDLE), "--backend", "gloo", *common, *extra]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    torchrun("train", "multi_gpu_train", extra=["--epochs=1"])
+    assert (tmp_path / "models" / "model.pt").exists() and (tmp_path / "models" / "checkpoint_epoch=1.pt").exists()
+    torchrun("train", "evaluate", "multi_gpu_evaluate", extra=[f"--output_dir={tmp_path / 'report'}"])
+    rows = (tmp_path / "report" / "per_case.csv").read_text().splitlines()[1:]
+    cases = {tuple(r.split(",")[:2]) for r in rows}
+    assert len(cases) == 8  # both ranks' validation cases gathered: 2 per task

@@ -1,0 +1,66 @@
+"""Small ignite handlers and run-folder helpers the bundles use."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine
+from monai.engines import IterationEvents
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
+
+
+class GradientClipping:
+    """Clip the global gradient norm to ``max_norm`` after every backward pass (nnU-Net: 12).
+
+    With AMP the gradients are unscaled first, as ``torch.amp.GradScaler`` requires.
+    """
+
+    def __init__(self, max_norm: float = 12.0) -> None:
+        self.max_norm = max_norm
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The ``checkpoint_epoch=N.pt`` with the highest N in ``ckpt_dir``, or None."""
+    folder = Path(ckpt_dir)
+    found = [
+        (int(m.group(1)), p) for p in folder.glob("checkpoint_epoch=*.pt") if (m := CHECKPOINT_PATTERN.match(p.name))
+    ]
+    return max(found)[1] if found else None
+
+
+def resume_checkpoint(ckpt_dir: str | Path) -> str:
+    """The checkpoint a ``--resume true`` run continues from; a clear error when there is none."""
+    found = latest_checkpoint(ckpt_dir)
+    if found is None:
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no checkpoint_epoch=N.pt to resume from; drop --resume to start a new run"
+        )
+    return str(found)
+
+
+def check_run_dir(ckpt_dir: str | Path, resume: bool) -> bool:
+    """Refuse to start a new training run over an earlier one (its checkpoints would be overwritten).
+
+    Returns True so it can sit in a bundle's ``initialize`` list.
+    """
+    folder = Path(ckpt_dir)
+    if not resume and folder.is_dir():
+        earlier = sorted(p.name for p in folder.glob("*.pt"))
+        if earlier:
+            raise FileExistsError(
+                f"{folder} already holds {', '.join(earlier)} from an earlier run; pass --resume true to continue "
+                "it, or choose another --ckpt_dir (nothing was overwritten)"
+            )
+    return True

@@ -1,0 +1,114 @@
+"""Task-aware inferers: the task id reaches the network, outputs keep only the task's classes.
+
+MONAI engines call ``inferer(inputs, network, *args, **kwargs)``; with ``PrepareBatchExtraInput(extra_keys=
+{"task_id": "task_id"})`` the batch's task ids arrive as ``task_id``. MONAI Label calls ``inferer(inputs,
+network)``: then the inferer's own ``task_id`` attribute (set from the bundle's ``task`` id) is used.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
+
+from uniseg_monai.losses import TaskLogits
+
+MIRROR_AXES = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]  # 8 flips incl. none
+
+
+def _task_ids(task_id: int | Sequence[int] | torch.Tensor | None, batch_size: int) -> list[int]:
+    if task_id is None:
+        raise ValueError("no task given: pass task_id (from the batch) or set the inferer's task_id (bundle id `task`)")
+    ids = torch.as_tensor(task_id).long().flatten().tolist()
+    if len(ids) == 1:
+        ids = ids * batch_size
+    if len(ids) != batch_size:
+        raise ValueError(f"{len(ids)} task ids for a batch of {batch_size}")
+    return ids
+
+
+class TaskTrainingInferer(SimpleInferer):
+    """``network(inputs, task_id)`` whose outputs are returned as :class:`TaskLogits` for the task-aware loss."""
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, task_id: torch.Tensor) -> TaskLogits:  # type: ignore[override]
+        ids = torch.as_tensor(_task_ids(task_id, inputs.shape[0]), device=inputs.device)
+        return TaskLogits(network(inputs, task_id=ids), ids)
+
+
+class TaskSlidingWindowInferer(Inferer):
+    """Sliding-window inference of one task per sample, logits restricted to the task's classes.
+
+    Args:
+        roi_size: window (x, y, z), the training patch.
+        classes_per_task: C_t (incl. background) indexed by task id.
+        task_id: default task when the caller gives none (MONAI Label, ``--task``); int or None.
+        overlap, mode, sigma_scale, sw_batch_size, sw_device, device, progress: as MONAI's
+            :class:`~monai.inferers.SlidingWindowInferer` (defaults: 0.5, Gaussian, sigma = window / 8).
+        tta: average the logits of all 8 mirrorings of every window (nnU-Net's mirroring TTA, 8x cost).
+
+    ``__call__(inputs, network, task_id=None)``: inputs (B, C, X, Y, Z) -> (B, max C_t, X, Y, Z) logits; when
+    tasks in the batch differ, a sample's channels beyond its C_t are filled with the dtype's lowest value
+    (softmax 0).
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int],
+        classes_per_task: Sequence[int],
+        task_id: int | None = None,
+        overlap: float = 0.5,
+        mode: str = "gaussian",
+        sigma_scale: float = 0.125,
+        sw_batch_size: int = 1,
+        tta: bool = False,
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.classes_per_task = [int(c) for c in classes_per_task]
+        self.task_id = task_id
+        self.tta = tta
+        self.window = SlidingWindowInferer(
+            roi_size=roi_size,
+            sw_batch_size=sw_batch_size,
+            overlap=overlap,
+            mode=mode,
+            sigma_scale=sigma_scale,
+            sw_device=sw_device,
+            device=device,
+            progress=progress,
+        )
+
+    def predictor(self, network: Callable, task_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Window (b, C, *roi) -> logits (b, C_t, *roi) of one task, mirrored-averaged when ``tta``."""
+        classes = self.classes_per_task[task_id]
+
+        def predict(window: torch.Tensor) -> torch.Tensor:
+            if not self.tta:
+                return network(window, task_id=task_id)[:, :classes]
+            total = 0
+            for axes in MIRROR_AXES:
+                flipped = torch.flip(window, axes) if axes else window
+                out = network(flipped, task_id=task_id)[:, :classes]
+                total = total + (torch.flip(out, axes) if axes else out)
+            return total / len(MIRROR_AXES)
+
+        return predict
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: Callable, task_id: int | Sequence[int] | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        ids = _task_ids(self.task_id if task_id is None else task_id, inputs.shape[0])
+        for t in ids:
+            if not 0 <= t < len(self.classes_per_task):
+                raise ValueError(f"task id {t} unknown to this inferer ({len(self.classes_per_task)} tasks)")
+        outputs = [self.window(inputs[b : b + 1], self.predictor(network, t)) for b, t in enumerate(ids)]
+        width = max(o.shape[1] for o in outputs)
+        if all(o.shape[1] == width for o in outputs):
+            return torch.cat(outputs)
+        low = torch.finfo(outputs[0].dtype).min
+        padded = [torch.cat([o, o.new_full((1, width - o.shape[1], *o.shape[2:]), low)], 1) for o in outputs]
+        return torch.cat(padded)
