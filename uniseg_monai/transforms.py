@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    ClassesToIndicesd,
     CopyItemsd,
     EnsureTyped,
     InvertibleTransform,
@@ -214,7 +215,28 @@ def preprocessing(
     ]
 
 
-AUGMENTATIONS = ("moreDA", "mirror")
+AUGMENTATIONS = ("moreDA", "mirror", "none")
+
+
+CLASS_INDICES_KEY = "class_indices"
+
+
+class TaskClassIndicesd(_TaskAware):
+    """Cacheable: up to ``max_per_class`` voxel indices of every class of the item's task (nnU-Net stores 10,000),
+    under ``class_indices``, so :class:`RandCropByTaskClassesd` need not scan the whole label for every patch."""
+
+    def __init__(self, registry: TaskRegistry, max_per_class: int = 10000) -> None:
+        super().__init__("label", registry)
+        self._indices = {
+            n: ClassesToIndicesd("label", num_classes=n, indices_postfix="", max_samples_per_class=max_per_class)
+            for n in {t.num_classes for t in registry.values()}
+        }
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        indices = self._indices[self.task(d).num_classes]
+        d[CLASS_INDICES_KEY] = indices.converter(d["label"])  # one array of flat indices per class
+        return d
 
 
 class RandCropByTaskClassesd(_TaskAware, Randomizable):
@@ -228,7 +250,7 @@ class RandCropByTaskClassesd(_TaskAware, Randomizable):
         self._crops = {
             n: RandCropByLabelClassesd(
                 keys, "label", spatial_size, ratios=[1 - pos_fraction] + [pos_fraction / (n - 1)] * (n - 1),
-                num_classes=n, num_samples=1, warn=False,
+                num_classes=n, num_samples=1, warn=False, indices_key=CLASS_INDICES_KEY,
             )
             for n in {t.num_classes for t in registry.values()}
         }  # fmt: skip
@@ -256,8 +278,9 @@ def augmentation(
       Gaussian noise (p 0.1), Gaussian blur sigma 0.5-1 (p 0.2), brightness x0.75-1.25 (p 0.15), contrast
       x0.75-1.25 (p 0.15), simulated low resolution x0.5-1 (p 0.25), gamma 0.7-1.5 inverted (p 0.1) and normal
       (p 0.3), mirroring on each axis (p 0.5);
-    - ``preset="mirror"``: mirroring only (quick runs such as the demo, where a few hundred iterations cannot
-      profit from heavy augmentation).
+    - ``preset="mirror"``: mirroring only; ``preset="none"``: the crop only (quick runs such as the demo, where a
+      few thousand iterations cannot profit from augmentation, and left-right mirroring would hide that the
+      liver lies on the other side than the spleen).
     """
     if preset not in AUGMENTATIONS:
         raise ValueError(f"augmentation preset must be one of {AUGMENTATIONS}, got {preset!r}")
@@ -268,8 +291,8 @@ def augmentation(
         RandCropByTaskClassesd(keys, registry, patch_size, pos_fraction),
     ]
     mirror = [RandFlipd(keys, spatial_axis=axis, prob=0.5) for axis in range(3)]
-    if preset == "mirror":
-        return crop + mirror
+    if preset != "moreDA":
+        return crop + (mirror if preset == "mirror" else [])
     return [
         *crop,
         RandRotated(keys, range_x=angle, range_y=angle, range_z=angle, prob=0.2, mode=("bilinear", "nearest")),
