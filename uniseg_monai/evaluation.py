@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
+from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
@@ -45,16 +46,9 @@ def score_case(pred: torch.Tensor, label: torch.Tensor, classes: int, hd95: bool
     dice = compute_dice(p, y, include_background=False, ignore_empty=True)[0].tolist()
     if not hd95:
         return dice, []
-    spacing = _spacing(label)
+    spacing = torch.as_tensor(label.pixdim).tolist() if isinstance(label, MetaTensor) else None
     dist_mm = compute_hausdorff_distance(p, y, include_background=False, percentile=95, spacing=spacing)[0]
     return dice, [float(v) if math.isfinite(v) else float("nan") for v in dist_mm.tolist()]
-
-
-def _spacing(image: torch.Tensor) -> list[float] | None:
-    affine = getattr(image, "affine", None)
-    if affine is None:
-        return None
-    return torch.linalg.norm(torch.as_tensor(affine, dtype=torch.float64)[:3, :3], dim=0).tolist()
 
 
 class TaskDice(Metric):

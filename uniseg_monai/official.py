@@ -10,11 +10,12 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from uniseg_monai.atomic import write_atomic
 
 # official key pattern -> our key (regex replacement); the first match wins
 _KEY_RULES = [
@@ -118,15 +119,7 @@ def build_network(network_def: dict[str, Any]) -> torch.nn.Module:
 
 def save_atomic(obj: Any, dst: Path) -> None:
     """``torch.save`` to a temporary file beside ``dst``, then rename: never a half-written ``dst``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(dst, lambda f: torch.save(obj, f))
 
 
 def convert_official(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uniseg_monai.atomic import write_text_atomic
+
 NORMALIZATIONS = ("ct", "zscore", "zscore_nonzero")
 DEFAULT_CT_WINDOW = (-325.0, 325.0)
 _ABDOMEN_CT = {"modalities": ["CT"], "spacing": [1.5, 1.5, 3.0], "normalization": ["ct"]}
@@ -299,10 +301,7 @@ def save_model_tasks(registry: TaskRegistry, ckpt_dir: str | Path) -> Path:
                 f"{path} describes other tasks than this run's datalist; use another --ckpt_dir for a new task set"
             )
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
     return path
 
 

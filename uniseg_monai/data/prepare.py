@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from uniseg_monai.atomic import write_text_atomic
 from uniseg_monai.data.datalist import DatalistError, read_datalist
 from uniseg_monai.tasks import TaskRegistry
 
@@ -93,9 +93,5 @@ def prepare(
         new = [{k: _relative(v, source, out.parent) for k, v in c.items()} | {"task": task} for c in cases]
         datalist[section] = kept + new
         counts[section] = len(new)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(datalist, f, indent=1)
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(datalist, indent=1))
     return counts
