@@ -22,6 +22,15 @@ def shared_path(relative: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The tests' tiny networks run faster on one thread than on two cores shared with data loading."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def official_fixture() -> dict:
     """The tiny official-architecture checkpoint with reference outputs (official (z, y, x) axes)."""

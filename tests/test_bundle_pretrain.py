@@ -124,7 +124,7 @@ def test_evaluation_writes_the_report(trained, phantoms):
     wf.finalize()
     report = trained / "report"
     summary = json.loads((report / "summary.json").read_text())
-    tasks = ["ph_organs", "ph_tumour", "ph_brain", "ph_petct"]
+    tasks = ["ph_organs", "ph_liver", "ph_brain", "ph_petct"]
     assert sorted(summary["tasks"]) == sorted(tasks)
     assert 0 <= summary["mean_dice"] <= 1
     assert summary["mean_dice"] == pytest.approx(np.mean([summary["tasks"][t]["dice"] for t in tasks]))
@@ -157,12 +157,12 @@ def test_inference_task_from_the_command_line(trained, phantoms):
     data = json.loads(phantoms.read_text())
     ct_only = phantoms.with_name("datalist_ct.json")
     ct_only.write_text(json.dumps({"testing": [i for i in data["testing"] if i["task"] == "ph_organs"]}))
-    out = trained / "infer_tumour"
-    wf = workflow("infer", configs("inference"), **run_dirs(phantoms, trained, output_dir=str(out), task="ph_tumour",
+    out = trained / "infer_liver"
+    wf = workflow("infer", configs("inference"), **run_dirs(phantoms, trained, output_dir=str(out), task="ph_liver",
                                                             datalist=str(ct_only)))  # fmt: skip
     wf.run()
     wf.finalize()
-    assert sorted(p.name.split("_")[-2] for p in (out / "predictions").iterdir()) == ["tumour"] * 2
+    assert sorted(p.name.split("_")[-2] for p in (out / "predictions").iterdir()) == ["liver"] * 2
 
 
 def test_torchscript_export_takes_image_and_task(trained, phantoms, tmp_path):

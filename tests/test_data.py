@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from uniseg_monai.data import load_items
+from uniseg_monai.data import DatalistError, load_items
 from uniseg_monai.data.check import check_datalist
-from uniseg_monai.data.phantoms import generate_phantoms
+from uniseg_monai.data.phantoms import generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
 from uniseg_monai.tasks import registry_for_datalist
 
@@ -31,16 +31,17 @@ def test_phantoms_are_deterministic_and_clean(phantoms, tmp_path):
 
 def test_phantoms_need_the_task_to_be_solved(phantoms):
     registry = registry_for_datalist(phantoms)
-    assert sorted(registry) == ["ph_brain", "ph_organs", "ph_petct", "ph_tumour"]
+    assert sorted(registry) == ["ph_brain", "ph_liver", "ph_organs", "ph_petct"]
     assert {registry[n].in_channels for n in registry} == {1, 2, 4}
     items = load_items(phantoms, "training", registry)
     organs = {i["image"]: i["label"] for i in items if i["task"] == "ph_organs"}
-    tumours = {i["image"]: i["label"] for i in items if i["task"] == "ph_tumour"}
-    assert organs.keys() == tumours.keys()  # the same CT volumes carry both tasks
+    livers = {i["image"]: i["label"] for i in items if i["task"] == "ph_liver"}
+    assert organs.keys() == livers.keys()  # the same CT volumes carry both tasks
     for image in organs:
         organ = nib.load(organs[image]).get_fdata()
-        tumour = nib.load(tumours[image]).get_fdata() > 0
-        assert tumour.any() and (organ[tumour] == 1).all()  # tumour voxels are "liver" in the other task
+        liver = nib.load(livers[image]).get_fdata()
+        assert (liver == 2).any() and (organ[liver == 2] == 1).all()  # label 2 "liver tumour" is "liver" in ph_organs
+        assert (organ == 2).any() and (liver[organ == 2] == 0).all()  # label 2 "spleen" is background in ph_liver
     orientations = {nib.aff2axcodes(nib.load(i["image"]).affine) for i in items if i["task"] == "ph_organs"}
     assert len(orientations) == 2  # RAS and LPS cases
 
@@ -106,7 +107,7 @@ def test_check_data_reports_every_problem_with_its_file(phantoms, tmp_path):
         assert all("fix:" in p for p in problems)
 
     leak = {"tasks": good["tasks"], "training": good["training"][:1], "validation": good["training"][:1]}
-    duplicate_ids = {"tasks": {**good["tasks"], "ph_tumour": {**good["tasks"]["ph_tumour"], "id": 0}}}
+    duplicate_ids = {"tasks": {**good["tasks"], "ph_liver": {**good["tasks"]["ph_liver"], "id": 0}}}
     duplicate_ids["training"] = good["training"][:2]
     for content, marker in ((leak, "the same image is in training and validation"), (duplicate_ids, "share id 0")):
         datalist = tmp_path / "dl.json"
@@ -167,3 +168,28 @@ def test_prepare_msd_and_nnunet_folders_merge_into_one_datalist(phantoms, tmp_pa
     assert len(petct[0]["image"]) == 2 and petct[0]["image"][1].endswith("_0001.nii.gz")
     assert all(Path(p).exists() for i in items for p in ([i["image"]] if isinstance(i["image"], str) else i["image"]))
     assert check_datalist(out, progress=False) == []
+
+
+def test_prepare_reads_the_btcv_and_vs_release_layouts(tmp_path):
+    btcv = generate_downstream_phantoms(tmp_path / "RawData", "btcv", cases=10, spacing=[4.0, 4.0, 6.0])
+    vs = generate_downstream_phantoms(tmp_path / "VS", "vs", cases=5, spacing=[1.0, 1.0, 2.0])
+    out = tmp_path / "datalist.json"
+    # the paper's BTCV split: 30 % test (9 of 30); the rest 80 / 20 training / validation
+    assert prepare(btcv, "btcv", out, fmt="btcv") == {"training": 6, "validation": 1, "testing": 3}
+    assert prepare(vs, "my_vs", out, fmt="vs", val_fraction=0.25, test_fraction=0.2) == {
+        "training": 3,
+        "validation": 1,
+        "testing": 1,
+    }
+    data = json.loads(out.read_text())
+    assert set(data["tasks"]) == {"my_vs"}  # btcv is built in; a new name copies the built-in vs task
+    assert data["tasks"]["my_vs"]["short_labels"] == ["bg", "VS"]
+    assert data["tasks"]["my_vs"]["spacing"] == pytest.approx([1.0, 1.0, 2.0], rel=0.2)
+    vs_items = [i for s in ("training", "validation", "testing") for i in data[s] if i["task"] == "my_vs"]
+    assert [i["case"] for i in vs_items] == [f"vs_gk_{n}" for n in range(1, 6)]  # file names repeat per case
+    btcv_test = [i for i in data["testing"] if i["task"] == "btcv"]
+    assert [Path(i["label"]).name for i in btcv_test] == ["label0008.nii.gz", "label0009.nii.gz", "label0010.nii.gz"]
+    assert check_datalist(out, progress=False) == []
+    (btcv / "Training" / "label" / "label0003.nii.gz").unlink()
+    with pytest.raises(DatalistError, match=r"img0003\.nii\.gz: no label"):
+        prepare(btcv, "btcv", out, fmt="btcv")

@@ -12,9 +12,15 @@ from monai.losses import DiceCELoss
 
 from uniseg_monai.evaluation import EvaluationReport, TaskDice
 from uniseg_monai.handlers import check_run_dir, latest_checkpoint, resume_checkpoint
-from uniseg_monai.inferers import MIRROR_AXES, TaskSlidingWindowInferer, TaskTrainingInferer
+from uniseg_monai.inferers import (
+    MIRROR_AXES,
+    AllTaskSlidingWindowInferer,
+    MirroringSlidingWindowInferer,
+    TaskSlidingWindowInferer,
+    TaskTrainingInferer,
+)
 from uniseg_monai.losses import TaskDeepSupervisionLoss, TaskLogits, deep_supervision_weights
-from uniseg_monai.networks import UniSeg
+from uniseg_monai.networks import UniSeg, UniSegBackbone
 from uniseg_monai.tasks import TaskRegistry
 
 SMALL = {"features": (4, 8, 16, 32, 64, 64), "patch_size": (64, 64, 32)}
@@ -92,6 +98,38 @@ def test_sliding_window_inferer_restricts_classes_mirrors_and_takes_a_default_ta
         assert mixed.shape[1] == 4 and torch.softmax(mixed, 1)[0, 2:].max() == 0  # absent classes get softmax 0
 
 
+def test_all_task_inference_equals_the_per_task_passes():
+    torch.manual_seed(0)
+    net = UniSeg(num_tasks=4, num_classes=4, **SMALL).eval()
+    x = torch.randn(2, 1, 96, 64, 48)  # several overlapping windows
+    classes = [2, 4, 3, 2]
+    with torch.no_grad():
+        per_window = net.forward_tasks(x[:, :, :64, :, :32], [3, 0, 2])
+        for i, t in enumerate([3, 0, 2]):
+            torch.testing.assert_close(per_window[:, i], net(x[:, :, :64, :, :32], t), atol=1e-5, rtol=1e-5)
+        for tta in (False, True):
+            all_tasks = AllTaskSlidingWindowInferer((64, 64, 32), classes, tta=tta)(x, net, [0, 1, 2, 3])
+            single = TaskSlidingWindowInferer((64, 64, 32), classes, tta=tta)
+            for t in range(4):
+                reference = single(x, net, task_id=t)
+                assert all_tasks[t].shape == reference.shape == (2, classes[t], 96, 64, 48)
+                torch.testing.assert_close(all_tasks[t], reference, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(all_tasks[0], all_tasks[3])  # the tasks really differ
+    with pytest.raises(ValueError, match="outside"):
+        net.forward_tasks(x[:, :, :64, :, :32], [4])
+
+
+def test_mirroring_inferer_serves_task_free_networks():
+    torch.manual_seed(0)
+    net = UniSegBackbone(num_classes=3, features=SMALL["features"]).eval()
+    x = torch.randn(1, 1, 64, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(MirroringSlidingWindowInferer((64, 64, 32))(x, net), net(x), atol=1e-5, rtol=1e-5)
+        mirrored = sum(torch.flip(net(torch.flip(x, a)), a) if a else net(x) for a in MIRROR_AXES) / 8
+        tta = MirroringSlidingWindowInferer((64, 64, 32), tta=True)(x, net)
+        torch.testing.assert_close(tta, mirrored, atol=1e-5, rtol=1e-5)
+
+
 def _evaluated(registry, cases):
     """Run TaskDice on (task, prediction, label) cases through a bare ignite engine."""
     metric = TaskDice(registry, hd95=True)
@@ -139,6 +177,23 @@ def test_task_dice_and_report(tmp_path):
     assert rows[0] == "case,task,class,dice,hd95_mm" and len(rows) == 1 + 2 + 1 + 1
     md = (tmp_path / "summary.md").read_text().splitlines()
     assert md[0] == "| metric | liver | spleen | mean |" and md[2].startswith("| Dice (%) | 100.00 |")
+
+
+def test_per_class_report_has_the_table3_columns(tmp_path):
+    registry = TaskRegistry().subset(["btcv"])
+    label = torch.zeros(1, 14, 4, 4)
+    for k in range(14):
+        label[0, k] = k
+    pred = label.clone()
+    pred[0, 1] = 0  # spleen missed entirely
+    metric, engine = _evaluated(registry, [("btcv", pred, label, "img0001")])
+    EvaluationReport(metric, tmp_path, log=None)(engine)
+    md = (tmp_path / "per_class.md").read_text().splitlines()
+    assert md[0] == "**btcv**"
+    assert md[2] == "| metric | Sp | RKi | LKi | Gb | Es | Li | St | Ao | IVC | PSV | Pa | RAG | LAG | Mean |"
+    assert md[4] == "| Dice (%) | 0.00 | " + "100.00 | " * 12 + f"{1200 / 13:.2f} |"
+    rows = (tmp_path / "per_class.csv").read_text().splitlines()
+    assert rows[0].startswith("btcv,metric,Sp,RKi") and rows[1].startswith("btcv,Dice (%),0.00,100.00")
 
 
 def test_run_folder_is_never_overwritten_and_resume_finds_the_latest(tmp_path):

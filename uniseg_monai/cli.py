@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json as _json
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ import fire
 
 from uniseg_monai.data.datalist import DatalistError
 from uniseg_monai.official import OfficialCheckpointError, convert_official
+from uniseg_monai.predict import predict
 from uniseg_monai.tasks import TaskError, TaskRegistry, registry_for_datalist
 
 
@@ -32,11 +34,14 @@ def _tasks(json: bool = False, datalist: str | None = None) -> None:
     print(_json.dumps(registry.to_json(), indent=2) if json else registry.table())
 
 
-def _prepare(source: str, task: str, out: str, format: str = "msd", val_fraction: float = 0.2) -> None:
-    """Add an MSD (--format msd) or nnU-Net-raw (--format nnunet) folder to a datalist as TASK (merging)."""
+def _prepare(
+    source: str, task: str, out: str, format: str = "msd", val_fraction: float = 0.2, test_fraction: float | None = None
+) -> None:
+    """Add a release folder to a datalist as TASK (merging): --format msd | nnunet | btcv (Synapse RawData) |
+    vs (Vestibular-Schwannoma-SEG as NIfTI). --test_fraction defaults to the paper's split for btcv / vs."""
     from uniseg_monai.data.prepare import prepare
 
-    counts = prepare(source, task, out, fmt=format, val_fraction=val_fraction)
+    counts = prepare(source, task, out, fmt=format, val_fraction=val_fraction, test_fraction=test_fraction)
     print(f"{out}: task {task!r}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
 
 
@@ -60,11 +65,41 @@ def _check_data(datalist: str) -> None:
     print(f"{datalist}: no problems found")
 
 
-def _demo(out: str = "demo_output", bundle: str = "bundles/uniseg_pretrain") -> None:
-    """Train, evaluate and apply the pretrain bundle on the phantom data in OUT (what `make demo` runs)."""
+def _demo(
+    out: str = "demo_output",
+    bundle: str = "bundles/uniseg_pretrain",
+    finetune_bundle: str = "bundles/uniseg_finetune_btcv",
+) -> None:
+    """Train, evaluate and apply the pretrain bundle on the phantom data in OUT, then fine-tune FINETUNE_BUNDLE
+    on an unseen phantom task from scratch and from it (what `make demo` runs)."""
     from uniseg_monai.demo import run_demo
 
-    run_demo(out, bundle)
+    run_demo(out, bundle, finetune_bundle)
+
+
+def _export(
+    bundle: str = "bundles/uniseg_pretrain",
+    onnx: str = "",
+    checkpoint: str | None = None,
+    in_channels: int = 1,
+    overwrite: bool = False,
+    **overrides: Any,
+) -> None:
+    """Export a bundle's trained network to ONNX (--onnx FILE): inputs image (B, C, X, Y, Z) and task_id (B,),
+    dynamic batch and spatial axes, checked against PyTorch with ONNX Runtime before the file is written.
+    One modality stem per file (--in_channels 1, 2 or 4). Other --ids override the bundle config. TorchScript:
+    `python -m monai.bundle ckpt_export` (see the bundle docs)."""
+    from uniseg_monai.export import export_bundle_onnx
+
+    if not onnx:
+        raise ValueError("give the output file: --onnx model.onnx")
+    report = export_bundle_onnx(bundle, onnx, in_channels, ckpt=checkpoint, overwrite=overwrite, **overrides)
+    print(_json.dumps(report, indent=2))
+
+
+@functools.wraps(predict)
+def _predict(*args: Any, **kwargs: Any) -> None:
+    sys.exit(predict(*args, **kwargs))  # 1 when any input failed
 
 
 COMMANDS: dict[str, Callable[..., Any]] = {
@@ -74,13 +109,19 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "generate-phantoms": _generate_phantoms,
     "check-data": _check_data,
     "demo": _demo,
+    "export": _export,
+    "predict": _predict,
 }
+SHORT_FLAGS = {"predict": {"-i": "--input", "-o": "--output"}}
 
 USER_ERRORS = (OfficialCheckpointError, DatalistError, TaskError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run one ``uniseg`` command; user errors print one line and exit with status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SHORT_FLAGS:  # fire has no short flags for these
+        argv = [SHORT_FLAGS[argv[0]].get(a, a) for a in argv]
     try:
         fire.Fire(COMMANDS, command=argv, name="uniseg")
     except USER_ERRORS as err:

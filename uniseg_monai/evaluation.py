@@ -35,8 +35,9 @@ class CaseScore:
 
 
 def case_name(item: dict[str, Any]) -> str:
-    """The case's image file name (first channel file) without folder and extension."""
-    return image_stem(item["image"].meta.get("filename_or_obj", "") if hasattr(item["image"], "meta") else "")
+    """The case name :class:`~uniseg_monai.transforms.RecordTaskd` recorded, else the image file stem."""
+    meta = getattr(item["image"], "meta", {})
+    return meta.get("case") or image_stem(meta.get("filename_or_obj", ""))
 
 
 def score_case(pred: torch.Tensor, label: torch.Tensor, classes: int, hd95: bool) -> tuple[list[float], list[float]]:
@@ -128,23 +129,48 @@ def _fmt(value: float, scale: float = 1.0) -> str:
     return "n/a" if math.isnan(value) else f"{value * scale:.2f}"
 
 
-def summary_tables(cases: Sequence[CaseScore], registry: TaskRegistry, hd95: bool) -> tuple[str, str]:
-    """The Table 2 layout (tasks as columns, then the mean over tasks), Dice in %, HD95 in mm: CSV, Markdown."""
-    fields = [("Dice (%)", "dice", 100.0)] + ([("HD95 (mm)", "hd95", 1.0)] if hd95 else [])
-    names = sorted({c.task for c in cases}, key=lambda n: registry[n].id)
-    header = ["metric", *names, "mean"]
-    rows = []
-    for title, field, scale in fields:
-        summary = task_summary(cases, registry, field)
-        rows.append(
-            [title, *(_fmt(summary["tasks"][n][field], scale) for n in names), _fmt(summary[f"mean_{field}"], scale)]
-        )
+def _tables(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
+    """(CSV, Markdown) of one table."""
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
     markdown = "\n".join(
         ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     )
     return buffer.getvalue(), markdown + "\n"
+
+
+def _fields(hd95: bool) -> list[tuple[str, str, float]]:
+    return [("Dice (%)", "dice", 100.0)] + ([("HD95 (mm)", "hd95", 1.0)] if hd95 else [])
+
+
+def summary_tables(cases: Sequence[CaseScore], registry: TaskRegistry, hd95: bool) -> tuple[str, str]:
+    """The Table 2 layout (tasks as columns, then the mean over tasks), Dice in %, HD95 in mm: CSV, Markdown."""
+    names = sorted({c.task for c in cases}, key=lambda n: registry[n].id)
+    rows = []
+    for title, field, scale in _fields(hd95):
+        summary = task_summary(cases, registry, field)
+        rows.append(
+            [title, *(_fmt(summary["tasks"][n][field], scale) for n in names), _fmt(summary[f"mean_{field}"], scale)]
+        )
+    return _tables(["metric", *names, "mean"], rows)
+
+
+def class_tables(cases: Sequence[CaseScore], registry: TaskRegistry, hd95: bool) -> tuple[str, str]:
+    """The Table 3 layout: per task, its classes as columns (``short_labels``: Sp, RKi, ...), then the mean over
+    classes; Dice in %, HD95 in mm. CSV (one row per task and metric) and Markdown (one table per task)."""
+    csv_rows, markdown = [], []
+    for name in sorted({c.task for c in cases}, key=lambda n: registry[n].id):
+        task = registry[name]
+        header = ["metric", *task.column_names[1:], "Mean"]
+        rows = []
+        for title, field, scale in _fields(hd95):
+            summary = task_summary([c for c in cases if c.task == name], registry, field)["tasks"][name]
+            rows.append([title, *(_fmt(v, scale) for v in summary["per_class"].values()), _fmt(summary[field], scale)])
+        csv_rows += [[name, *header]] + [[name, *r] for r in rows]
+        markdown.append(f"**{name}**\n\n" + _tables(header, rows)[1])
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(csv_rows)
+    return buffer.getvalue(), "\n".join(markdown)
 
 
 def per_case_csv(cases: Sequence[CaseScore], registry: TaskRegistry) -> str:
@@ -160,8 +186,9 @@ def per_case_csv(cases: Sequence[CaseScore], registry: TaskRegistry) -> str:
 
 
 class EvaluationReport:
-    """Writes ``<output_dir>/`` per_case.csv, summary.csv, summary.md and summary.json when the evaluator
-    completes, from a :class:`TaskDice` attached to the same evaluator (rank 0 only).
+    """Writes ``<output_dir>/`` per_case.csv, summary.csv/.md (Table 2 layout), per_class.csv/.md (Table 3
+    layout) and summary.json when the evaluator completes, from a :class:`TaskDice` attached to the same
+    evaluator (rank 0 only).
 
     summary.json = {"mean_dice": float, "tasks": {name: {"dice": float, "per_class": {label: dice}}}} with Dice
     in [0, 1] and the mean over tasks (null where no reference holds the class); with HD95 also "mean_hd95" and
@@ -185,10 +212,13 @@ class EvaluationReport:
             hd = task_summary(cases, registry, "hd95")
             summary["mean_hd95"], summary["hd95"] = hd["mean_hd95"], hd["tasks"]
         table_csv, table_md = summary_tables(cases, registry, self.metric.hd95)
+        classes_csv, classes_md = class_tables(cases, registry, self.metric.hd95)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "per_case.csv").write_text(per_case_csv(cases, registry))
         (self.output_dir / "summary.csv").write_text(table_csv)
         (self.output_dir / "summary.md").write_text(table_md)
+        (self.output_dir / "per_class.csv").write_text(classes_csv)
+        (self.output_dir / "per_class.md").write_text(classes_md)
         (self.output_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
         if self.log:
             self.log(f"{len(cases)} cases evaluated; summary in {self.output_dir / 'summary.json'}\n{table_md}")

@@ -37,16 +37,70 @@ class TaskTrainingInferer(SimpleInferer):
         return TaskLogits(network(inputs, task_id=ids), ids)
 
 
-class TaskSlidingWindowInferer(Inferer):
+class MirroringSlidingWindowInferer(Inferer):
+    """MONAI's sliding window with nnU-Net's options: window = training patch, Gaussian weights, mirroring TTA.
+
+    Args:
+        roi_size: window (x, y, z), the training patch.
+        overlap, mode, sigma_scale, sw_batch_size, sw_device, device, progress: as MONAI's
+            :class:`~monai.inferers.SlidingWindowInferer` (defaults: 0.5, Gaussian, sigma = window / 8).
+        tta: average the logits of all 8 mirrorings of every window (nnU-Net's mirroring TTA, 8x cost).
+
+    ``__call__(inputs, network)``: inputs (B, C, X, Y, Z) -> (B, classes, X, Y, Z) logits of ``network(x)``.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int],
+        overlap: float = 0.5,
+        mode: str = "gaussian",
+        sigma_scale: float = 0.125,
+        sw_batch_size: int = 1,
+        tta: bool = False,
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tta = tta
+        self.window = SlidingWindowInferer(
+            roi_size=roi_size,
+            sw_batch_size=sw_batch_size,
+            overlap=overlap,
+            mode=mode,
+            sigma_scale=sigma_scale,
+            sw_device=sw_device,
+            device=device,
+            progress=progress,
+        )
+
+    def mirrored(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``predict`` averaged over the 8 mirrorings of its input when ``tta``, else ``predict`` itself."""
+        if not self.tta:
+            return predict
+
+        def averaged(window: torch.Tensor) -> torch.Tensor:
+            total = 0
+            for axes in MIRROR_AXES:
+                out = predict(torch.flip(window, axes) if axes else window)
+                total = total + (torch.flip(out, axes) if axes else out)
+            return total / len(MIRROR_AXES)
+
+        return averaged
+
+    def __call__(self, inputs: torch.Tensor, network: Callable) -> torch.Tensor:  # type: ignore[override]
+        return self.window(inputs, self.mirrored(network))
+
+
+class TaskSlidingWindowInferer(MirroringSlidingWindowInferer):
     """Sliding-window inference of one task per sample, logits restricted to the task's classes.
 
     Args:
         roi_size: window (x, y, z), the training patch.
         classes_per_task: C_t (incl. background) indexed by task id.
         task_id: default task when the caller gives none (MONAI Label, ``--task``); int or None.
-        overlap, mode, sigma_scale, sw_batch_size, sw_device, device, progress: as MONAI's
-            :class:`~monai.inferers.SlidingWindowInferer` (defaults: 0.5, Gaussian, sigma = window / 8).
-        tta: average the logits of all 8 mirrorings of every window (nnU-Net's mirroring TTA, 8x cost).
+        overlap, mode, sigma_scale, sw_batch_size, tta, sw_device, device, progress: as
+            :class:`MirroringSlidingWindowInferer`.
 
     ``__call__(inputs, network, task_id=None)``: inputs (B, C, X, Y, Z) -> (B, max C_t, X, Y, Z) logits; when
     tasks in the batch differ, a sample's channels beyond its C_t are filled with the dtype's lowest value
@@ -67,36 +121,14 @@ class TaskSlidingWindowInferer(Inferer):
         device: torch.device | str | None = None,
         progress: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(roi_size, overlap, mode, sigma_scale, sw_batch_size, tta, sw_device, device, progress)
         self.classes_per_task = [int(c) for c in classes_per_task]
         self.task_id = task_id
-        self.tta = tta
-        self.window = SlidingWindowInferer(
-            roi_size=roi_size,
-            sw_batch_size=sw_batch_size,
-            overlap=overlap,
-            mode=mode,
-            sigma_scale=sigma_scale,
-            sw_device=sw_device,
-            device=device,
-            progress=progress,
-        )
 
     def predictor(self, network: Callable, task_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """Window (b, C, *roi) -> logits (b, C_t, *roi) of one task, mirrored-averaged when ``tta``."""
         classes = self.classes_per_task[task_id]
-
-        def predict(window: torch.Tensor) -> torch.Tensor:
-            if not self.tta:
-                return network(window, task_id=task_id)[:, :classes]
-            total = 0
-            for axes in MIRROR_AXES:
-                flipped = torch.flip(window, axes) if axes else window
-                out = network(flipped, task_id=task_id)[:, :classes]
-                total = total + (torch.flip(out, axes) if axes else out)
-            return total / len(MIRROR_AXES)
-
-        return predict
+        return self.mirrored(lambda window: network(window, task_id=task_id)[:, :classes])
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable, task_id: int | Sequence[int] | torch.Tensor | None = None
@@ -112,3 +144,46 @@ class TaskSlidingWindowInferer(Inferer):
         low = torch.finfo(outputs[0].dtype).min
         padded = [torch.cat([o, o.new_full((1, width - o.shape[1], *o.shape[2:]), low)], 1) for o in outputs]
         return torch.cat(padded)
+
+
+class AllTaskSlidingWindowInferer(MirroringSlidingWindowInferer):
+    """One sliding-window pass that segments several tasks: per window, the network's encoder and FUSE run once
+    and its decoder once per task (:meth:`UniSeg.forward_tasks`); the official code instead repeats the whole
+    pass per task. Equals :class:`TaskSlidingWindowInferer` run per task.
+
+    Args:
+        roi_size, classes_per_task, overlap, mode, sigma_scale, sw_batch_size, tta, sw_device, device, progress:
+            as :class:`TaskSlidingWindowInferer`.
+
+    ``__call__(inputs, network, task_ids)``: inputs (B, C, X, Y, Z), T task ids -> {task id: (B, C_t, X, Y, Z)
+    logits}. The stitched output holds sum(C_t) channels at the input size: mind memory on large volumes.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int],
+        classes_per_task: Sequence[int],
+        overlap: float = 0.5,
+        mode: str = "gaussian",
+        sigma_scale: float = 0.125,
+        sw_batch_size: int = 1,
+        tta: bool = False,
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(roi_size, overlap, mode, sigma_scale, sw_batch_size, tta, sw_device, device, progress)
+        self.classes_per_task = [int(c) for c in classes_per_task]
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: Callable, task_ids: Sequence[int]
+    ) -> dict[int, torch.Tensor]:
+        ids = [int(t) for t in task_ids]
+        classes = [self.classes_per_task[t] for t in ids]
+
+        def predict(window: torch.Tensor) -> torch.Tensor:  # (b, C, *roi) -> (b, sum C_t, *roi)
+            logits = network.forward_tasks(window, ids)
+            return torch.cat([logits[:, i, :c] for i, c in enumerate(classes)], dim=1)
+
+        stitched = self.window(inputs, self.mirrored(predict))
+        return dict(zip(ids, torch.split(stitched, classes, dim=1)))

@@ -78,11 +78,14 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
             "right adrenal gland",
             "left adrenal gland",
         ],
+        # column names of the paper's Table 3
+        "short_labels": ["bg", "Sp", "RKi", "LKi", "Gb", "Es", "Li", "St", "Ao", "IVC", "PSV", "Pa", "RAG", "LAG"],
     },
     "vs": {
         "id": 12,
         "modalities": ["T1ce"],
         "labels": ["background", "vestibular schwannoma"],
+        "short_labels": ["bg", "VS"],
         "spacing": [0.5, 0.5, 1.5],
         "normalization": ["zscore"],
     },
@@ -121,7 +124,8 @@ class Normalization:
 
 @dataclass(frozen=True)
 class Task:
-    """One segmentation task: channels in ``modalities`` order, classes ``labels`` (incl. background)."""
+    """One segmentation task: channels in ``modalities`` order, classes ``labels`` (incl. background);
+    ``short_labels`` optionally names the classes in table columns (e.g. the paper's "Sp", "RKi", ...)."""
 
     name: str
     id: int
@@ -130,6 +134,12 @@ class Task:
     spacing: tuple[float, float, float]
     normalization: tuple[Normalization, ...]
     label_map: dict[int, int] = field(default_factory=dict)
+    short_labels: tuple[str, ...] = ()
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """Class names for table columns: ``short_labels`` if given, else ``labels``."""
+        return self.short_labels or self.labels
 
     @property
     def num_classes(self) -> int:
@@ -142,7 +152,7 @@ class Task:
     @classmethod
     def parse(cls, name: str, spec: Mapping[str, Any]) -> Task:
         where = f"task {name!r}"
-        unknown = set(spec) - {"id", "modalities", "labels", "spacing", "normalization", "label_map"}
+        unknown = set(spec) - {"id", "modalities", "labels", "spacing", "normalization", "label_map", "short_labels"}
         if unknown:
             raise TaskError(f"{where}: unknown keys {sorted(unknown)}")
         missing = {"id", "modalities", "labels", "spacing"} - set(spec)
@@ -154,6 +164,7 @@ class Task:
         norm_spec = spec.get("normalization") or ["ct" if m.upper() == "CT" else "zscore" for m in modalities]
         normalization = tuple(Normalization.parse(n, where) for n in norm_spec)
         label_map = {int(k): int(v) for k, v in (spec.get("label_map") or {}).items()}
+        short_labels = tuple(str(v) for v in spec.get("short_labels") or ())
         if not isinstance(spec["id"], int) or spec["id"] < 0:
             raise TaskError(f"{where}: id must be a non-negative integer, got {spec['id']!r}")
         if len(modalities) not in (1, 2, 4):
@@ -167,13 +178,17 @@ class Task:
         bad = {k: v for k, v in label_map.items() if not 0 <= v < len(labels)}
         if bad:
             raise TaskError(f"{where}: label_map targets {bad} outside the {len(labels)} classes")
-        return cls(name, spec["id"], modalities, labels, spacing, normalization, label_map)  # type: ignore[arg-type]
+        if short_labels and len(short_labels) != len(labels):
+            raise TaskError(f"{where}: {len(short_labels)} short_labels for {len(labels)} labels")
+        return cls(name, spec["id"], modalities, labels, spacing, normalization, label_map, short_labels)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["normalization"] = [n.to_json() for n in self.normalization]
         out["label_map"] = {str(k): v for k, v in self.label_map.items()}
         out.pop("name")
+        if not self.short_labels:
+            out.pop("short_labels")
         return out
 
 

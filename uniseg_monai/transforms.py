@@ -145,21 +145,24 @@ class MapTaskLabelsd(_TaskAware):
 
 
 class RecordTaskd(MapTransform):
-    """Copy the item's ``task`` name into the meta data of ``keys``, so it survives ``Invertd`` into saved files."""
+    """Copy the item's ``task`` and ``case`` (the datalist's optional ``"case"``, else the image file stem) into
+    the meta data of ``keys``, so they survive ``Invertd`` into reports and saved file names."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             d[key].meta["task"] = d["task"]
+            d[key].meta["case"] = d.get("case") or image_stem(d[key].meta.get("filename_or_obj", ""))
         return d
 
 
 def task_file_name(metadict: dict, saver: Transform) -> dict[str, Any]:
-    """``SaveImaged(output_name_formatter=...)``: ``<image file stem>_<task>``, so one image segmented under
-    several tasks gives one file per task."""
-    stem = image_stem(metadict.get("filename_or_obj", "") if metadict else "")
-    task = metadict.get("task", "") if metadict else ""
-    return {"subject": f"{stem}_{task}" if task else stem, "idx": metadict.get("patch_index") if metadict else None}
+    """``SaveImaged(output_name_formatter=...)``: ``<case>_<task>``, so one image segmented under several tasks
+    gives one file per task (case: see :class:`RecordTaskd`)."""
+    metadict = metadict or {}
+    stem = metadict.get("case") or image_stem(metadict.get("filename_or_obj", ""))
+    task = metadict.get("task", "")
+    return {"subject": f"{stem}_{task}" if task else stem, "idx": metadict.get("patch_index")}
 
 
 class ThreadSafeLoadImaged(MapTransform):

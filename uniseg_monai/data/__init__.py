@@ -1,6 +1,6 @@
 """Datalists, data checks, task-uniform sampling and synthetic phantoms."""
 
-from uniseg_monai.data.datalist import DatalistError, load_items, read_datalist
+from uniseg_monai.data.datalist import DatalistError, load_items, read_datalist, task_items
 from uniseg_monai.data.sampling import TaskUniformSampler
 
-__all__ = ["DatalistError", "TaskUniformSampler", "load_items", "read_datalist"]
+__all__ = ["DatalistError", "TaskUniformSampler", "load_items", "read_datalist", "task_items"]

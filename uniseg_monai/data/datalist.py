@@ -59,3 +59,14 @@ def load_items(path: str | Path, section: str, registry: TaskRegistry, task: str
         out["task_id"] = registry[out["task"]].id
         items.append(out)
     return items
+
+
+def task_items(path: str | Path, section: str, registry: TaskRegistry, task: str) -> list[dict[str, Any]]:
+    """The items of ``section`` that belong to ``task`` (a single-task bundle's data); an empty ``training``
+    section is an error naming the tasks the datalist does hold."""
+    items = load_items(path, section, registry)
+    chosen = [item for item in items if item["task"] == task]
+    if section == "training" and not chosen:
+        found = sorted({item["task"] for item in items})
+        raise DatalistError(f"{path}: no training items of task {task!r} (found {found}); set the bundle id `task`")
+    return chosen

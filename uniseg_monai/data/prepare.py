@@ -1,4 +1,7 @@
-"""``uniseg prepare``: datalists from Medical Segmentation Decathlon and nnU-Net-raw folders."""
+"""``uniseg prepare``: datalists from Medical Segmentation Decathlon and nnU-Net-raw folders, and from the
+public downstream releases: BTCV (Synapse ``RawData``: ``Training/img/imgNNNN.nii.gz`` +
+``Training/label/labelNNNN.nii.gz``) and Vestibular-Schwannoma-SEG converted to NIfTI (``vs_gk_<n>/`` with
+``vs_gk_t1_refT1.nii.gz`` + ``vs_gk_seg_refT1.nii.gz``, the layout of the dataset authors' conversion)."""
 
 from __future__ import annotations
 
@@ -40,19 +43,55 @@ def _nnunet_cases(source: Path, meta: dict) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
-def _task_spec(source: Path, meta: dict, train: list[dict]) -> dict[str, Any]:
-    """A task entry from dataset.json: modalities, labels, median spacing (x, y, z) of the training images."""
+def _btcv_cases(source: Path, meta: dict) -> tuple[list[dict], list[dict]]:
+    folder = source / "Training" if (source / "Training").is_dir() else source
+    train = []
+    for img in sorted((folder / "img").glob("img*.nii.gz")):
+        label = folder / "label" / img.name.replace("img", "label", 1)
+        if not label.exists():
+            raise DatalistError(f"{img}: no label {label}; BTCV needs Training/img/imgNNNN + Training/label/labelNNNN")
+        train.append({"image": str(img.relative_to(source)), "label": str(label.relative_to(source))})
+    return train, []
+
+
+def _vs_cases(source: Path, meta: dict) -> tuple[list[dict], list[dict]]:
+    train = []
+    for case in sorted((p for p in source.glob("vs_gk_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[-1])):
+        image, label = case / "vs_gk_t1_refT1.nii.gz", case / "vs_gk_seg_refT1.nii.gz"
+        if not (image.exists() and label.exists()):
+            raise DatalistError(f"{case}: needs vs_gk_t1_refT1.nii.gz and vs_gk_seg_refT1.nii.gz")
+        item = {"image": str(image.relative_to(source)), "label": str(label.relative_to(source))}
+        train.append(item | {"case": case.name})  # every case's files have the same names
+    return train, []
+
+
+# format -> (case reader, needs dataset.json, share of the labelled cases kept for testing: the paper's splits)
+FORMATS = {
+    "msd": (_msd_cases, True, 0.0),
+    "nnunet": (_nnunet_cases, True, 0.0),
+    "btcv": (_btcv_cases, False, 9 / 30),  # 21 train / 9 test
+    "vs": (_vs_cases, False, 49 / 242),  # 193 train / 49 test
+}
+
+
+def _task_spec(source: Path, meta: dict, train: list[dict], fmt: str) -> dict[str, Any]:
+    """A task entry from dataset.json (or the built-in task of a ``btcv``/``vs`` release): modalities, labels,
+    median spacing (x, y, z) of the training images."""
+    first = [c["image"][0] if isinstance(c["image"], list) else c["image"] for c in train[:20]]
+    spacings = [nib.load(source / f).header.get_zooms()[:3] for f in first]
+    spacing = [round(float(s), 3) for s in np.median(np.array(spacings), axis=0)]
+    if fmt in ("btcv", "vs"):
+        builtin = TaskRegistry()[fmt].to_json()
+        return {k: v for k, v in builtin.items() if k != "id"} | {"spacing": spacing}
     modalities = list((meta.get("channel_names") or meta.get("modality") or {"0": "CT"}).values())
     labels = meta.get("labels", {})
     if labels and all(isinstance(v, int) for v in labels.values()):  # nnU-Net v2: name -> value
         labels = {str(v): k for k, v in labels.items()}
     names = [labels[k] for k in sorted(labels, key=int)]
-    first = [c["image"][0] if isinstance(c["image"], list) else c["image"] for c in train[:20]]
-    spacings = [nib.load(source / f).header.get_zooms()[:3] for f in first]
     return {
         "modalities": modalities,
         "labels": names,
-        "spacing": [round(float(s), 3) for s in np.median(np.array(spacings), axis=0)],
+        "spacing": spacing,
         "normalization": ["ct" if m.upper() == "CT" else "zscore" for m in modalities],
     }
 
@@ -64,33 +103,48 @@ def _relative(value: str | list[str], source: Path, out_dir: Path) -> str | list
 
 
 def prepare(
-    source: str | Path, task: str, out: str | Path, fmt: str = "msd", val_fraction: float = 0.2
+    source: str | Path,
+    task: str,
+    out: str | Path,
+    fmt: str = "msd",
+    val_fraction: float = 0.2,
+    test_fraction: float | None = None,
 ) -> dict[str, int]:
-    """Add the cases of one MSD / nnU-Net-raw folder as ``task`` to the datalist ``out`` (created or merged).
+    """Add the cases of one release folder as ``task`` to the datalist ``out`` (created or merged).
 
-    Entries of ``task`` already in ``out`` are replaced, everything else is kept. A task unknown to the
-    registry gets a ``"tasks"`` entry from dataset.json (modalities, labels, median spacing). The last
-    ``val_fraction`` of the sorted training cases become validation.
+    Formats: ``msd``, ``nnunet`` (with dataset.json), ``btcv``, ``vs`` (see the module docstring). Entries of
+    ``task`` already in ``out`` are replaced, everything else is kept. A task unknown to the registry gets a
+    ``"tasks"`` entry (from dataset.json, or the built-in btcv/vs task) with the data's median spacing. The
+    last ``test_fraction`` of the sorted labelled cases become testing (default: the paper's split for btcv/vs,
+    none otherwise; MSD/nnU-Net test images are listed without labels), the last ``val_fraction`` of the rest
+    validation.
     """
     source, out = Path(source), Path(out)
+    if fmt not in FORMATS:
+        raise DatalistError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    read_cases, needs_meta, default_test = FORMATS[fmt]
     meta_path = source / "dataset.json"
-    if not meta_path.exists():
+    if needs_meta and not meta_path.exists():
         raise DatalistError(f"{meta_path} not found: --source must be an MSD or nnU-Net-raw task folder")
-    if fmt not in ("msd", "nnunet"):
-        raise DatalistError(f"--format must be msd or nnunet, got {fmt!r}")
-    meta = json.loads(meta_path.read_text())
-    train, test = (_msd_cases if fmt == "msd" else _nnunet_cases)(source, meta)
+    meta = json.loads(meta_path.read_text()) if needs_meta else {}
+    train, test = read_cases(source, meta)
     if not train:
         raise DatalistError(f"{source}: no training cases found for format {fmt!r}")
     datalist = read_datalist(out) if out.exists() else {"tasks": {}, "training": [], "validation": [], "testing": []}
     if task not in TaskRegistry() and task not in datalist.get("tasks", {}):
-        datalist.setdefault("tasks", {})[task] = _task_spec(source, meta, train)
+        datalist.setdefault("tasks", {})[task] = _task_spec(source, meta, train, fmt)
+    n_test = round(len(train) * (default_test if test_fraction is None else test_fraction))
+    train, test = train[: len(train) - n_test], train[len(train) - n_test :] + test
     n_val = round(len(train) * val_fraction) if len(train) > 1 else 0
     splits = {"training": train[: len(train) - n_val], "validation": train[len(train) - n_val :], "testing": test}
     counts = {}
     for section, cases in splits.items():
         kept = [e for e in datalist.get(section, []) if e["task"] != task]
-        new = [{k: _relative(v, source, out.parent) for k, v in c.items()} | {"task": task} for c in cases]
+        new = [
+            {k: _relative(v, source, out.parent) if k in ("image", "label") else v for k, v in c.items()}
+            | {"task": task}
+            for c in cases
+        ]
         datalist[section] = kept + new
         counts[section] = len(new)
     write_text_atomic(out, json.dumps(datalist, indent=1))

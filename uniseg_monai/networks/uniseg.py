@@ -228,7 +228,7 @@ class UniSeg(UniSegBackbone):
 
     def task_ids(self, task_id: torch.Tensor, batch_size: int) -> torch.Tensor:
         """``task_id`` (int, B ints or a tensor) as a validated (B,) long tensor on the device of the prompt."""
-        if torch.jit.is_scripting():
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
             return task_id.long().flatten().expand(batch_size)  # (1,) or (B,); checked in eager mode only
         return self._checked_task_ids(task_id, batch_size)
 
@@ -250,8 +250,10 @@ class UniSeg(UniSegBackbone):
         return ids
 
     def prompt_at(self, size: list[int]) -> torch.Tensor:
-        """The universal prompt (1, N, *size): as learned at the training size, trilinearly resampled otherwise."""
-        if list(size) == list(self.universal_prompt.shape[2:]):
+        """The universal prompt (1, N, *size): as learned at the training size, trilinearly resampled otherwise.
+        While tracing (ONNX export) it is always resampled, which is exact at the training size, so the traced
+        graph serves every window size."""
+        if list(size) == list(self.universal_prompt.shape[2:]) and not torch.jit.is_tracing():
             return self.universal_prompt
         return F.interpolate(self.universal_prompt, size=list(size), mode="trilinear", align_corners=False)
 
@@ -276,6 +278,19 @@ class UniSeg(UniSegBackbone):
         self, x: torch.Tensor, task_id: torch.Tensor
     ) -> Union[torch.Tensor, list[torch.Tensor]]:  # noqa: UP007
         return self.output(self._segment(x, task_id, self.training and self.deep_supervision))
+
+    @torch.jit.unused
+    def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> torch.Tensor:
+        """All-task inference: encoder and FUSE once, then the decoder for every task in ``task_ids`` at once
+        (the batch repeated per task). Equals ``forward(x, t)`` for each t, at about the cost of one encoder
+        pass plus T decoder passes. x (B, C, X, Y, Z), T task ids -> full-resolution logits (B, T, K, X, Y, Z)."""
+        ids = self._checked_task_ids(list(task_ids), len(task_ids))
+        skips, z = self.encode(x)
+        b, t = x.shape[0], ids.numel()
+        prompts = self.task_prompts(z).index_select(1, ids)  # (B, T, *s)
+        decoder_input = torch.cat([z.repeat_interleave(t, 0), prompts.reshape(b * t, 1, *z.shape[2:])], dim=1)
+        logits = self.decode(decoder_input, [s.repeat_interleave(t, 0) for s in skips], all_heads=False)[0]
+        return logits.view(b, t, *logits.shape[1:])
 
     def _segment(self, x: torch.Tensor, task_id: torch.Tensor, all_heads: bool) -> list[torch.Tensor]:
         ids = self.task_ids(task_id, x.shape[0])

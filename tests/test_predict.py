@@ -1,0 +1,258 @@
+"""``uniseg predict`` on the phantoms with a tiny model trained for one epoch through the pretrain bundle: input
+syntax; geometry of file, folder, multi-channel, NRRD and DICOM inputs; ``--task all`` equal to per-task passes;
+bad inputs, refused output folders and interrupted writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from uniseg_monai.predict import _parser, find_cases, predict
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
+TINY = {"patch_size": [64, 64, 32], "base_features": 4}
+ORGANS = {"0": "background", "1": "liver", "2": "spleen"}
+
+
+def image(phantoms: Path, kind: str, case: int, channel: str = "ct") -> Path:
+    """A testing phantom (cases 8 and 9; odd cases are stored LPS)."""
+    return phantoms.parent / kind / f"{kind}_{case:03d}_{channel}.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def model(phantoms, tmp_path_factory) -> Path:
+    """Checkpoint of a tiny model trained through the bundle for one epoch of 2 iterations on the 4 phantom tasks,
+    validated (which saves ``model.pt``) on one PET/CT case only, to save time."""
+    root = tmp_path_factory.mktemp("predict_model")
+    datalist = json.loads(phantoms.read_text())
+    datalist["validation"] = [i for i in datalist["validation"] if i["task"] == "ph_petct"][:1]
+    for item in datalist["training"] + datalist["validation"]:
+        for key in ("image", "label"):
+            item[key] = [str(phantoms.parent / f) for f in item[key]] if isinstance(item[key], list) else (
+                str(phantoms.parent / item[key]))  # fmt: skip
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    wf = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "train.json"),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        logging_file=str(BUNDLE / "configs" / "logging.conf"),
+        workflow_type="train",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(root),
+        ckpt_dir=str(root / "models"),
+        output_dir=str(root / "eval"),
+        **TINY,
+        iterations_per_epoch=2,
+        epochs=1,
+        val_interval=1,
+        num_workers=0,
+        cache_rate=0.0,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return root / "models" / "model.pt"
+
+
+def run(model: Path, inputs, out: Path, task: str, **kwargs) -> int:
+    return predict(inputs, str(out), task, bundle=str(BUNDLE), checkpoint=str(model), device="cpu", **TINY, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def organs(model, phantoms, tmp_path_factory) -> tuple[Path, Path]:
+    """``--task ph_organs`` on a folder holding a RAS and an LPS CT; returns the input and the output folder."""
+    folder = tmp_path_factory.mktemp("organs_in")
+    for case in (8, 9):
+        shutil.copy(image(phantoms, "abdomen", case), folder)
+    out = tmp_path_factory.mktemp("organs_out")
+    assert run(model, str(folder), out, "ph_organs") == 0
+    return folder, out
+
+
+@pytest.fixture()
+def small(phantoms, tmp_path) -> dict[str, Path]:
+    """Crops (one sliding window) of the RAS and the LPS CT phantom, for the cheap tests."""
+    crops = {}
+    for name, case in (("ras", 8), ("lps", 9)):
+        crops[name] = tmp_path / f"small_{name}.nii.gz"
+        nib.save(nib.load(image(phantoms, "abdomen", case)).slicer[24:72, 24:72, 10:30], crops[name])
+    return crops
+
+
+def check_output(out: Path, case: str, task: str, source: Path, labels: dict, inputs: list[str], model: Path):
+    """Asserts the map's geometry is the source's and the sidecar's content; returns the map (X, Y, Z)."""
+    pred, src = nib.load(out / f"{case}_{task}.nii.gz"), nib.load(source)
+    assert pred.shape == src.shape[:3] and pred.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+    assert nib.aff2axcodes(pred.affine) == nib.aff2axcodes(src.affine)
+    assert np.asarray(pred.dataobj).max() < len(labels)
+    sidecar = json.loads((out / f"{case}_{task}.json").read_text())
+    assert sidecar["task"] == task and sidecar["labels"] == labels and sidecar["input"] == inputs
+    assert sidecar["checkpoint"] == str(model.resolve()) and sidecar["bundle"] == str(BUNDLE.resolve())
+    assert set(sidecar["timings_s"]) == {"load", "preprocess", "inference", "postprocess"}
+    return np.asarray(pred.dataobj)
+
+
+def test_input_syntax(tmp_path):
+    for name in ("a.nii.gz", "b.nrrd", "c.mha", "notes.txt", ".hidden.nii.gz"):
+        (tmp_path / name).touch()
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "dicom" / "IM0001").touch()
+    a, b, c = (str(tmp_path / n) for n in ("a.nii.gz", "b.nrrd", "c.mha"))
+    assert find_cases(str(tmp_path)) == {
+        "a": (a, [Path(a)]),
+        "b": (b, [Path(b)]),
+        "c": (c, [Path(c)]),
+        "dicom": (str(tmp_path / "dicom"), [tmp_path / "dicom" / "IM0001"]),  # a sub-folder is a DICOM series
+    }
+    assert find_cases(str(tmp_path / "dicom")) == {"dicom": (str(tmp_path / "dicom"), [tmp_path / "dicom" / "IM0001"])}
+    assert "dicom" not in find_cases(str(tmp_path), exclude=tmp_path / "dicom")  # the output folder is no case
+    assert (
+        find_cases(f"{a},{b}+{c}")
+        == find_cases([a, f"{b}+{c}"])
+        == {
+            "a": (a, [Path(a)]),
+            "b": ([b, c], [Path(b), Path(c)]),  # one case, one file per channel, named after the first
+        }
+    )
+    with pytest.raises(ValueError, match="two inputs make the case 'a'"):
+        find_cases([a, str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=r"missing\.nii\.gz"):
+        find_cases(f"{a}+{tmp_path / 'missing.nii.gz'}")
+
+
+def test_windows_run_on_the_device_and_are_stitched_on_the_cpu():
+    parser = _parser(BUNDLE, BUNDLE / "models" / "model.pt", "liver", {"device": "$torch.device('cuda')"}, True)
+    for key in ("inferer", "all_inferer"):
+        window = parser.get_parsed_content(key).window
+        assert (window.sw_device, window.device, window.progress) == (torch.device("cuda"), torch.device("cpu"), True)
+    steps = parser.get_parsed_content("postprocessing").transforms
+    assert [type(t).__name__ for t in steps] == ["Activationsd", "Invertd", "AsDiscreted"]  # no SaveImaged
+
+
+def test_files_folders_and_channels_keep_the_input_geometry(model, organs, phantoms, tmp_path):
+    folder, out = organs
+    for case, axes in ((8, ("R", "A", "S")), (9, ("L", "P", "S"))):
+        source = image(phantoms, "abdomen", case)
+        assert nib.aff2axcodes(nib.load(source).affine) == axes
+        check_output(out, f"abdomen_00{case}_ct", "ph_organs", source, ORGANS, [str(folder / source.name)], model)
+    assert len(list(out.iterdir())) == 4  # 2 maps, 2 sidecars, no temporary file
+
+    ct, pet = image(phantoms, "petct", 9), image(phantoms, "petct", 9, "pet")
+    assert run(model, f"{ct}+{pet}", tmp_path / "petct", "ph_petct") == 0
+    lesion = {"0": "background", "1": "lesion"}
+    check_output(tmp_path / "petct", "petct_009_ct", "ph_petct", ct, lesion, [str(ct), str(pet)], model)
+
+
+def test_all_tasks_in_one_pass_equal_the_single_task_maps(model, organs, phantoms, tmp_path, capsys):
+    ct = image(phantoms, "abdomen", 9)
+    assert run(model, str(ct), tmp_path / "all", "all") == 0
+    stems = {"abdomen_009_ct_" + s for s in ("ph_organs", "ph_liver", "all_merged")}  # no brain / petct: channels
+    assert {p.name for p in (tmp_path / "all").iterdir()} == {s + e for s in stems for e in (".nii.gz", ".json")}
+    assert run(model, str(ct), tmp_path / "liver", "ph_liver") == 0
+    maps = {}
+    for task, single in (("ph_organs", organs[1]), ("ph_liver", tmp_path / "liver")):
+        expected = np.asarray(nib.load(single / f"abdomen_009_ct_{task}.nii.gz").dataobj)
+        labels = json.loads((single / f"abdomen_009_ct_{task}.json").read_text())["labels"]
+        maps[task] = check_output(tmp_path / "all", "abdomen_009_ct", task, ct, labels, [str(ct)], model)
+        assert len(np.unique(expected)) > 1  # a non-trivial map
+        np.testing.assert_array_equal(maps[task], expected)
+
+    merged = nib.load(tmp_path / "all" / "abdomen_009_ct_all_merged.nii.gz")
+    np.testing.assert_allclose(merged.affine, nib.load(ct).affine, atol=1e-4)
+    organ_map, liver_map = maps["ph_organs"], maps["ph_liver"]
+    np.testing.assert_array_equal(np.asarray(merged.dataobj), np.where(liver_map > 0, liver_map + 2, organ_map))
+    table = json.loads((tmp_path / "all" / "abdomen_009_ct_all_merged.json").read_text())["labels"]
+    assert [(k, v["task"], v["name"]) for k, v in table.items()] == [
+        ("0", None, "background"),
+        ("1", "ph_organs", "liver"),
+        ("2", "ph_organs", "spleen"),
+        ("3", "ph_liver", "liver"),
+        ("4", "ph_liver", "liver tumour"),
+    ]
+
+    capsys.readouterr()  # --modality narrows "all": only the CT+PET task is left, which a 1-channel CT cannot feed
+    assert run(model, str(ct), tmp_path / "pet", "all", modality="pet") == 1
+    assert "ph_petct takes CT+PET" in capsys.readouterr().err and not (tmp_path / "pet").exists()
+
+
+def test_a_corrupt_input_is_reported_and_the_others_written(model, small, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(small["ras"], folder)
+    (folder / "bad.nii.gz").write_bytes(np.random.default_rng(0).bytes(3000))
+    assert run(model, f"{folder},{small['lps']}", tmp_path / "out", "ph_organs") == 1  # comma-separated inputs
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == [f"small_{s}_ph_organs.{e}" for s in ("lps", "ras") for e in ("json", "nii.gz")]
+    captured = capsys.readouterr()
+    assert str(folder / "bad.nii.gz") in captured.err
+    assert captured.out.strip().endswith(f"2 case(s) written to {tmp_path / 'out'}, 1 failed: bad")
+
+
+def test_never_overwrites_an_input_nor_leaves_partial_files(model, small, tmp_path, monkeypatch):
+    ct = small["ras"]
+    clash = Path(shutil.copy(ct, tmp_path / "small_ras_ph_organs.nii.gz"))  # the name of case small_ras's output
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="holds the input"):
+        run(model, str(ct), tmp_path, "ph_organs")
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before and clash.exists()
+
+    def interrupted(self) -> bytes:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_bytes", interrupted)  # the output's write fails halfway
+    assert run(model, str(ct), tmp_path / "out", "ph_organs") == 1
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary file, no half-written output
+
+
+def write_dicom_series(nifti: Path, folder: Path) -> None:
+    """One DICOM file per slice (itk + GDCM), positions and orientation from the NIfTI's geometry."""
+    volume = itk.imread(str(nifti))
+    voxels = itk.array_from_image(volume)  # (Z, Y, X)
+    origin, spacing = np.array(volume.GetOrigin()), np.array(volume.GetSpacing())
+    direction = np.array(volume.GetDirection())  # LPS, columns = axes
+    folder.mkdir()
+    for k in range(voxels.shape[0]):
+        plane = itk.image_from_array(np.ascontiguousarray(voxels[k]))
+        plane.SetSpacing(spacing[:2].tolist())
+        tags = plane.GetMetaDataDictionary()
+        tags["0020|0032"] = "\\".join(f"{v:.6f}" for v in origin + direction[:, 2] * spacing[2] * k)
+        tags["0020|0037"] = "\\".join(f"{v:.6f}" for v in np.concatenate([direction[:, 0], direction[:, 1]]))
+        tags["0018|0050"], tags["0020|0013"], tags["0008|0060"] = f"{spacing[2]:.6f}", str(k + 1), "CT"
+        tags["0020|000d"], tags["0020|000e"] = "1.2.826.0.1.3680043.2.1125.1", "1.2.826.0.1.3680043.2.1125.2"
+        io = itk.GDCMImageIO.New()
+        io.KeepOriginalUIDOn()
+        itk.imwrite(plane, str(folder / f"slice{k:03d}.dcm"), imageio=io)
+
+
+def test_nrrd_and_dicom_inputs_keep_the_geometry(model, small, tmp_path):
+    nrrd, dicom = tmp_path / "lps.nrrd", tmp_path / "ras_dicom"
+    itk.imwrite(itk.imread(str(small["lps"])), str(nrrd))
+    write_dicom_series(small["ras"], dicom)
+    assert run(model, [str(nrrd), str(dicom)], tmp_path / "out", "ph_organs") == 0
+    check_output(tmp_path / "out", "lps", "ph_organs", small["lps"], ORGANS, [str(nrrd)], model)
+    check_output(tmp_path / "out", "ras_dicom", "ph_organs", small["ras"], ORGANS, [str(dicom)], model)
+
+
+def test_command_line_with_short_flags_and_exit_code(model, phantoms, tmp_path):
+    from uniseg_monai.cli import main
+
+    good, bad = image(phantoms, "abdomen", 8), tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    argv = ["predict", "-i", f"{good},{bad}", "-o", str(tmp_path / "out"), "--task", "ph_organs"]
+    argv += ["--bundle", str(BUNDLE), "--checkpoint", str(model), "--device", "cpu", "--base_features", "4"]
+    argv += ["--patch_size", "[64,64,32]"]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 1  # one input failed
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "abdomen_008_ct_ph_organs.json",
+        "abdomen_008_ct_ph_organs.nii.gz",
+    ]

@@ -1,0 +1,165 @@
+"""Transfer of pretrained UniSeg weights into a downstream :class:`~uniseg_monai.networks.UniSegBackbone`.
+
+As the paper's downstream fine-tuning: every encoder/decoder tensor of the pretrained model is copied by
+name; the first transposed conv ``decoder.0.upsample.conv.weight`` — (in, out, x, y, z), with the task
+prompt as the last input channel upstream — loses the prompt's input channel(s); the universal prompt and
+FUSE have no downstream counterpart; the heads keep the downstream network's own fresh initialisation, for
+any class count and any source (an upstream UniSeg or a downstream backbone); nothing is frozen.
+
+Accepted checkpoints, all read with ``torch.load(weights_only=True)``:
+
+- a pretrain bundle's ``models/model.pt`` (``{"model": state_dict, "optimizer": ..., ...}``) or a bare
+  state dict;
+- a converted official checkpoint (``{"model": state_dict, "network_def": ...}``, see
+  :func:`uniseg_monai.official.convert_official`);
+- a raw official ``.model`` file (``{"state_dict": ...}`` with nnU-Net key names), converted on the fly.
+
+The transfer is all or nothing: a missing or mis-shaped encoder/decoder tensor raises
+:class:`PretrainedCheckpointError` naming the file, the key and the shapes, before any weight is changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+
+from uniseg_monai.networks import UniSeg, UniSegBackbone
+from uniseg_monai.official import OfficialCheckpointError, convert_state_dict
+
+logger = logging.getLogger(__name__)
+
+FIRST_UPSAMPLE = "decoder.0.upsample.conv.weight"
+PROMPT_PREFIXES = ("universal_prompt", "fuse.")
+
+
+class PretrainedCheckpointError(ValueError):
+    """A pretrained checkpoint that cannot be read or does not fit the downstream network."""
+
+
+@dataclass
+class TransferReport:
+    """What a transfer did.
+
+    Attributes:
+        source: the checkpoint file (or a description of the in-memory state dict).
+        loaded: downstream keys copied from the checkpoint.
+        adapted: loaded keys whose tensor was cut to fit, with what was cut.
+        skipped: checkpoint keys not transferred, with the reason.
+        initialised: downstream keys left at the network's own initialisation (the heads).
+    """
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    adapted: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    initialised: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the log."""
+        reasons = sorted(set(self.skipped.values()))
+        return (
+            f"{self.source}: loaded {len(self.loaded)} tensors ({len(self.adapted)} adapted: "
+            f"{'; '.join(f'{k} {v}' for k, v in self.adapted.items()) or '-'}); skipped {len(self.skipped)} "
+            f"({'; '.join(reasons) or '-'}); {len(self.initialised)} left at init ({', '.join(self.initialised)})"
+        )
+
+
+def read_pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict (our key names, (x, y, z) axes) of a checkpoint file of any accepted form."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise PretrainedCheckpointError(
+            f"{path}: refused to load: it needs arbitrary unpickling, which can run code "
+            f"(weights_only=True failed: {str(err).splitlines()[0]}). Re-save its state_dict with torch.save."
+        ) from err
+    state = obj
+    if isinstance(obj, dict):
+        state = obj.get("model", obj.get("state_dict", obj))
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedCheckpointError(
+            f"{path}: expected a state dict of tensors, bare or under 'model' (bundle / converted checkpoint) "
+            "or 'state_dict' (official .model)"
+        )
+    if any(k.startswith("conv_blocks_context.") for k in state):  # official nnU-Net key names
+        try:
+            return convert_state_dict(state)
+        except OfficialCheckpointError as err:
+            raise PretrainedCheckpointError(f"{path}: {err}") from err
+    return state
+
+
+def transfer_state(
+    network: UniSegBackbone, state: dict[str, torch.Tensor], source: str = "<state dict>"
+) -> TransferReport:
+    """Copy every non-head tensor of ``state`` (our key names) into ``network``, in place.
+
+    An upstream state (with ``universal_prompt``) has ``UniSeg.task_prompt_channels`` more input channels in
+    ``decoder.0.upsample.conv.weight`` — (F_bottleneck + 1, F, x, y, z) — than the backbone's
+    (F_bottleneck, F, x, y, z); the last ones (the task prompt) are dropped.
+
+    Raises:
+        PretrainedCheckpointError: a non-head tensor of ``network`` is missing from ``state`` or its shape
+            differs (e.g. a checkpoint of another width or depth); ``network`` is then left unchanged.
+    """
+    report = TransferReport(source)
+    extra = (UniSeg.task_prompt_channels if "universal_prompt" in state else 0) - network.task_prompt_channels
+    target = network.state_dict()
+    weights: dict[str, torch.Tensor] = {}
+    for key, current in target.items():
+        if key.startswith("heads."):
+            report.initialised.append(key)
+            continue
+        if key not in state:
+            raise PretrainedCheckpointError(
+                f"{source}: {key} {tuple(current.shape)} is missing from the checkpoint: not a pretrained model "
+                "of this architecture"
+            )
+        value = state[key]
+        if key == FIRST_UPSAMPLE and extra > 0 and value.shape[0] == current.shape[0] + extra:
+            value = value[: current.shape[0]]
+            report.adapted[key] = f"dropped the last {extra} input channel(s) (task prompt)"
+        if value.shape != current.shape:
+            raise PretrainedCheckpointError(
+                f"{source}: {key} has shape {tuple(state[key].shape)} in the checkpoint but "
+                f"{tuple(current.shape)} in the network: the checkpoint is of another width, depth or kernel size"
+            )
+        weights[key] = value
+    network.load_state_dict({**target, **weights}, strict=True)
+    report.loaded = list(weights)
+    for key in state:
+        if key not in weights:
+            report.skipped[key] = (
+                "head: fresh for the downstream classes"
+                if key.startswith("heads.")
+                else "universal prompt / FUSE: none downstream"
+                if key.startswith(PROMPT_PREFIXES)
+                else "not in the downstream network"
+            )
+    return report
+
+
+def load_pretrained(network: UniSegBackbone, path: str | os.PathLike) -> TransferReport:
+    """Load the pretrained checkpoint at ``path`` into ``network`` (in place) by :func:`transfer_state`."""
+    return transfer_state(network, read_pretrained_state(path), str(path))
+
+
+def pretrained_network(network: UniSegBackbone, path: str | os.PathLike | None = "") -> UniSegBackbone:
+    """``network`` with pretrained weights from ``path`` (logged), or unchanged for an empty path.
+
+    For bundle configs: ``"network": "$uniseg_monai.transfer.pretrained_network(@network_def, @pretrained)"``.
+    """
+    if not path:
+        logger.info("no pretrained checkpoint: training from scratch")
+        return network
+    if not isinstance(network, UniSegBackbone):
+        raise PretrainedCheckpointError(
+            f"{path}: UniSeg weights load into a UniSegBackbone only, not a {type(network).__name__}; "
+            "set pretrained to '' for this network"
+        )
+    logger.info("pretrained weights: %s", load_pretrained(network, path).summary())
+    return network
