@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Callable, Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
 from uniseg_monai.losses import TaskLogits
@@ -29,12 +30,26 @@ def _task_ids(task_id: int | Sequence[int] | torch.Tensor | None, batch_size: in
     return ids
 
 
+def plain(x: torch.Tensor) -> torch.Tensor:
+    """A MetaTensor as a plain tensor (same storage, no meta data); other tensors unchanged."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+class PlainTensorInferer(SimpleInferer):
+    """``network(inputs, ...)`` on a plain tensor: training needs no meta data, and on CPU every op on a
+    MetaTensor pays Python overhead (measured: 2x slower iterations of the demo network)."""
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs):  # type: ignore[override]
+        return network(plain(inputs), *args, **kwargs)
+
+
 class TaskTrainingInferer(SimpleInferer):
-    """``network(inputs, task_id)`` whose outputs are returned as :class:`TaskLogits` for the task-aware loss."""
+    """``network(inputs, task_id)`` on a plain tensor (see :class:`PlainTensorInferer`), outputs returned as
+    :class:`TaskLogits` for the task-aware loss."""
 
     def __call__(self, inputs: torch.Tensor, network: Callable, task_id: torch.Tensor) -> TaskLogits:  # type: ignore[override]
         ids = torch.as_tensor(_task_ids(task_id, inputs.shape[0]), device=inputs.device)
-        return TaskLogits(network(inputs, task_id=ids), ids)
+        return TaskLogits(network(plain(inputs), task_id=ids), ids)
 
 
 class MirroringSlidingWindowInferer(Inferer):

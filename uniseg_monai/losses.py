@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 
@@ -60,6 +61,8 @@ class TaskDeepSupervisionLoss(nn.Module):
         if len(weights) != len(pred):
             raise ValueError(f"{len(weights)} deep-supervision weights for {len(pred)} network outputs")
         levels = [(w, p) for w, p in zip(weights, pred) if w != 0]
+        if isinstance(target, MetaTensor):
+            target = target.as_tensor()  # meta data is not needed here and slows every op
         task_ids = torch.as_tensor(pred.task_id, device=target.device).long().flatten()
         total = target.new_zeros((), dtype=torch.float32)
         for task in task_ids.unique().tolist():
