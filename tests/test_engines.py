@@ -24,6 +24,10 @@ from uniseg_monai.networks import UniSeg, UniSegBackbone
 from uniseg_monai.tasks import TaskRegistry
 
 SMALL = {"features": (4, 8, 16, 32, 64, 64), "patch_size": (64, 64, 32)}
+TINY_ARCH = {
+    "kernel_sizes": [[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+    "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]],
+}
 
 
 def test_deep_supervision_weights_are_the_papers():
@@ -100,23 +104,23 @@ def test_sliding_window_inferer_restricts_classes_mirrors_and_takes_a_default_ta
 
 def test_all_task_inference_equals_the_per_task_passes():
     torch.manual_seed(0)
-    net = UniSeg(num_tasks=4, num_classes=4, **SMALL).eval()
-    x = torch.randn(2, 1, 96, 64, 48)  # several overlapping windows
+    net = UniSeg(num_tasks=4, num_classes=4, features=(4, 8, 16, 32), patch_size=(32, 32, 16), **TINY_ARCH).eval()
+    x = torch.randn(2, 1, 48, 32, 24)  # overlapping windows along x and z
     classes = [2, 4, 3, 2]
     with torch.no_grad():
-        per_window = net.forward_tasks(x[:, :, :64, :, :32], [3, 0, 2])
+        per_window = net.forward_tasks(x[..., :32, :, :16], [3, 0, 2])
         for i, t in enumerate([3, 0, 2]):
-            torch.testing.assert_close(per_window[:, i], net(x[:, :, :64, :, :32], t), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(per_window[:, i], net(x[..., :32, :, :16], t), atol=1e-5, rtol=1e-5)
         for tta in (False, True):
-            all_tasks = AllTaskSlidingWindowInferer((64, 64, 32), classes, tta=tta)(x, net, [0, 1, 2, 3])
-            single = TaskSlidingWindowInferer((64, 64, 32), classes, tta=tta)
+            all_tasks = AllTaskSlidingWindowInferer((32, 32, 16), classes, tta=tta)(x, net, [0, 1, 2, 3])
+            single = TaskSlidingWindowInferer((32, 32, 16), classes, tta=tta)
             for t in range(4):
                 reference = single(x, net, task_id=t)
-                assert all_tasks[t].shape == reference.shape == (2, classes[t], 96, 64, 48)
+                assert all_tasks[t].shape == reference.shape == (2, classes[t], 48, 32, 24)
                 torch.testing.assert_close(all_tasks[t], reference, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(all_tasks[0], all_tasks[3])  # the tasks really differ
     with pytest.raises(ValueError, match="outside"):
-        net.forward_tasks(x[:, :, :64, :, :32], [4])
+        net.forward_tasks(x[..., :32, :, :16], [4])
 
 
 def test_mirroring_inferer_serves_task_free_networks():

@@ -16,14 +16,23 @@ from uniseg_monai.predict import predict
 from uniseg_monai.tasks import TaskError, TaskRegistry, registry_for_datalist
 
 
-def _convert_official(src: str, dst: str, overwrite: bool = False) -> None:
+def _convert_official(src: str, dst: str = "", bundle: str = "", overwrite: bool = False) -> None:
     """Convert an official UniSeg checkpoint (.model, upstream or downstream) to this package's format.
 
     Args:
         src: official checkpoint: a dict with ``state_dict`` (nnU-Net v1 keys, (z, y, x) axes).
         dst: output ``.pt``: {"model": state dict, "network_def": MONAI bundle config of the network}.
-        overwrite: replace ``dst`` if it exists (otherwise an existing file is never touched).
+        bundle: instead of DST, write ``<bundle>/models/model.pt`` (checked to load into the bundle's network) and
+            ``models/model_provenance.json`` (source, sha256, the weights' non-commercial licence).
+        overwrite: replace the output if it exists (otherwise an existing file is never touched).
     """
+    if bool(dst) == bool(bundle):
+        raise ValueError("give exactly one of DST or --bundle")
+    if bundle:
+        from uniseg_monai.official import convert_official_to_bundle
+
+        print(_json.dumps(convert_official_to_bundle(src, bundle, overwrite=overwrite), indent=2))
+        return
     report = convert_official(src, dst, overwrite=overwrite)
     print(_json.dumps(report, indent=2))
 

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,9 @@ def score_case(pred: torch.Tensor, label: torch.Tensor, classes: int, hd95: bool
     if not hd95:
         return dice, []
     spacing = torch.as_tensor(label.pixdim).tolist() if isinstance(label, MetaTensor) else None
-    dist_mm = compute_hausdorff_distance(p, y, include_background=False, percentile=95, spacing=spacing)[0]
+    with warnings.catch_warnings():  # an empty class gives NaN (reported as n/a), not one warning per class
+        warnings.simplefilter("ignore")
+        dist_mm = compute_hausdorff_distance(p, y, include_background=False, percentile=95, spacing=spacing)[0]
     return dice, [float(v) if math.isfinite(v) else float("nan") for v in dist_mm.tolist()]
 
 

@@ -6,6 +6,8 @@ prompt) is permuted from (.., z, y, x) to MONAI's (.., x, y, z).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -15,7 +17,12 @@ from typing import Any
 
 import torch
 
-from uniseg_monai.atomic import write_atomic
+from uniseg_monai.atomic import write_atomic, write_text_atomic
+
+OFFICIAL_LICENCE = (
+    "Converted from the official UniSeg release (https://github.com/yeerwen/UniSeg), whose weights are licensed "
+    "for non-commercial use only; that licence applies to this file whatever the licence of this bundle's code."
+)
 
 # official key pattern -> our key (regex replacement); the first match wins
 _KEY_RULES = [
@@ -145,4 +152,57 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, overwrite: 
         "network_def": network_def,
         "parameters": sum(p.numel() for p in net.parameters()),
         "dst": str(dst),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_official_to_bundle(src: str | os.PathLike, bundle: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Convert an official checkpoint straight into ``<bundle>/models/model.pt`` (a state dict, as the bundle's
+    ``CheckpointLoader`` reads it) and record its provenance and licence in ``models/model_provenance.json``.
+
+    The weights must load strictly into the network the bundle's ``configs/inference.json`` builds (its
+    ``network_def`` with the task table in ``models/tasks.json``): upstream weights go to ``uniseg_pretrain``,
+    BTCV / VS downstream weights to the fine-tuning bundles. An existing ``model.pt`` is kept unless ``overwrite``.
+    """
+    from monai.bundle import ConfigParser
+
+    src, models = Path(src), Path(bundle) / "models"
+    dst = models / "model.pt"
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    state = load_official_state_dict(src)
+    network_def = infer_network_def(state)
+    model = convert_state_dict(state)
+    parser = ConfigParser()
+    parser.read_config(Path(bundle) / "configs" / "inference.json")
+    parser.update({"bundle_root": str(bundle), "ckpt_dir": str(models)})
+    try:
+        parser.get_parsed_content("network_def").load_state_dict(model, strict=True)
+    except RuntimeError as err:
+        raise OfficialCheckpointError(
+            f"{src}: the official {network_def['_target_'].rsplit('.', 1)[-1]} ({network_def['num_classes']} classes, "
+            f"features {network_def['features']}) does not fit bundle {bundle}'s network_def and models/tasks.json; "
+            f"choose the matching bundle ({str(err).splitlines()[0]})"
+        ) from err
+    save_atomic(model, dst)
+    provenance = {
+        "source": str(src.resolve()),
+        "source_sha256": _sha256(src),
+        "model_sha256": _sha256(dst),
+        "converted_with": "uniseg convert-official --bundle",
+        "network_def": network_def,
+        "licence": OFFICIAL_LICENCE,
+    }
+    write_text_atomic(models / "model_provenance.json", json.dumps(provenance, indent=2) + "\n")
+    return {
+        "dst": str(dst),
+        "provenance": str(models / "model_provenance.json"),
+        "model_sha256": provenance["model_sha256"],
     }
