@@ -100,6 +100,11 @@ def _export(
     `python -m monai.bundle ckpt_export` (see the bundle docs)."""
     from uniseg_monai.export import export_bundle_onnx
 
+    try:
+        import onnx as _onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"ONNX export needs onnx and onnxruntime ({err}): pip install -e '.[onnx]'") from None
     if not onnx:
         raise ValueError("give the output file: --onnx model.onnx")
     report = export_bundle_onnx(bundle, onnx, in_channels, ckpt=checkpoint, overwrite=overwrite, **overrides)
