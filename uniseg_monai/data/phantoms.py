@@ -125,7 +125,8 @@ def _abdomen(rng: np.random.Generator, shape, native):
     liver_c = (rng.uniform(-40, -30), rng.uniform(-5, 10), rng.uniform(-10, 10))
     liver_r = (rng.uniform(28, 34), rng.uniform(30, 38), rng.uniform(45, 60))
     liver = _ellipsoid(c, liver_c, liver_r)
-    spleen = _ellipsoid(c, (rng.uniform(40, 48), rng.uniform(-15, 0), rng.uniform(-5, 15)), (20, 24, 34))
+    # the spleen close enough to the liver that crops of the liver task show it (as background)
+    spleen = _ellipsoid(c, (rng.uniform(26, 30), rng.uniform(-15, 0), rng.uniform(-5, 15)), (20, 24, 34))
     ct[liver] = 130.0  # contrast-enhanced, brighter than real livers so a tiny CPU model learns it in minutes
     ct[spleen] = 220.0
     tumour = np.zeros(shape, bool)
