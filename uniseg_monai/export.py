@@ -53,7 +53,8 @@ def _is_task_aware(network: nn.Module) -> bool:
 
 
 def _traceable_copy(network: nn.Module) -> nn.Module:
-    """A float32 CPU eval-mode copy of ``network`` (the caller's network keeps its device and mode)."""
+    """A float32 CPU eval-mode copy of ``network`` to trace or compare with (the caller's network keeps its device
+    and mode)."""
     return copy.deepcopy(network).float().cpu().eval()
 
 
@@ -182,7 +183,7 @@ def check_onnx(
     Raises:
         OnnxCheckError: the difference exceeds ``atol``.
     """
-    reference = copy.deepcopy(network).float().cpu().eval()
+    reference = _traceable_copy(network)
     inputs = _example(reference, batch, in_channels, window, seed)
     with torch.no_grad():
         expected = reference(*inputs).numpy()

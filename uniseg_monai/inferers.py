@@ -161,34 +161,15 @@ class TaskSlidingWindowInferer(MirroringSlidingWindowInferer):
         return torch.cat(padded)
 
 
-class AllTaskSlidingWindowInferer(MirroringSlidingWindowInferer):
+class AllTaskSlidingWindowInferer(TaskSlidingWindowInferer):
     """One sliding-window pass that segments several tasks: per window, the network's encoder and FUSE run once
     and its decoder once per task (:meth:`UniSeg.forward_tasks`); the official code instead repeats the whole
-    pass per task. Equals :class:`TaskSlidingWindowInferer` run per task.
-
-    Args:
-        roi_size, classes_per_task, overlap, mode, sigma_scale, sw_batch_size, tta, sw_device, device, progress:
-            as :class:`TaskSlidingWindowInferer`.
+    pass per task. Equals :class:`TaskSlidingWindowInferer` run per task, and takes its arguments (``task_id``
+    is not used: the tasks are given per call).
 
     ``__call__(inputs, network, task_ids)``: inputs (B, C, X, Y, Z), T task ids -> {task id: (B, C_t, X, Y, Z)
     logits}. The stitched output holds sum(C_t) channels at the input size: mind memory on large volumes.
     """
-
-    def __init__(
-        self,
-        roi_size: Sequence[int],
-        classes_per_task: Sequence[int],
-        overlap: float = 0.5,
-        mode: str = "gaussian",
-        sigma_scale: float = 0.125,
-        sw_batch_size: int = 1,
-        tta: bool = False,
-        sw_device: torch.device | str | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-    ) -> None:
-        super().__init__(roi_size, overlap, mode, sigma_scale, sw_batch_size, tta, sw_device, device, progress)
-        self.classes_per_task = [int(c) for c in classes_per_task]
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable, task_ids: Sequence[int]

@@ -46,15 +46,20 @@ class OfficialCheckpointError(ValueError):
     """The file is not an official UniSeg checkpoint this converter understands."""
 
 
-def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an official ``.model`` file (a dict with ``state_dict``) or a bare state dict, never unpickling code."""
+def load_weights_only(path: str | os.PathLike, error: type[Exception] = OfficialCheckpointError) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file needing arbitrary unpickling raises ``error``."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise OfficialCheckpointError(
+        raise error(
             f"{path}: refused to load: it needs arbitrary unpickling, which can run code "
             f"(weights_only=True failed: {str(err).splitlines()[0]}). Re-save its state_dict with torch.save."
         ) from err
+
+
+def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an official ``.model`` file (a dict with ``state_dict``) or a bare state dict, never unpickling code."""
+    obj = load_weights_only(path)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise OfficialCheckpointError(f"{path}: expected a dict with a 'state_dict' of tensors (an official .model)")

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from dataclasses import dataclass, field
 
 import torch
 
 from uniseg_monai.networks import UniSeg, UniSegBackbone
-from uniseg_monai.official import OfficialCheckpointError, convert_state_dict
+from uniseg_monai.official import OfficialCheckpointError, convert_state_dict, load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +69,7 @@ class TransferReport:
 
 def read_pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict (our key names, (x, y, z) axes) of a checkpoint file of any accepted form."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise PretrainedCheckpointError(
-            f"{path}: refused to load: it needs arbitrary unpickling, which can run code "
-            f"(weights_only=True failed: {str(err).splitlines()[0]}). Re-save its state_dict with torch.save."
-        ) from err
+    obj = load_weights_only(path, PretrainedCheckpointError)
     state = obj
     if isinstance(obj, dict):
         state = obj.get("model", obj.get("state_dict", obj))
