@@ -2,10 +2,13 @@
 
 The official code segments T tasks with T complete passes; ``UniSeg.forward_tasks`` runs the encoder and FUSE once
 per window and the decoder once per task (batched over tasks). Prints both times and their ratio for one window
-and for one volume (sliding window, overlap 0.5), paper network (11 tasks, base 32) unless told otherwise.
+and for one volume (sliding window, overlap 0.5), paper network (11 tasks, base 32) unless told otherwise, and
+the lowest ratio any shared-encoder scheme can reach: (E + T D) / (T (E + D)) from the multiply-accumulates of
+encoder + FUSE (E) and decoder + heads (D), counted with forward hooks.
 
-    python benchmarks/all_task_speed.py                                   # paper window 192x192x64 (slow on CPU)
-    python benchmarks/all_task_speed.py --window 96 96 32 --volume 192 192 64 --device cuda
+    python benchmarks/all_task_speed.py --no-volume                       # paper window 192x192x64 (CPU: ~5 min)
+    python benchmarks/all_task_speed.py --window 96 96 32 --volume 192 192 32
+    python benchmarks/all_task_speed.py --device cuda                     # window and volume 384x384x64
 """
 
 from __future__ import annotations
@@ -19,10 +22,30 @@ from uniseg_monai.inferers import AllTaskSlidingWindowInferer, TaskSlidingWindow
 from uniseg_monai.networks import UniSeg
 
 
-def seconds(run, device: torch.device, repeats: int) -> float:
-    """Median wall time of ``run()`` after one warm-up call."""
+def macs(net: UniSeg, window: torch.Tensor) -> tuple[int, int]:
+    """Multiply-accumulates of one single-task forward: (encoder + bottleneck + FUSE, decoder + heads)."""
+    counts = {"shared": 0, "decoder": 0}
+    hooks = []
+    for name, module in net.named_modules():
+        if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            part = "decoder" if name.startswith(("decoder", "heads")) else "shared"
+
+            def hook(m, inputs, output, part=part):  # weight[0]: (in, *k) for a conv, (out, *k) transposed
+                voxels = output if isinstance(m, torch.nn.Conv3d) else inputs[0]
+                counts[part] += voxels.numel() * m.weight[0].numel()
+
+            hooks.append(module.register_forward_hook(hook))
+    net(window, 0)
+    for h in hooks:
+        h.remove()
+    return counts["shared"], counts["decoder"]
+
+
+def seconds(run, device: torch.device, repeats: int, warm_up=None) -> float:
+    """Median wall time of ``repeats`` calls of ``run()`` after one call of ``warm_up`` (default: ``run``)."""
+    (warm_up or run)()
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -30,7 +53,7 @@ def seconds(run, device: torch.device, repeats: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
+    return sorted(times)[repeats // 2]
 
 
 def main() -> None:
@@ -41,6 +64,7 @@ def main() -> None:
     parser.add_argument("--base", type=int, default=32, help="network width (32 = paper)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-volume", action="store_true", help="one window only (the volume takes ~T windows)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -54,9 +78,16 @@ def main() -> None:
     print(f"torch {torch.__version__} on {device}, {args.tasks} tasks, base {args.base}, window {list(args.window)}")
 
     with torch.no_grad():
-        loop = seconds(lambda: [net(window, t) for t in ids], device, args.repeats)
-        fused = seconds(lambda: net.forward_tasks(window, ids), device, args.repeats)
+        shared, decoder = macs(net, window)
+        bound = (shared + args.tasks * decoder) / (args.tasks * (shared + decoder))
+        print(f"MACs per task pass: encoder+FUSE {shared / 1e9:.1f} G, decoder+heads {decoder / 1e9:.1f} G "
+              f"-> lowest possible ratio for {args.tasks} tasks {bound:.2f}")  # fmt: skip
+        once = lambda: net(window, 0)  # noqa: E731
+        loop = seconds(lambda: [net(window, t) for t in ids], device, args.repeats, once)
+        fused = seconds(lambda: net.forward_tasks(window, ids), device, args.repeats, once)
         print(f"one window:  per-task loop {loop:8.2f} s   all-task {fused:8.2f} s   ratio {fused / loop:.2f}")
+        if args.no_volume:
+            return
         common = {"roi_size": args.window, "classes_per_task": classes, "sw_device": device, "device": "cpu"}
         single = TaskSlidingWindowInferer(**common)
         joint = AllTaskSlidingWindowInferer(**common)

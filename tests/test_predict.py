@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import shared_path
 from monai.bundle import ConfigWorkflow
 
 from uniseg_monai.predict import _parser, find_cases, predict
@@ -239,6 +240,32 @@ def test_nrrd_and_dicom_inputs_keep_the_geometry(model, small, tmp_path):
     assert run(model, [str(nrrd), str(dicom)], tmp_path / "out", "ph_organs") == 0
     check_output(tmp_path / "out", "lps", "ph_organs", small["lps"], ORGANS, [str(nrrd)], model)
     check_output(tmp_path / "out", "ras_dicom", "ph_organs", small["ras"], ORGANS, [str(dicom)], model)
+
+
+def test_real_ct_volumes_nifti_ras_lps_nrrd_and_dicom_keep_their_geometry(model, tmp_path):
+    """Real CT from ../shared (TotalSegmentator examples): NIfTI stored RAS and LPS, the LPS one as NRRD, and a
+    DICOM series (geometry reference: the series as ITK reads it, written to NIfTI; TotalSegmentator's NIfTI of
+    that series holds the same voxel centres with the y axis stored reversed)."""
+    real = "data/real_samples/totalseg_examples"
+    ras, lps = shared_path(f"{real}/ct_abdomen_3mm_crop.nii.gz"), shared_path(f"{real}/ct_thorax_1p5mm.nii.gz")
+    dicom, dicom_geometry = shared_path(f"{real}/ct_dicom"), tmp_path / "dicom_as_itk_reads_it.nii.gz"
+    itk.imwrite(itk.imread(str(dicom)), str(dicom_geometry))
+    corners = np.array(list(np.ndindex(2, 2, 2))) * (np.array(nib.load(dicom_geometry).shape) - 1)
+    world = [
+        np.array(sorted(nib.affines.apply_affine(nib.load(p).affine, corners).tolist()))
+        for p in (dicom_geometry, shared_path(f"{real}/ct_dicom_seg_total.nii.gz"))
+    ]
+    np.testing.assert_allclose(world[0], world[1], atol=0.01)  # the same voxel grid in the world
+    assert nib.aff2axcodes(nib.load(ras).affine) == ("R", "A", "S")
+    assert nib.aff2axcodes(nib.load(lps).affine) == ("L", "P", "S")
+    nrrd = tmp_path / "thorax.nrrd"
+    itk.imwrite(itk.imread(str(lps)), str(nrrd))
+    inputs = [ras, lps, nrrd, dicom]
+    assert run(model, [str(i) for i in inputs], tmp_path / "out", "ph_organs") == 0
+    for (case, source), given in zip(
+        (("ct_abdomen_3mm_crop", ras), ("ct_thorax_1p5mm", lps), ("thorax", lps), ("ct_dicom", dicom_geometry)), inputs
+    ):
+        check_output(tmp_path / "out", case, "ph_organs", source, ORGANS, [str(given)], model)
 
 
 def test_command_line_with_short_flags_and_exit_code(model, phantoms, tmp_path):

@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from uniseg_monai.tasks import TaskError, TaskRegistry
+from uniseg_monai.tasks import (
+    TaskError,
+    TaskRegistry,
+    registry_for_run,
+    requested_task,
+    resolve_task,
+    save_model_tasks,
+)
 
 PAPER_TASKS = [
     "liver",
@@ -89,3 +96,18 @@ def test_cli_prints_registry():
     assert table.returncode == 0 and all(name in table.stdout for name in PAPER_TASKS + ["btcv", "vs"])
     as_json = subprocess.run([sys.executable, "-m", "uniseg_monai", "tasks", "--json"], capture_output=True, text=True)
     assert json.loads(as_json.stdout) == json.loads(json.dumps(TaskRegistry().to_json()))
+
+
+def test_an_items_task_and_the_tasks_of_a_run_without_datalist(tmp_path):
+    registry = TaskRegistry().subset(["liver", "spleen"])
+    assert registry.names == ["liver", "spleen"]
+    assert resolve_task({"task": "spleen"}, registry, default="liver").name == "spleen"
+    assert resolve_task({"task": ["liver", "spleen"]}, registry, "spleen").name == "spleen"  # an unchosen drop-down
+    assert resolve_task({}, registry.subset(["liver"])).name == "liver"  # the only task
+    with pytest.raises(TaskError, match=r"a\.nii\.gz: no task given; choose one of \['liver', 'spleen'\]"):
+        resolve_task({"image": "a.nii.gz"}, registry)
+    assert requested_task(["liver", "spleen"]) == "" and requested_task("spleen") == "spleen"
+    missing = tmp_path / "datalist.json"
+    assert registry_for_run(missing, tmp_path).to_json() == TaskRegistry().to_json()  # built-in tasks
+    save_model_tasks(registry, tmp_path)
+    assert registry_for_run(missing, tmp_path).to_json() == registry.to_json()  # the model's tasks.json

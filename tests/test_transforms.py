@@ -136,7 +136,7 @@ def test_preprocessing_is_thread_safe_for_one_file_per_channel(phantoms):
     """CacheDataset caches with threads; MONAI's shared LoadImaged would mix up multi-file channels."""
     registry = registry_for_datalist(phantoms)
     items = load_items(phantoms, "training", registry) * 2
-    pre = Compose(preprocessing(registry)[:1])
+    pre = Compose(preprocessing(registry)[:2])  # the task, the loader
     with ThreadPoolExecutor(4) as pool:
         channels = list(pool.map(lambda item: (item["task"], pre(dict(item))["image"].shape[0]), items))
     assert all(n == registry[task].in_channels for task, n in channels)

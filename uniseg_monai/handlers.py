@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -50,12 +52,25 @@ def resume_checkpoint(ckpt_dir: str | Path) -> str:
     return str(found)
 
 
-def check_run_dir(ckpt_dir: str | Path, resume: bool) -> bool:
+def check_run_dir(ckpt_dir: str | Path, resume: bool, in_place: bool = False) -> bool:
     """Refuse to start a new training run over an earlier one (its checkpoints would be overwritten).
 
-    Returns True so it can sit in a bundle's ``initialize`` list.
+    ``in_place``: a MONAI Label training request (it continues from and replaces ``model.pt``, as MONAI Label
+    does for every bundle); the current ``model.pt`` is first copied to ``model_before_<UTC time>.pt``, which
+    MONAI Label then offers in its ``model_filename`` option. Returns True so it can sit in a bundle's
+    ``initialize`` list.
     """
     folder = Path(ckpt_dir)
+    if in_place:
+        model = folder / "model.pt"
+        latest = max(folder.glob("model_before_*.pt"), default=None)
+        same = latest is not None and (latest.stat().st_mtime, latest.stat().st_size) == (
+            (model.stat().st_mtime, model.stat().st_size) if model.is_file() else None
+        )
+        if model.is_file() and not same:  # once per model (MONAI Label may run `initialize` twice)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            shutil.copy2(model, folder / f"model_before_{stamp}.pt")
+        return True
     if not resume and folder.is_dir():
         earlier = sorted(p.name for p in folder.glob("*.pt"))
         if earlier:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from monai.data import MetaTensor
@@ -28,6 +29,11 @@ def _task_ids(task_id: int | Sequence[int] | torch.Tensor | None, batch_size: in
     if len(ids) != batch_size:
         raise ValueError(f"{len(ids)} task ids for a batch of {batch_size}")
     return ids
+
+
+def _meta_task_ids(inputs: torch.Tensor) -> Any:
+    """The task ids :class:`~uniseg_monai.transforms.RecordTaskd` put into a MetaTensor's meta data, else None."""
+    return inputs.meta.get("task_id") if isinstance(inputs, MetaTensor) else None
 
 
 def plain(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +119,9 @@ class TaskSlidingWindowInferer(MirroringSlidingWindowInferer):
     Args:
         roi_size: window (x, y, z), the training patch.
         classes_per_task: C_t (incl. background) indexed by task id.
-        task_id: default task when the caller gives none (MONAI Label, ``--task``); int or None.
+        task_id: default task (``--task``); int or None. The task of a call is, in this order: the call's
+            ``task_id``, the ``task_id`` that pre-processing recorded in the inputs' meta data (how MONAI Label's
+            ``inferer(inputs, network)`` gets it), this default.
         overlap, mode, sigma_scale, sw_batch_size, tta, sw_device, device, progress: as
             :class:`MirroringSlidingWindowInferer`.
 
@@ -148,7 +156,10 @@ class TaskSlidingWindowInferer(MirroringSlidingWindowInferer):
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable, task_id: int | Sequence[int] | torch.Tensor | None = None
     ) -> torch.Tensor:
-        ids = _task_ids(self.task_id if task_id is None else task_id, inputs.shape[0])
+        for given in (task_id, _meta_task_ids(inputs), self.task_id):
+            if given is not None:
+                break
+        ids = _task_ids(given, inputs.shape[0])
         for t in ids:
             if not 0 <= t < len(self.classes_per_task):
                 raise ValueError(f"task id {t} unknown to this inferer ({len(self.classes_per_task)} tasks)")

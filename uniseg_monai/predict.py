@@ -24,7 +24,7 @@ from tqdm import tqdm
 from uniseg_monai.atomic import write_atomic, write_text_atomic
 from uniseg_monai.tasks import Task
 from uniseg_monai.transfer import read_pretrained_state
-from uniseg_monai.transforms import IMAGE_SUFFIXES, image_stem
+from uniseg_monai.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
 
 MERGE_RULE = (
     "tasks in id order; merged label = running index over their (task, class) pairs without background; "
@@ -184,8 +184,9 @@ def predict(
     dev = parser.get_parsed_content("device")
     network.to(dev).eval()
     amp = bool(parser.get_parsed_content("amp")) and dev.type == "cuda"
-    load, *steps = parser.get_parsed_content("preprocessing").transforms  # a case is read once for all tasks
-    preprocess, post = Compose(steps), parser.get_parsed_content("postprocessing")
+    steps = parser.get_parsed_content("preprocessing").transforms
+    load = next(t for t in steps if isinstance(t, ThreadSafeLoadImaged))  # a case is read once for all tasks
+    preprocess, post = Compose([t for t in steps if t is not load]), parser.get_parsed_content("postprocessing")
     inferer = parser.get_parsed_content("all_inferer" if task == "all" else "inferer")
     common = {"checkpoint": str(ckpt.resolve()), "bundle": str(bundle_dir.resolve()), "device": str(dev)}
     common.update(tta=bool(tta), overlap=float(overlap))

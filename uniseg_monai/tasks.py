@@ -242,6 +242,11 @@ class TaskRegistry(Mapping[str, Task]):
             by_id[task.id] = task.name
         return TaskRegistry(chosen)
 
+    @property
+    def names(self) -> list[str]:
+        """Task names in id order (a MONAI Label ``displayable_configs`` drop-down)."""
+        return [t.name for t in sorted(self._tasks.values(), key=lambda t: t.id)]
+
     def by_id(self, task_id: int) -> Task:
         for task in self._tasks.values():
             if task.id == task_id:
@@ -332,6 +337,37 @@ def load_model_tasks(ckpt_dir: str | Path) -> TaskRegistry:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise TaskError(f"{path}: not a task table ({err})") from None
     return TaskRegistry(Task.parse(name, spec) for name, spec in specs.items())
+
+
+def requested_task(choice: str | list[str]) -> str:
+    """The task a MONAI Label request chose: ``displayable_configs#task`` holds the drop-down (a list of names)
+    in the bundle files and the chosen name (a string) once a request set it; ``""`` when none was chosen."""
+    return choice if isinstance(choice, str) else ""
+
+
+def resolve_task(item: Mapping[str, Any], registry: TaskRegistry, default: str = "") -> Task:
+    """The task of a data item: its own ``"task"`` (a name), else ``default``, else the registry's only task.
+
+    A ``"task"`` that is not a string (MONAI Label's unchosen drop-down list) counts as missing. With neither,
+    the error names the item's image and the tasks to choose from.
+    """
+    name = item.get("task")
+    name = name if isinstance(name, str) and name else default
+    if not name and len(registry) == 1:
+        name = next(iter(registry))
+    if not name:
+        raise TaskError(f"{item.get('image', 'item')}: no task given; choose one of {registry.names} (key 'task')")
+    return registry[name]
+
+
+def registry_for_run(datalist: str | Path, ckpt_dir: str | Path) -> TaskRegistry:
+    """The tasks of a training run: the datalist's when the file exists, else (MONAI Label hands the items over
+    without a datalist) the tasks of the model in ``ckpt_dir``, else the built-in tasks."""
+    if Path(datalist).is_file():
+        return registry_for_datalist(datalist)
+    if (Path(ckpt_dir) / MODEL_TASKS_FILE).is_file():
+        return load_model_tasks(ckpt_dir)
+    return TaskRegistry()
 
 
 def registry_for_datalist(path: str | Path) -> TaskRegistry:

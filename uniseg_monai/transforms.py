@@ -40,7 +40,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type
 
-from uniseg_monai.tasks import Normalization, Task, TaskRegistry
+from uniseg_monai.tasks import Normalization, Task, TaskRegistry, resolve_task
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -85,7 +85,15 @@ class ResampleToTaskSpacingd(_TaskAware, InvertibleTransform):
         }
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        return self._spacing[self.task(data).name](data)
+        # MONAI's Spacingd calls .update() on every "<key>_*" entry of a NIfTI item (legacy meta dicts); MONAI Label
+        # adds "image_path" (a string), so entries that are not dicts are set aside and put back afterwards.
+        aside = {
+            k: v
+            for k, v in data.items()
+            if isinstance(k, str) and not isinstance(v, dict) and any(k.startswith(f"{key}_") for key in self.keys)
+        }
+        out = self._spacing[self.task(data).name]({k: v for k, v in data.items() if k not in aside})
+        return {**out, **aside}
 
     def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Undo the resampling; the task comes from ``task`` or, inside ``Invertd``, from the meta data that
@@ -144,14 +152,28 @@ class MapTaskLabelsd(_TaskAware):
         return d
 
 
+class ResolveTaskd(Transform):
+    """Set the item's ``task`` (name) and ``task_id`` (network index) by :func:`uniseg_monai.tasks.resolve_task`:
+    its own task, else ``default`` (a bundle's ``task``; MONAI Label items come without one), else the only task."""
+
+    def __init__(self, registry: TaskRegistry, default: str = "") -> None:
+        self.registry, self.default = registry, default
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        task = resolve_task(data, self.registry, self.default)
+        return {**data, "task": task.name, "task_id": task.id}
+
+
 class RecordTaskd(MapTransform):
-    """Copy the item's ``task`` and ``case`` (the datalist's optional ``"case"``, else the image file stem) into
-    the meta data of ``keys``, so they survive ``Invertd`` into reports and saved file names."""
+    """Copy the item's ``task``, ``task_id`` and ``case`` (the datalist's optional ``"case"``, else the image file
+    stem) into the meta data of ``keys``, so they survive ``Invertd`` into reports and saved file names, and reach
+    a task-aware inferer called without a task (MONAI Label calls ``inferer(inputs, network)``)."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             d[key].meta["task"] = d["task"]
+            d[key].meta["task_id"] = d["task_id"]
             d[key].meta["case"] = d.get("case") or image_stem(d[key].meta.get("filename_or_obj", ""))
         return d
 
@@ -195,9 +217,11 @@ def preprocessing(
     keys: Sequence[str] = ("image", "label"),
     image_mode: str = "bilinear",
     original_label: str | None = None,
+    default_task: str = "",
 ) -> list[Transform]:
-    """Deterministic part: load (NIfTI/NRRD/MHA/DICOM folder; a list of files = one file per channel),
-    channel first, RAS orientation, task spacing, task intensity normalisation, task label map.
+    """Deterministic part: the item's task (:class:`ResolveTaskd`, ``default_task`` for items without one), load
+    (NIfTI/NRRD/MHA/DICOM folder; a list of files = one file per channel), channel first, RAS orientation, task
+    spacing, task intensity normalisation, task label map.
 
     ``original_label``: also keep the label on its original grid under this key (label-mapped, not reoriented
     or resampled), to score predictions inverted to the original geometry."""
@@ -207,6 +231,7 @@ def preprocessing(
     keep = [CopyItemsd("label", names=original_label, allow_missing_keys=True)] if original_label else []
     label_keys = [k for k in ("label", original_label) if k and "label" in keys]
     return [
+        ResolveTaskd(registry, default_task),
         ThreadSafeLoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True),
         RecordTaskd(image_keys),
         *keep,

@@ -29,14 +29,14 @@ TASKS = {
         "id": 0,
         "modalities": ["CT"],
         "labels": ["background", "liver", "spleen"],
-        "spacing": [2.0, 2.0, 4.0],
+        "spacing": [3.0, 3.0, 4.0],
         "normalization": ["ct"],
     },
     "ph_liver": {
         "id": 1,
         "modalities": ["CT"],
         "labels": ["background", "liver", "liver tumour"],
-        "spacing": [2.0, 2.0, 4.0],
+        "spacing": [3.0, 3.0, 4.0],
         "normalization": ["ct"],
     },
     "ph_brain": {

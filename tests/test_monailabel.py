@@ -1,0 +1,147 @@
+"""The bundles in MONAI Label, offline from a local bundle folder: the real ``monailabel`` package's
+``BundleInferTask`` (the task chosen per request) and ``BundleTrainTask`` (one short training updating model.pt)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from uniseg_monai.tasks import registry_for_datalist, save_model_tasks
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+TINY = {"patch_size": [64, 64, 32], "base_features": 4, "num_workers": 0, "sw_batch_size": 4}
+TINY_TRAIN = {**TINY, "iterations_per_epoch": 2, "val_interval": 1, "cache_rate": 0.0}
+
+
+def _import_monailabel_tasks():
+    """``monailabel.transform.post`` imports ``torchvision.utils`` (``make_grid``/``save_image``, for 2D
+    pathology) at module level. PyPI has no CPU torchvision for the CPU torch build (its wheel links the CUDA
+    libraries), so where none imports, a stand-in whose two functions raise is registered; the bundle tasks never
+    call them (README: "MONAI Label")."""
+    try:
+        import torchvision.utils  # noqa: F401
+    except Exception:  # not installed, or a CUDA build that fails to load
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+
+        def unavailable(*args, **kwargs):
+            raise RuntimeError("torchvision is not installed (stand-in registered by the MONAI Label tests)")
+
+        utils = types.ModuleType("torchvision.utils")
+        utils.make_grid = utils.save_image = unavailable
+        package = types.ModuleType("torchvision")
+        package.utils = utils
+        sys.modules.update({"torchvision": package, "torchvision.utils": utils})
+    from monailabel.tasks.infer.bundle import BundleInferTask
+    from monailabel.tasks.train.bundle import BundleTrainTask
+
+    return BundleInferTask, BundleTrainTask
+
+
+BundleInferTask, BundleTrainTask = _import_monailabel_tasks()
+
+
+def _tiny_bundle(phantoms: Path, root: Path) -> Path:
+    """A copy of uniseg_pretrain as a user would keep it for MONAI Label: small settings written into its
+    inference.json / train.json, and a model (random weights) with its tasks.json in models/."""
+    bundle = root / "uniseg_pretrain"
+    shutil.copytree(BUNDLES / "uniseg_pretrain", bundle, ignore=shutil.ignore_patterns("models"))
+    for name, settings in (("inference", TINY), ("train", TINY_TRAIN)):
+        path = bundle / "configs" / f"{name}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}, indent=1))
+    save_model_tasks(registry_for_datalist(phantoms), bundle / "models")
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(phantoms, tmp_path_factory) -> Path:
+    return _tiny_bundle(phantoms, tmp_path_factory.mktemp("monailabel"))
+
+
+def _bundle_prediction(bundle: Path, phantoms: Path, task: str, out: Path) -> Path:
+    """The bundle's own ``inference.json`` on the first test case, as ``task``."""
+    wf = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "inference.json"),
+        workflow_type="infer",
+        bundle_root=str(bundle),
+        dataset_dir=str(phantoms.parent),
+        output_dir=str(out),
+        task=task,
+    )
+    wf.initialize()
+    first = wf.parser.get_parsed_content("items")[0]
+    wf.parser["dataset#data"] = [first]
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    (found,) = (out / "predictions").glob(f"*_{task}_seg.nii.gz")
+    return found
+
+
+def test_infer_task_segments_the_chosen_task_in_the_input_geometry(bundle, phantoms, tmp_path):
+    infer = BundleInferTask(str(bundle), conf={})
+    assert infer.is_valid()
+    assert infer.config()["task"] == ["ph_organs", "ph_liver", "ph_brain", "ph_petct"]  # the drop-down
+    assert "liver: liver tumour" in " ".join(infer.labels)  # label names from channel_def
+    item = json.loads(phantoms.read_text())["testing"][0]
+    image = phantoms.parent / item["image"]
+    source = nib.load(image)
+    maps = {}
+    for task in ("ph_organs", "ph_liver"):  # two tasks on the same CT volume
+        label_file, _ = infer({"image": str(image), "task": task, "device": "cpu"})
+        seg = nib.load(label_file)
+        assert seg.shape == source.shape
+        np.testing.assert_allclose(seg.affine, source.affine, atol=1e-4)
+        maps[task] = np.asarray(seg.dataobj)
+        # the same labels as the bundle's own inference of that task: the request's task reached the network
+        own = nib.load(_bundle_prediction(bundle, phantoms, task, tmp_path / task))
+        np.testing.assert_array_equal(maps[task], np.asarray(own.dataobj))
+    assert not np.array_equal(maps["ph_organs"], maps["ph_liver"])
+    with pytest.raises(Exception, match="no task given"):  # a request that chose no task (REST default)
+        infer({"image": str(image), "device": "cpu"})
+
+
+class _Labelled:
+    """What BundleTrainTask needs of a MONAI Label datastore: the labelled images."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def datalist(self) -> list[dict]:
+        return self.items
+
+
+def test_train_task_fine_tunes_the_chosen_task_and_updates_model_pt(bundle, phantoms):
+    data = json.loads(phantoms.read_text())
+    root = phantoms.parent
+    items = [
+        {"image": str(root / i["image"]), "label": str(root / i["label"])}
+        for i in data["training"]
+        if i["task"] == "ph_liver"
+    ][:4]
+    before = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    train = BundleTrainTask(str(bundle), conf={})
+    assert train.is_valid() and train.config()["task"] == ["ph_organs", "ph_liver", "ph_brain", "ph_petct"]
+    request = {"model": "uniseg_pretrain", "task": "ph_liver", "max_epochs": 1, "val_split": 0.5, "device": "cpu"}
+    train({**train.config(), **request, "multi_gpu": False}, _Labelled(items))
+
+    after = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert set(after) == set(before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained and saved in place
+    (kept,) = (bundle / "models").glob("model_before_*.pt")  # the previous model is kept
+    previous = torch.load(kept, weights_only=True)
+    assert all(torch.equal(previous[k], before[k]) for k in before)
