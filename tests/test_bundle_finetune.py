@@ -102,7 +102,7 @@ def test_metadata_verifies_offline_and_lists_the_task_labels(kind):
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == channel_def(tasks) and pred["num_channels"] == {"btcv": 14, "vs": 2}[kind]
     if kind == "btcv":
-        assert pred["channel_def"]["1"] == "btcv: spleen" and pred["channel_def"]["13"] == "btcv: left adrenal gland"
+        assert pred["channel_def"]["1"] == "spleen" and pred["channel_def"]["13"] == "left adrenal gland"
 
 
 def test_the_two_bundles_differ_only_in_task_data_and_normalisation():

@@ -15,7 +15,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from uniseg_monai.tasks import registry_for_datalist, save_model_tasks
+from uniseg_monai.data.phantoms import generate_downstream_phantoms
+from uniseg_monai.tasks import TaskRegistry, registry_for_datalist, save_model_tasks
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 TINY = {"patch_size": [64, 64, 32], "base_features": 4, "num_workers": 0, "sw_batch_size": 4}
@@ -50,15 +51,15 @@ def _import_monailabel_tasks():
 BundleInferTask, BundleTrainTask = _import_monailabel_tasks()
 
 
-def _tiny_bundle(phantoms: Path, root: Path) -> Path:
-    """A copy of uniseg_pretrain as a user would keep it for MONAI Label: small settings written into its
+def _tiny_bundle(name: str, registry: TaskRegistry, root: Path) -> Path:
+    """A copy of bundle ``name`` as a user would keep it for MONAI Label: small settings written into its
     inference.json / train.json, and a model (random weights) with its tasks.json in models/."""
-    bundle = root / "uniseg_pretrain"
-    shutil.copytree(BUNDLES / "uniseg_pretrain", bundle, ignore=shutil.ignore_patterns("models"))
-    for name, settings in (("inference", TINY), ("train", TINY_TRAIN)):
-        path = bundle / "configs" / f"{name}.json"
+    bundle = root / name
+    shutil.copytree(BUNDLES / name, bundle, ignore=shutil.ignore_patterns("models"))
+    for config, settings in (("inference", TINY), ("train", TINY_TRAIN)):
+        path = bundle / "configs" / f"{config}.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **settings}, indent=1))
-    save_model_tasks(registry_for_datalist(phantoms), bundle / "models")
+    save_model_tasks(registry, bundle / "models")
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser["bundle_root"] = str(bundle)
@@ -69,7 +70,7 @@ def _tiny_bundle(phantoms: Path, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(phantoms, tmp_path_factory) -> Path:
-    return _tiny_bundle(phantoms, tmp_path_factory.mktemp("monailabel"))
+    return _tiny_bundle("uniseg_pretrain", registry_for_datalist(phantoms), tmp_path_factory.mktemp("monailabel"))
 
 
 def _bundle_prediction(bundle: Path, phantoms: Path, task: str, out: Path) -> Path:
@@ -113,6 +114,18 @@ def test_infer_task_segments_the_chosen_task_in_the_input_geometry(bundle, phant
     assert not np.array_equal(maps["ph_organs"], maps["ph_liver"])
     with pytest.raises(Exception, match="no task given"):  # a request that chose no task (REST default)
         infer({"image": str(image), "device": "cpu"})
+
+
+def test_fine_tuning_bundle_segments_its_one_task(tmp_path):
+    bundle = _tiny_bundle("uniseg_finetune_vs", TaskRegistry().subset(["vs"]), tmp_path)
+    image = next(generate_downstream_phantoms(tmp_path / "vs", "vs", cases=1).rglob("vs_gk_t1_refT1.nii.gz"))
+    infer = BundleInferTask(str(bundle), conf={})
+    assert infer.config()["task"] == ["vs"] and infer.labels == {"vestibular schwannoma": 1}  # channel_def
+    label_file, _ = infer({"image": str(image), "device": "cpu"})  # no task in the request: the bundle's task
+    seg, source = nib.load(label_file), nib.load(image)
+    assert seg.shape == source.shape
+    np.testing.assert_allclose(seg.affine, source.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
 
 
 class _Labelled:

@@ -48,14 +48,18 @@ def _same_volume_two_tasks(datalist: Path, run: Path, per_case: Path) -> list[st
             if row["case"] == stem:
                 dice[(row["task"], row["class"])] = row["dice"]
     lines = [f"The same CT volume ({image}) segmented under {len(tasks)} tasks:"]
+    maps = []
     for task in tasks:
         pred = np.asarray(nib.load(run / "predictions" / f"{stem}_{task}_seg.nii.gz").dataobj)
+        maps.append(pred)
         labels = registry[task].labels
         parts = [
             f"{labels[k]}: {int((pred == k).sum())} voxels (Dice {dice.get((task, labels[k]), 'n/a')})"
             for k in range(1, len(labels))
         ]
         lines.append(f"  {task:<10} -> " + ", ".join(parts))
+    differ = int(sum((m != maps[0]).sum() for m in maps[1:]))
+    lines.append(f"  the task prompt alone changes {differ} voxels of this volume between the {len(tasks)} maps")
     return lines
 
 

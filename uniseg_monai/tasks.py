@@ -299,11 +299,13 @@ MODEL_TASKS_FILE = "tasks.json"
 
 
 def channel_def(registry: TaskRegistry) -> dict[str, str]:
-    """Bundle metadata ``channel_def`` of the network output: channel k is label k of the ongoing task."""
+    """Bundle metadata ``channel_def`` of the network output: channel k is label k of the ongoing task (the label
+    name itself for a one-task bundle; ``task: label | ...`` over the tasks otherwise)."""
     tasks = sorted(registry.values(), key=lambda t: t.id)
     out = {"0": "background"}
     for k in range(1, registry.num_classes):
-        out[str(k)] = " | ".join(f"{t.name}: {t.labels[k]}" for t in tasks if k < t.num_classes)
+        names = [(t.name, t.labels[k]) for t in tasks if k < t.num_classes]
+        out[str(k)] = names[0][1] if len(tasks) == 1 else " | ".join(f"{t}: {label}" for t, label in names)
     return out
 
 
