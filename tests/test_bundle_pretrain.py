@@ -71,6 +71,13 @@ def test_train_properties_are_complete(phantoms, tmp_path):
     assert workflow("train", configs("train"), **run_dirs(phantoms, tmp_path)).check_properties() == []
 
 
+def test_training_on_one_task_of_the_datalist(phantoms, tmp_path):
+    wf = workflow("train", configs("train"), **run_dirs(phantoms, tmp_path, task="ph_brain"))
+    for section in ("train", "validate"):
+        assert {i["task"] for i in wf.parser.get_parsed_content(f"{section}#dataset#data")} == {"ph_brain"}
+    assert wf.parser.get_parsed_content("network_def").num_tasks == 4  # the network keeps every task
+
+
 def test_network_in_out_with_the_task_as_extra_argument(phantoms):
     verify_net_in_out(
         net_id="network_def",
