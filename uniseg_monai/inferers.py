@@ -122,8 +122,8 @@ class TaskSlidingWindowInferer(MirroringSlidingWindowInferer):
         task_id: default task (``--task``); int or None. The task of a call is, in this order: the call's
             ``task_id``, the ``task_id`` that pre-processing recorded in the inputs' meta data (how MONAI Label's
             ``inferer(inputs, network)`` gets it), this default.
-        overlap, mode, sigma_scale, sw_batch_size, tta, sw_device, device, progress: as
-            :class:`MirroringSlidingWindowInferer`.
+        window: keyword arguments of :class:`MirroringSlidingWindowInferer` (overlap, mode, sigma_scale,
+            sw_batch_size, tta, sw_device, device, progress).
 
     ``__call__(inputs, network, task_id=None)``: inputs (B, C, X, Y, Z) -> (B, max C_t, X, Y, Z) logits; when
     tasks in the batch differ, a sample's channels beyond its C_t are filled with the dtype's lowest value
@@ -131,20 +131,9 @@ class TaskSlidingWindowInferer(MirroringSlidingWindowInferer):
     """
 
     def __init__(
-        self,
-        roi_size: Sequence[int],
-        classes_per_task: Sequence[int],
-        task_id: int | None = None,
-        overlap: float = 0.5,
-        mode: str = "gaussian",
-        sigma_scale: float = 0.125,
-        sw_batch_size: int = 1,
-        tta: bool = False,
-        sw_device: torch.device | str | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
+        self, roi_size: Sequence[int], classes_per_task: Sequence[int], task_id: int | None = None, **window: Any
     ) -> None:
-        super().__init__(roi_size, overlap, mode, sigma_scale, sw_batch_size, tta, sw_device, device, progress)
+        super().__init__(roi_size, **window)
         self.classes_per_task = [int(c) for c in classes_per_task]
         self.task_id = task_id
 
