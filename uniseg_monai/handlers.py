@@ -63,13 +63,12 @@ def check_run_dir(ckpt_dir: str | Path, resume: bool, in_place: bool = False) ->
     folder = Path(ckpt_dir)
     if in_place:
         model = folder / "model.pt"
-        latest = max(folder.glob("model_before_*.pt"), default=None)
-        same = latest is not None and (latest.stat().st_mtime, latest.stat().st_size) == (
-            (model.stat().st_mtime, model.stat().st_size) if model.is_file() else None
-        )
-        if model.is_file() and not same:  # once per model (MONAI Label may run `initialize` twice)
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-            shutil.copy2(model, folder / f"model_before_{stamp}.pt")
+        if model.is_file():
+            stats = (model.stat().st_mtime, model.stat().st_size)  # copy2 keeps the mtime
+            kept = [p for p in folder.glob("model_before_*.pt") if (p.stat().st_mtime, p.stat().st_size) == stats]
+            if not kept:  # once per model (MONAI Label may run `initialize` twice)
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+                shutil.copy2(model, folder / f"model_before_{stamp}.pt")
         return True
     if not resume and folder.is_dir():
         earlier = sorted(p.name for p in folder.glob("*.pt"))
