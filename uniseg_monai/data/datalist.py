@@ -40,9 +40,11 @@ def _absolute(value: str | list[str], root: Path) -> str | list[str]:
 
 
 def load_items(path: str | Path, section: str, registry: TaskRegistry, task: str | None = None) -> list[dict[str, Any]]:
-    """Items of one section with absolute paths, ``task`` (name) and ``task_id`` (network index).
+    """Items of one section with absolute paths and ``task`` (name); pre-processing adds ``task_id``
+    (:class:`~uniseg_monai.transforms.ResolveTaskd`).
 
-    ``registry`` must know every task the section uses (see :func:`uniseg_monai.tasks.registry_for_datalist`).
+    ``registry`` must know every task the section uses (see :func:`uniseg_monai.tasks.registry_for_datalist`); an
+    unknown task fails here, before any image is read.
     ``task``: segment every item as this task instead of the item's own (a bundle's ``--task``).
     """
     if section not in SECTIONS:
@@ -54,9 +56,7 @@ def load_items(path: str | Path, section: str, registry: TaskRegistry, task: str
         for key in ("image", "label"):
             if key in out:
                 out[key] = _absolute(out[key], root)
-        if task:
-            out["task"] = task
-        out["task_id"] = registry[out["task"]].id
+        out["task"] = registry[task or out["task"]].name  # an unknown task raises TaskError naming the known ones
         items.append(out)
     return items
 
