@@ -49,7 +49,8 @@ def test_converted_checkpoint_matches_official_outputs(official_fixture, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_official_axis_order_reproduces_reference_exactly(official_fixture, kind):
     """Built in (z, y, x) order with the official (unpermuted) weights, our layers compute what the official
-    ones do to <= 1e-5 absolute: the structure (stems, FUSE, prompt selection, decoder, heads) is the same."""
+    ones do to 1e-5 relative to the output's scale (float32 conv kernels differ per CPU: 1.5e-5 and 2.9e-5
+    absolute were measured on two Xeons): the structure (stems, FUSE, prompt selection, decoder, heads) is the same."""
     state = official_fixture[f"{kind}_state_dict"]
     network_def = infer_network_def(state)
     for key in ("kernel_sizes", "strides"):
@@ -62,7 +63,7 @@ def test_official_axis_order_reproduces_reference_exactly(official_fixture, kind
     assert single_sample_cases
     for case in single_sample_cases:
         for ours, ref in zip(all_heads(net, case, case["input"]), case["outputs"]):
-            assert (ours - ref).abs().max().item() <= 1e-5
+            assert (ours - ref).abs().max().item() <= float32_tolerance(ref)
 
 
 def test_inferred_architecture_matches_fixture_config(official_fixture):
