@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
 def shared_path(relative: str) -> Path:
@@ -48,3 +51,18 @@ def phantoms(tmp_path_factory) -> Path:
     from uniseg_monai.data.phantoms import generate_phantoms
 
     return generate_phantoms(tmp_path_factory.mktemp("phantoms"))
+
+
+def tiny_bundle(official_fixture: dict, kind: str, name: str, root: Path) -> Path:
+    """A copy of bundles/<name> whose inference.json describes the official fixture's tiny ``kind`` network
+    (upstream / downstream; pure JSON edits)."""
+    from uniseg_monai.official import infer_network_def
+
+    bundle = shutil.copytree(BUNDLES / name, root / name)
+    network_def = infer_network_def(official_fixture[f"{kind}_state_dict"])
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    for key in ("features", "kernel_sizes", "strides"):
+        config[key] = network_def[key]
+    config["patch_size"] = network_def.get("patch_size", config["patch_size"])
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    return bundle

@@ -18,6 +18,8 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
 from uniseg_monai.data import load_items
+from uniseg_monai.model_files import build_network
+from uniseg_monai.networks import nnunet_features
 from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS, TaskRegistry, channel_def, load_model_tasks, registry_for_datalist
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
@@ -119,7 +121,14 @@ def trained(phantoms, tmp_path_factory) -> Path:
 
 
 def test_training_resumes_and_writes_model_and_tasks(trained, phantoms):
-    assert load_model_tasks(trained / "models").to_json() == registry_for_datalist(phantoms).to_json()
+    tasks = registry_for_datalist(phantoms).to_json()
+    assert load_model_tasks(trained / "models").to_json() == tasks
+    for name in ("model.pt", "checkpoint_epoch=2.pt"):  # both describe themselves: network and task table
+        saved = torch.load(trained / "models" / name, weights_only=True)
+        assert saved["tasks"] == tasks
+        network = build_network(saved["network_def"])
+        network.load_state_dict(saved["model"], strict=True)
+        assert network.network_def()["features"] == list(nnunet_features(TINY["base_features"]))
     assert any(p.name.startswith("events.out.tfevents") for p in (trained / "eval").iterdir())
 
 
@@ -178,6 +187,7 @@ def test_torchscript_export_takes_image_and_task(trained, phantoms, tmp_path):
         net_id="network_def",
         filepath=str(ts),
         ckpt_file=str(trained / "models" / "model.pt"),
+        key_in_ckpt="model",  # model files are {"model", "network_def", "tasks"}
         meta_file=str(CONFIGS / "metadata.json"),
         config_file=str(CONFIGS / "train.json"),
         dataset_dir=str(phantoms.parent),
@@ -187,7 +197,7 @@ def test_torchscript_export_takes_image_and_task(trained, phantoms, tmp_path):
     scripted = torch.jit.load(str(ts))
     wf = workflow("infer", configs("inference"), **run_dirs(phantoms, trained))
     net = wf.network_def.eval()
-    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
+    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True)["model"])
     x = torch.randn(1, 4, 64, 96, 64)  # a 4-channel window of another admissible size
     with torch.no_grad():
         torch.testing.assert_close(scripted(x, torch.tensor([2])), net(x, 2), atol=1e-5, rtol=1e-5)
@@ -202,7 +212,8 @@ def test_two_rank_gloo_training_and_evaluation(phantoms, tmp_path):
                "-m", "monai.bundle", "run", "--config_file", json.dumps(configs(*files)),
                "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
                "--bundle_root", str(BUNDLE), "--backend", "gloo", *common, *extra]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        # two ranks write progress bars to one pipe: a multi-byte character can be split between them
+        done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     torchrun("train", "multi_gpu_train", extra=["--epochs=1"])

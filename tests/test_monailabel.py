@@ -16,6 +16,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from uniseg_monai.data.phantoms import generate_downstream_phantoms
+from uniseg_monai.model_files import read_model, read_state, save_model
 from uniseg_monai.tasks import TaskRegistry, registry_for_datalist, save_model_tasks
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -64,7 +65,8 @@ def _tiny_bundle(name: str, registry: TaskRegistry, root: Path) -> Path:
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser["bundle_root"] = str(bundle)
     torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+    network = parser.get_parsed_content("network_def")
+    save_model(bundle / "models" / "model.pt", network.state_dict(), network.network_def(), registry)
     return bundle
 
 
@@ -146,15 +148,17 @@ def test_train_task_fine_tunes_the_chosen_task_and_updates_model_pt(bundle, phan
         for i in data["training"]
         if i["task"] == "ph_liver"
     ][:4]
-    before = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    before = read_state(bundle / "models" / "model.pt")
     train = BundleTrainTask(str(bundle), conf={})
     assert train.is_valid() and train.config()["task"] == ["ph_organs", "ph_liver", "ph_brain", "ph_petct"]
     request = {"model": "uniseg_pretrain", "task": "ph_liver", "max_epochs": 1, "val_split": 0.5, "device": "cpu"}
     train({**train.config(), **request, "multi_gpu": False}, _Labelled(items))
 
-    after = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    trained = read_model(bundle / "models" / "model.pt")
+    assert trained.tasks.names == ["ph_organs", "ph_liver", "ph_brain", "ph_petct"] and trained.network_def
+    after = trained.state
     assert set(after) == set(before)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # trained and saved in place
     (kept,) = (bundle / "models").glob("model_before_*.pt")  # the previous model is kept
-    previous = torch.load(kept, weights_only=True)
+    previous = read_state(kept)
     assert all(torch.equal(previous[k], before[k]) for k in before)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path, zyx_to_xyz
+from conftest import shared_path, tiny_bundle, zyx_to_xyz
 
+from uniseg_monai.model_files import build_network
 from uniseg_monai.networks import UniSeg, UniSegBackbone
-from uniseg_monai.official import build_network, convert_state_dict, infer_network_def, official_key
+from uniseg_monai.official import convert_state_dict, infer_network_def, official_key
+from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS
 
 KINDS = {"upstream": "upstream_cases", "downstream": "downstream_cases"}
 
@@ -142,26 +144,11 @@ def test_cli_converts_official_model_file(official_fixture, tmp_path):
     assert sorted(p.name for p in dst.parent.iterdir()) == ["model.pt"]  # no temporary file left behind
 
 
-def _bundle_for(official_fixture: dict, kind: str, name: str, root: Path) -> Path:
-    """A copy of bundles/<name> whose inference.json describes the fixture's tiny network (pure JSON edits)."""
-    import json
-    import shutil
-
-    bundle = shutil.copytree(Path(__file__).resolve().parents[1] / "bundles" / name, root / name)
-    network_def = infer_network_def(official_fixture[f"{kind}_state_dict"])
-    config = json.loads((bundle / "configs" / "inference.json").read_text())
-    for key in ("features", "kernel_sizes", "strides"):
-        config[key] = network_def[key]
-    config["patch_size"] = network_def.get("patch_size", config["patch_size"])
-    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
-    return bundle
-
-
 @pytest.mark.parametrize(("kind", "name"), [("upstream", "uniseg_pretrain"), ("downstream", "uniseg_finetune_btcv")])
 def test_cli_converts_into_a_bundle_with_provenance(official_fixture, tmp_path, kind, name):
     import json
 
-    bundle = _bundle_for(official_fixture, kind, name, tmp_path)
+    bundle = tiny_bundle(official_fixture, kind, name, tmp_path)
     src = tmp_path / "official.model"
     torch.save({"state_dict": official_fixture[f"{kind}_state_dict"]}, src)
     run = subprocess.run(
@@ -170,7 +157,11 @@ def test_cli_converts_into_a_bundle_with_provenance(official_fixture, tmp_path, 
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    saved = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    state = saved["model"]
+    assert saved["network_def"] == infer_network_def(official_fixture[f"{kind}_state_dict"])
+    assert list(saved["tasks"]) == (list(PAPER_UPSTREAM_TASKS) if kind == "upstream" else ["btcv"])
+    assert "non-commercial" in saved["provenance"]["licence"]
     expected = convert_state_dict(official_fixture[f"{kind}_state_dict"])
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
     provenance = json.loads((bundle / "models" / "model_provenance.json").read_text())
@@ -184,13 +175,14 @@ def test_cli_converts_into_a_bundle_with_provenance(official_fixture, tmp_path, 
 
 
 def test_converting_into_the_wrong_bundle_is_refused(official_fixture, tmp_path):
-    from uniseg_monai.official import OfficialCheckpointError, convert_official_to_bundle
+    from uniseg_monai.model_files import ModelFileError
+    from uniseg_monai.weights import convert_into_bundle
 
-    bundle = _bundle_for(official_fixture, "upstream", "uniseg_pretrain", tmp_path)
+    bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path)
     src = tmp_path / "downstream.model"
     torch.save({"state_dict": official_fixture["downstream_state_dict"]}, src)
-    with pytest.raises(OfficialCheckpointError, match="does not fit bundle"):
-        convert_official_to_bundle(src, bundle)
+    with pytest.raises(ModelFileError, match="does not fit bundle"):
+        convert_into_bundle(src, bundle)
     assert not (bundle / "models" / "model.pt").exists()
 
 

@@ -129,8 +129,8 @@ def test_input_syntax(tmp_path):
         find_cases(f"{a}+{tmp_path / 'missing.nii.gz'}")
 
 
-def test_windows_run_on_the_device_and_are_stitched_on_the_cpu():
-    parser = _parser(BUNDLE, BUNDLE / "models" / "model.pt", "liver", {"device": "$torch.device('cuda')"}, True)
+def test_windows_run_on_the_device_and_are_stitched_on_the_cpu(model):
+    parser, _ = _parser(str(BUNDLE), str(model), "ph_liver", {"device": "$torch.device('cuda')"}, True)
     for key in ("inferer", "all_inferer"):
         window = parser.get_parsed_content(key).window
         assert (window.sw_device, window.device, window.progress) == (torch.device("cuda"), torch.device("cpu"), True)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from uniseg_monai.model_files import build_network
 from uniseg_monai.networks import UniSeg, UniSegBackbone
-from uniseg_monai.official import build_network, convert_state_dict, infer_network_def, official_key
+from uniseg_monai.official import convert_state_dict, infer_network_def, official_key
 from uniseg_monai.transfer import (
     FIRST_UPSAMPLE,
     PretrainedCheckpointError,

@@ -1,24 +1,85 @@
-"""Pretrained weights through each bundle's large_files.yml: `python -m monai.bundle download_large_files` fetches
-models/model.pt from its url and checks its sha256; a mismatch is an error and leaves no model.pt behind."""
+"""Pretrained weights into a bundle: each bundle's large_files.yml (the official release), MONAI's
+``download_large_files``, and ``uniseg weights`` (download, check, convert, provenance, no silent overwrite)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from conftest import BUNDLES, tiny_bundle
+from monai.bundle import ConfigParser
+from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+from uniseg_monai.model_files import ModelLoader, read_model
+from uniseg_monai.official import convert_state_dict
+from uniseg_monai.transfer import bundle_pretrained
+from uniseg_monai.weights import download_weights
+
+OFFICIAL_URL = "https://drive.google.com/uc?id=1Ldgd5Ebc8VQrvGIpIgzUG2PTSDPUpEQJ"
+TARGETS = {"uniseg_pretrain": "models/model.pt", "uniseg_finetune_btcv": "models/pretrained.pt"}
+TARGETS["uniseg_finetune_vs"] = "models/pretrained.pt"
 
 
-@pytest.mark.parametrize("name", ["uniseg_pretrain", "uniseg_finetune_btcv", "uniseg_finetune_vs"])
-def test_large_files_describe_the_model(name):
-    entries = yaml.safe_load((BUNDLES / name / "large_files.yml").read_text())["large_files"]
-    assert [e["path"] for e in entries] == ["models/model.pt"] and entries[0]["hash_type"] == "sha256"
+def uniseg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uniseg_monai", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture()
+def official_file(official_fixture, tmp_path) -> Path:
+    """The tiny official upstream model in the release's container (numpy 1.x pickle)."""
+    return save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), tmp_path / "official.model")
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_large_files_name_the_official_release(name):
+    text = (BUNDLES / name / "large_files.yml").read_text()
+    entries = yaml.safe_load(text)["large_files"]
+    assert entries == [{"path": TARGETS[name], "url": OFFICIAL_URL, "hash_val": "", "hash_type": "sha256"}]
+    assert "--bundle_path" in text and "--bundle_root" not in text and "non-commercial" in text
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_monai_download_large_files_works_on_every_bundle(official_fixture, official_file, tmp_path, name):
+    """MONAI's own command fetches the listed file (here from file://, as offline machines do); the raw official
+    container it leaves is then what the bundle loads (model.pt) or transfers from (pretrained.pt)."""
+    kind = "upstream" if name == "uniseg_pretrain" else "downstream"
+    bundle = tiny_bundle(official_fixture, kind, name, tmp_path)
+    entries = yaml.safe_load((bundle / "large_files.yml").read_text())
+    entries["large_files"][0]["url"] = official_file.as_uri()
+    (bundle / "large_files.yml").write_text(yaml.safe_dump(entries))
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(bundle)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    target = bundle / TARGETS[name]
+    assert target.read_bytes() == official_file.read_bytes()
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    parser.update({"bundle_root": str(bundle)})
+    network = parser.get_parsed_content("network_def")
+    if name == "uniseg_pretrain":
+        ModelLoader(target, network)()  # strict: every tensor
+        expected = convert_state_dict(official_fixture["upstream_state_dict"])
+        assert all(torch.equal(network.state_dict()[k], v) for k, v in expected.items())
+    else:
+        assert bundle_pretrained(bundle) == str(target)
 
 
 @pytest.mark.parametrize("right_hash", [True, False])
@@ -26,10 +87,9 @@ def test_download_checks_the_hash(tmp_path, right_hash):
     remote = tmp_path / "remote" / "model.pt"
     remote.parent.mkdir()
     remote.write_bytes(b"weights" * 1000)
-    digest = hashlib.sha256(remote.read_bytes()).hexdigest()
     bundle = shutil.copytree(BUNDLES / "uniseg_finetune_vs", tmp_path / "bundle")
     entry = {"path": "models/model.pt", "url": remote.as_uri(), "hash_type": "sha256"}
-    entry["hash_val"] = digest if right_hash else "0" * 64
+    entry["hash_val"] = sha256(remote) if right_hash else "0" * 64
     (bundle / "large_files.yml").write_text(yaml.safe_dump({"large_files": [entry]}))
     run = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(bundle)],
@@ -43,3 +103,85 @@ def test_download_checks_the_hash(tmp_path, right_hash):
     else:
         assert run.returncode != 0 and "hash check" in run.stderr
         assert not target.exists()
+
+
+def test_weights_installs_a_checked_converted_model_with_provenance(official_fixture, official_file, tmp_path):
+    bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path)
+    run = uniseg("weights", "--bundle", str(bundle), "--url", official_file.as_uri())
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "licence of these weights" in run.stderr and "non-commercial" in run.stderr
+    model_pt = bundle / "models" / "model.pt"
+    saved = torch.load(model_pt, weights_only=True)  # plain weights: no numpy, no training state
+    assert set(saved) == {"model", "network_def", "tasks", "provenance"}
+    assert saved["network_def"]["num_tasks"] == 11 and len(saved["tasks"]) == 11
+    expected = convert_state_dict(official_fixture["upstream_state_dict"])
+    assert saved["model"].keys() == expected.keys() and all(
+        torch.equal(saved["model"][k], expected[k]) for k in expected
+    )
+    provenance = json.loads((bundle / "models" / "model_provenance.json").read_text())
+    assert provenance["source"] == official_file.as_uri() and provenance["source_sha256"] == sha256(official_file)
+    assert provenance["model_sha256"] == sha256(model_pt) and "non-commercial" in provenance["licence"]
+    assert not [p for p in (bundle / "models").iterdir() if p.name.startswith(".")]  # no temporary download left
+
+    before = model_pt.read_bytes()
+    again = uniseg("weights", "--bundle", str(bundle), "--url", str(official_file))  # a plain path works too
+    assert again.returncode == 2 and "--overwrite" in again.stderr and str(model_pt) in again.stderr
+    assert model_pt.read_bytes() == before
+    forced = uniseg("weights", "--bundle", str(bundle), "--url", str(official_file), "--overwrite")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+
+
+@pytest.mark.parametrize("download", ["downstream model", "other network", "text file", "missing file"])
+def test_weights_refuses_what_is_not_the_bundles_uniseg(official_fixture, tmp_path, download):
+    bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path)
+    src = tmp_path / "download.model"
+    if download == "downstream model":
+        save_nnunet_v1(nnunet_v1_container(official_fixture["downstream_state_dict"]), src)
+    elif download == "other network":
+        torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, src)
+    elif download == "text file":
+        src.write_text("<html>Google Drive: quota exceeded</html>")
+    before = listing(bundle)
+    run = uniseg("weights", "--bundle", str(bundle), "--url", src.as_uri())
+    assert run.returncode == 2 and "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert listing(bundle) == before  # nothing installed, nothing left behind
+
+
+def test_weights_fetch_google_drive_through_gdown(official_fixture, official_file, tmp_path, monkeypatch):
+    """The large_files.yml url goes to MONAI's download_url, which hands Google Drive to gdown (stubbed offline)."""
+    import gdown
+
+    calls = []
+
+    def fake_download(url, output, quiet=False, **kwargs):
+        calls.append(url)
+        shutil.copyfile(official_file, output)
+        return output
+
+    monkeypatch.setattr(gdown, "download", fake_download)
+    bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path)
+    report = download_weights(bundle)
+    assert calls == [OFFICIAL_URL]
+    assert report["dst"] == str(bundle / "models" / "model.pt") and len(report["tasks"]) == 11
+    assert json.loads(Path(report["provenance"]).read_text())["source"] == OFFICIAL_URL
+
+
+def test_fine_tuning_starts_from_the_fetched_pretraining(official_fixture, official_file, tmp_path):
+    """`uniseg weights --bundle <fine-tuning bundle>` then the bundle's train.json, no other step: the network
+    starts from the official encoder-decoder."""
+    bundle = tiny_bundle(official_fixture, "downstream", "uniseg_finetune_btcv", tmp_path)
+    run = uniseg("weights", "--bundle", str(bundle), "--url", official_file.as_uri())
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert read_model(bundle / "models" / "pretrained.pt").network_def["num_tasks"] == 11
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "train.json")
+    parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')"})
+    parser.update({k: inference[k] for k in ("features", "kernel_sizes", "strides", "patch_size")})
+    assert parser.get_parsed_content("pretrained") == str(bundle / "models" / "pretrained.pt")
+    network = parser.get_parsed_content("network")
+    upstream = convert_state_dict(official_fixture["upstream_state_dict"])
+    assert torch.equal(network.state_dict()["encoder.2.0.conv.weight"], upstream["encoder.2.0.conv.weight"])
+    assert torch.equal(
+        network.state_dict()["decoder.0.upsample.conv.weight"], upstream["decoder.0.upsample.conv.weight"][:-1]
+    )

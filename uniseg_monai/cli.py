@@ -10,31 +10,64 @@ from typing import Any
 
 import fire
 
+from uniseg_monai.bundles import DEFAULT_BUNDLE
 from uniseg_monai.data.datalist import DatalistError
-from uniseg_monai.official import OfficialCheckpointError, convert_official
+from uniseg_monai.model_files import ModelFileError, convert_official
+from uniseg_monai.official import OfficialCheckpointError
 from uniseg_monai.predict import predict
 from uniseg_monai.tasks import TaskError, TaskRegistry, registry_for_datalist
+from uniseg_monai.weights import convert_into_bundle, download_weights
 
 
-def _convert_official(src: str, dst: str = "", bundle: str = "", overwrite: bool = False) -> None:
-    """Convert an official UniSeg checkpoint (.model, upstream or downstream) to this package's format.
+def _convert_official(src: str, dst: str = "", bundle: str = "", task: str = "", overwrite: bool = False) -> None:
+    """Convert an official UniSeg checkpoint (nnU-Net v1 .model, upstream or downstream) to a model file of this
+    package: {"model", "network_def", "tasks", "provenance"}, usable from anywhere (predict --checkpoint, bundles).
 
     Args:
-        src: official checkpoint: a dict with ``state_dict`` (nnU-Net v1 keys, (z, y, x) axes).
-        dst: output ``.pt``: {"model": state dict, "network_def": MONAI bundle config of the network}.
-        bundle: instead of DST, write ``<bundle>/models/model.pt`` (checked to load into the bundle's network) and
-            ``models/model_provenance.json`` (source, sha256, the weights' non-commercial licence).
+        src: official checkpoint (a dict with ``state_dict``: nnU-Net v1 keys, (z, y, x) axes).
+        dst: output ``.pt``.
+        bundle: instead of DST, install into a bundle (folder or name): weights that fit its network become
+            ``models/model.pt``, upstream weights given to a fine-tuning bundle its ``models/pretrained.pt``; with
+            ``<name>_provenance.json`` (source, sha256, the weights' non-commercial licence).
+        task: task of a downstream checkpoint (default: the built-in task with its class count).
         overwrite: replace the output if it exists (otherwise an existing file is never touched).
     """
     if bool(dst) == bool(bundle):
         raise ValueError("give exactly one of DST or --bundle")
-    if bundle:
-        from uniseg_monai.official import convert_official_to_bundle
-
-        print(_json.dumps(convert_official_to_bundle(src, bundle, overwrite=overwrite), indent=2))
-        return
-    report = convert_official(src, dst, overwrite=overwrite)
+    report = convert_into_bundle(src, bundle, overwrite) if bundle else convert_official(src, dst, task, overwrite)
     print(_json.dumps(report, indent=2))
+    print(f"licence of these weights: {report['licence']}", file=sys.stderr)
+
+
+def _weights(bundle: str = DEFAULT_BUNDLE, url: str = "", overwrite: bool = False) -> None:
+    """Fetch a bundle's pretrained weights (its large_files.yml: the official UniSeg release), check that they are
+    a UniSeg of the bundle's architecture, convert an official container and install them with provenance.
+
+    Args:
+        bundle: bundle folder or name (uniseg_pretrain: models/model.pt; uniseg_finetune_btcv / _vs:
+            models/pretrained.pt, their default starting point).
+        url: instead of large_files.yml's url: http(s), Google Drive, file:// or a local path.
+        overwrite: replace an existing model file (otherwise it is never touched).
+    """
+    report = download_weights(bundle, url=url, overwrite=overwrite)
+    print(_json.dumps(report, indent=2))
+    print(f"licence of these weights: {report['licence']}", file=sys.stderr)
+
+
+def _pack_bundles(out: str = "dist", bundles: str | list[str] = "") -> None:
+    """Write dist/<bundle>_v<version>.zip for each bundle (default: every folder of ./bundles), in the layout of
+    `python -m monai.bundle download --source github`; weights stay out (large_files.yml fetches them)."""
+    from pathlib import Path
+
+    from uniseg_monai.bundles import pack_bundle
+
+    names = (
+        [bundles]
+        if isinstance(bundles, str) and bundles
+        else list(bundles) or sorted(str(p) for p in Path("bundles").iterdir() if (p / "configs").is_dir())
+    )
+    for name in names:
+        print(pack_bundle(name, out))
 
 
 def _tasks(json: bool = False, datalist: str | None = None) -> None:
@@ -87,7 +120,7 @@ def _demo(
 
 
 def _export(
-    bundle: str = "bundles/uniseg_pretrain",
+    bundle: str = DEFAULT_BUNDLE,
     onnx: str = "",
     checkpoint: str | None = None,
     in_channels: int = 1,
@@ -118,6 +151,8 @@ def _predict(*args: Any, **kwargs: Any) -> None:
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "convert-official": _convert_official,
+    "weights": _weights,
+    "pack-bundles": _pack_bundles,
     "tasks": _tasks,
     "prepare": _prepare,
     "generate-phantoms": _generate_phantoms,
@@ -128,7 +163,22 @@ COMMANDS: dict[str, Callable[..., Any]] = {
 }
 SHORT_FLAGS = {"predict": {"-i": "--input", "-o": "--output"}}
 
-USER_ERRORS = (OfficialCheckpointError, DatalistError, TaskError, FileExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (
+    OfficialCheckpointError,
+    ModelFileError,
+    DatalistError,
+    TaskError,
+    FileExistsError,
+    FileNotFoundError,
+    ValueError,
+)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The user error behind ``err`` (MONAI wraps errors raised while a config expression is evaluated), if any."""
+    while err is not None and not isinstance(err, USER_ERRORS):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         argv = [SHORT_FLAGS[argv[0]].get(a, a) for a in argv]
     try:
         fire.Fire(COMMANDS, command=argv, name="uniseg")
-    except USER_ERRORS as err:
-        print(f"uniseg: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"uniseg: error: {cause}", file=sys.stderr)
         sys.exit(2)

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from uniseg_monai.atomic import write_atomic
+from uniseg_monai.bundles import open_inference
+from uniseg_monai.model_files import load_into
 from uniseg_monai.networks import UniSeg
-from uniseg_monai.transfer import read_pretrained_state
 
 SPATIAL_AXES = {2: "x", 3: "y", 4: "z"}
 
@@ -205,32 +206,27 @@ def export_bundle_onnx(
     overwrite: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Export a bundle's trained network: ``network_def`` of ``configs/inference.json`` with its checkpoint.
+    """Export a bundle's trained network: the model file's own network (or the bundle's ``network_def``) with
+    its weights.
 
     Args:
-        bundle_dir: the bundle folder.
+        bundle_dir: the bundle folder or name (:func:`uniseg_monai.bundles.find_bundle`).
         out_path: the ``.onnx`` file.
         in_channels, overwrite: as :func:`export_onnx`.
-        window: default the bundle's ``patch_size``.
-        ckpt: the checkpoint, default ``<bundle_dir>/models/model.pt``; a bare state dict or ``{"model": ...}``,
-            read with ``weights_only=True``. Its folder is the config's ``ckpt_dir`` (where ``tasks.json`` is).
+        window: default the model's ``patch_size``.
+        ckpt: the model file, default ``<bundle>/models/model.pt`` (every file
+            :func:`uniseg_monai.model_files.read_model` reads).
         overrides: config ids to set before parsing (e.g. ``base_features``, ``patch_size``).
 
     Returns:
         :func:`export_onnx`'s dict, plus ``"ckpt"``.
     """
-    from monai.bundle import ConfigParser
-
-    bundle_dir = Path(bundle_dir)
     if Path(out_path).exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass overwrite=True to replace it")
-    ckpt = Path(ckpt) if ckpt is not None else bundle_dir / "models" / "model.pt"
-    parser = ConfigParser()
-    parser.read_config(bundle_dir / "configs" / "inference.json")
-    parser.update({"bundle_root": str(bundle_dir), "ckpt_dir": str(ckpt.parent), **overrides})
+    parser, model = open_inference(bundle_dir, ckpt, overrides)
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(read_pretrained_state(ckpt), strict=True)
+    load_into(network, model)
     if window is None:
         window = parser.get_parsed_content("patch_size")
     result = export_onnx(network, out_path, in_channels=in_channels, window=window, overwrite=overwrite)
-    return {**result, "ckpt": str(ckpt)}
+    return {**result, "ckpt": str(model.path)}

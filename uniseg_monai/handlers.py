@@ -12,6 +12,7 @@ from ignite.engine import Engine
 from monai.engines import IterationEvents
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
+PRETRAINED_NAME = "pretrained.pt"  # a fine-tuning bundle's starting point in models/, not an earlier run's output
 
 
 class GradientClipping:
@@ -71,7 +72,7 @@ def check_run_dir(ckpt_dir: str | Path, resume: bool, in_place: bool = False) ->
                 shutil.copy2(model, folder / f"model_before_{stamp}.pt")
         return True
     if not resume and folder.is_dir():
-        earlier = sorted(p.name for p in folder.glob("*.pt"))
+        earlier = sorted(p.name for p in folder.glob("*.pt") if p.name != PRETRAINED_NAME)
         if earlier:
             raise FileExistsError(
                 f"{folder} already holds {', '.join(earlier)} from an earlier run; pass --resume true to continue "

@@ -1,23 +1,17 @@
-"""Conversion of official UniSeg checkpoints (nnU-Net v1 key names, (z, y, x) axes) to this package.
+"""Conversion of official UniSeg state dicts (nnU-Net v1 key names, (z, y, x) axes) to this package's.
 
 The architecture is inferred from tensor shapes alone; every 5-D tensor (conv kernels and the universal
-prompt) is permuted from (.., z, y, x) to MONAI's (.., x, y, z).
+prompt) is permuted from (.., z, y, x) to MONAI's (.., x, y, z). Reading and writing files is
+:mod:`uniseg_monai.model_files`' job.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import pickle
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
-
-from uniseg_monai.atomic import write_atomic, write_text_atomic
 
 OFFICIAL_LICENCE = (
     "Converted from the official UniSeg release (https://github.com/yeerwen/UniSeg), whose weights are licensed "
@@ -46,23 +40,10 @@ class OfficialCheckpointError(ValueError):
     """The file is not an official UniSeg checkpoint this converter understands."""
 
 
-def load_weights_only(path: str | os.PathLike, error: type[Exception] = OfficialCheckpointError) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; a file needing arbitrary unpickling raises ``error``."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise error(
-            f"{path}: refused to load: it needs arbitrary unpickling, which can run code "
-            f"(weights_only=True failed: {str(err).splitlines()[0]}). Re-save its state_dict with torch.save."
-        ) from err
-
-
-def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an official ``.model`` file (a dict with ``state_dict``) or a bare state dict, never unpickling code."""
-    obj = load_weights_only(path)
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise OfficialCheckpointError(f"{path}: expected a dict with a 'state_dict' of tensors (an official .model)")
+def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix a (Distributed)DataParallel-wrapped network leaves on every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k.removeprefix("module."): v for k, v in state.items()}
     return state
 
 
@@ -119,95 +100,4 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """Official state dict -> ours: renamed, 5-D tensors permuted from (.., z, y, x) to (.., x, y, z)."""
     return {
         official_key(k): (v.permute(0, 1, 4, 3, 2) if v.ndim == 5 else v).contiguous().clone() for k, v in state.items()
-    }
-
-
-def build_network(network_def: dict[str, Any]) -> torch.nn.Module:
-    """Instantiate a network from its bundle config, as ``monai.bundle`` would."""
-    from monai.bundle import ConfigParser
-
-    return ConfigParser({"network": network_def}).get_parsed_content("network")
-
-
-def save_atomic(obj: Any, dst: Path) -> None:
-    """``torch.save`` to a temporary file beside ``dst``, then rename: never a half-written ``dst``."""
-    write_atomic(dst, lambda f: torch.save(obj, f))
-
-
-def convert_official(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
-    """Convert an official checkpoint to ``{"model": state_dict, "network_def": config}`` at ``dst``.
-
-    The converted weights are loaded strictly into the network built from ``network_def`` before anything is
-    written; ``dst`` is written atomically and an existing file is kept unless ``overwrite``.
-    """
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    state = load_official_state_dict(src)
-    network_def = infer_network_def(state)
-    model = convert_state_dict(state)
-    net = build_network(network_def)
-    try:
-        net.load_state_dict(model, strict=True)
-    except RuntimeError as err:
-        raise OfficialCheckpointError(f"{src}: converted weights do not fit the inferred network: {err}") from err
-    save_atomic({"model": model, "network_def": network_def}, dst)
-    return {
-        "kind": "upstream" if "num_tasks" in network_def else "downstream",
-        "network_def": network_def,
-        "parameters": sum(p.numel() for p in net.parameters()),
-        "dst": str(dst),
-    }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def convert_official_to_bundle(src: str | os.PathLike, bundle: str | os.PathLike, overwrite: bool = False) -> dict:
-    """Convert an official checkpoint straight into ``<bundle>/models/model.pt`` (a state dict, as the bundle's
-    ``CheckpointLoader`` reads it) and record its provenance and licence in ``models/model_provenance.json``.
-
-    The weights must load strictly into the network the bundle's ``configs/inference.json`` builds (its
-    ``network_def`` with the task table in ``models/tasks.json``): upstream weights go to ``uniseg_pretrain``,
-    BTCV / VS downstream weights to the fine-tuning bundles. An existing ``model.pt`` is kept unless ``overwrite``.
-    """
-    from monai.bundle import ConfigParser
-
-    src, models = Path(src), Path(bundle) / "models"
-    dst = models / "model.pt"
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    state = load_official_state_dict(src)
-    network_def = infer_network_def(state)
-    model = convert_state_dict(state)
-    parser = ConfigParser()
-    parser.read_config(Path(bundle) / "configs" / "inference.json")
-    parser.update({"bundle_root": str(bundle), "ckpt_dir": str(models)})
-    try:
-        parser.get_parsed_content("network_def").load_state_dict(model, strict=True)
-    except RuntimeError as err:
-        raise OfficialCheckpointError(
-            f"{src}: the official {network_def['_target_'].rsplit('.', 1)[-1]} ({network_def['num_classes']} classes, "
-            f"features {network_def['features']}) does not fit bundle {bundle}'s network_def and models/tasks.json; "
-            f"choose the matching bundle ({str(err).splitlines()[0]})"
-        ) from err
-    save_atomic(model, dst)
-    provenance = {
-        "source": str(src.resolve()),
-        "source_sha256": _sha256(src),
-        "model_sha256": _sha256(dst),
-        "converted_with": "uniseg convert-official --bundle",
-        "network_def": network_def,
-        "licence": OFFICIAL_LICENCE,
-    }
-    write_text_atomic(models / "model_provenance.json", json.dumps(provenance, indent=2) + "\n")
-    return {
-        "dst": str(dst),
-        "provenance": str(models / "model_provenance.json"),
-        "model_sha256": provenance["model_sha256"],
     }

@@ -17,13 +17,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from tqdm import tqdm
 
 from uniseg_monai.atomic import write_atomic, write_text_atomic
+from uniseg_monai.bundles import DEFAULT_BUNDLE, open_inference
+from uniseg_monai.model_files import load_into
 from uniseg_monai.tasks import Task
-from uniseg_monai.transfer import read_pretrained_state
 from uniseg_monai.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
 
 MERGE_RULE = (
@@ -75,17 +75,10 @@ def find_cases(entries: str | Sequence[str], exclude: Path | None = None) -> dic
     return cases
 
 
-def _parser(bundle: Path, checkpoint: Path, task: str, settings: dict[str, Any], progress: bool) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config(bundle / "configs" / "inference.json")
-    unknown = sorted(k for k in settings if k not in parser)
-    if unknown:
-        raise ValueError(f"unknown bundle setting(s) {unknown}: not ids of {bundle}/configs/inference.json")
-    parser.update(
-        {"bundle_root": str(bundle), "ckpt_dir": str(checkpoint.parent), "task": "" if task == "all" else task}
-    )
-    parser.update(settings)
-    # windows run on the device, the whole volume is padded and stitched on the CPU
+def _parser(bundle: str, checkpoint: str | None, task: str, settings: dict[str, Any], progress: bool):
+    """The bundle's inference config for the model file (:func:`uniseg_monai.bundles.open_inference`), with windows
+    on the device, the volume stitched on the CPU, an all-task inferer and no ``SaveImaged`` (predict writes)."""
+    parser, model = open_inference(bundle, checkpoint, {"task": "" if task == "all" else task, **settings})
     parser.update(
         {"inferer#sw_device": "@device", "inferer#device": "$torch.device('cpu')", "inferer#progress": progress}
     )
@@ -93,7 +86,7 @@ def _parser(bundle: Path, checkpoint: Path, task: str, settings: dict[str, Any],
     parser["all_inferer"] = {**same, "_target_": "uniseg_monai.inferers.AllTaskSlidingWindowInferer"}
     steps = parser["postprocessing#transforms"]
     parser["postprocessing#transforms"] = [s for s in steps if not str(s.get("_target_")).endswith("SaveImaged")]
-    return parser
+    return parser, model
 
 
 def _takes(task: Task, modality: str) -> bool:
@@ -127,7 +120,7 @@ def predict(
     input: str | Sequence[str],
     output: str,
     task: str,
-    bundle: str = "bundles/uniseg_pretrain",
+    bundle: str = DEFAULT_BUNDLE,
     checkpoint: str | None = None,
     tta: bool = False,
     device: str | None = None,
@@ -149,9 +142,11 @@ def predict(
             in one sliding-window pass per spacing/normalisation (encoder once, decoder per task), plus
             ``<case>_all_merged.nii.gz`` / ``.json``: tasks in id order, merged label = running index over their
             non-background classes, later tasks win where they overlap; the table is in the JSON.
-        bundle: bundle folder; its ``configs/inference.json`` defines everything.
-        checkpoint: weights (bare state dict, ``{"model": ...}`` or official file; never unpickled code), default
-            ``<bundle>/models/model.pt``; its folder must hold the model's ``tasks.json``.
+        bundle: bundle folder or name (``./bundles/NAME``, the installed source tree's ``bundles/NAME``, then
+            ``$UNISEG_HOME/bundles/NAME``); its ``configs/inference.json`` defines pre-/post-processing and inferer.
+        checkpoint: model file, default ``<bundle>/models/model.pt``: one this package wrote (it carries its network
+            and task table, so it works from anywhere), an official UniSeg ``.model`` (converted on the fly), or an
+            older state dict with ``tasks.json`` beside it; never unpickled code.
         tta: average the 8 mirrorings of every window (8x time).
         device: ``cpu`` or ``cuda`` (default: cuda if available).
         overlap: sliding-window overlap in [0, 1).
@@ -163,24 +158,23 @@ def predict(
     its tasks with ``all``, + 1 weight map) x preprocessed voxels, then float32 x classes x original voxels per
     task for the inverse resampling of the softmax. A single ``--task`` needs less than ``all``.
     """
-    out, bundle_dir = Path(output), Path(bundle)
+    out = Path(output)
     cases = find_cases(input, exclude=out)
     for _, files in cases.values():
         for f in files:
             if out.resolve() in (f.resolve().parent, f.absolute().parent.resolve()):
                 raise ValueError(f"output folder {out} holds the input {f}: choose another one")
-    ckpt = Path(checkpoint) if checkpoint else bundle_dir / "models" / "model.pt"
     settings = {"tta": bool(tta), "overlap": float(overlap), **overrides}
     if device:
         settings["device"] = f"$torch.device({str(device)!r})"
-    parser = _parser(bundle_dir, ckpt, task, settings, progress=len(cases) == 1)
+    parser, model = _parser(bundle, checkpoint, task, settings, progress=len(cases) == 1)
     registry = parser.get_parsed_content("registry")
     tasks = sorted(registry.values(), key=lambda t: t.id) if task == "all" else [registry[task]]
     tasks = [t for t in tasks if not modality or _takes(t, modality)]
     if not tasks:
         raise ValueError(f"no task ({task}) of the model takes {modality} images; its tasks: {sorted(registry)}")
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(read_pretrained_state(ckpt), strict=True)
+    load_into(network, model)
     dev = parser.get_parsed_content("device")
     network.to(dev).eval()
     amp = bool(parser.get_parsed_content("amp")) and dev.type == "cuda"
@@ -188,7 +182,10 @@ def predict(
     load = next(t for t in steps if isinstance(t, ThreadSafeLoadImaged))  # a case is read once for all tasks
     preprocess, post = Compose([t for t in steps if t is not load]), parser.get_parsed_content("postprocessing")
     inferer = parser.get_parsed_content("all_inferer" if task == "all" else "inferer")
-    common = {"checkpoint": str(ckpt.resolve()), "bundle": str(bundle_dir.resolve()), "device": str(dev)}
+    bundle_dir = Path(parser["bundle_root"]).resolve()
+    common = {"checkpoint": str(model.path.resolve()), "bundle": str(bundle_dir), "device": str(dev)}
+    if model.provenance:
+        common["weights_licence"] = model.provenance.get("licence", "")
     common.update(tta=bool(tta), overlap=float(overlap))
 
     def segment(image: torch.Tensor, fits: list[Task]) -> tuple[dict[str, np.ndarray], dict[str, dict], np.ndarray]:

@@ -364,11 +364,14 @@ def resolve_task(item: Mapping[str, Any], registry: TaskRegistry, default: str =
 
 def registry_for_run(datalist: str | Path, ckpt_dir: str | Path) -> TaskRegistry:
     """The tasks of a training run: the datalist's when the file exists, else (MONAI Label hands the items over
-    without a datalist) the tasks of the model in ``ckpt_dir``, else the built-in tasks."""
+    without a datalist) the tasks of the model in ``ckpt_dir`` (its ``model.pt``'s table, else ``tasks.json``),
+    else the built-in tasks."""
+    from uniseg_monai.model_files import MODEL_FILE, model_tasks  # model_files builds on this module
+
     if Path(datalist).is_file():
         return registry_for_datalist(datalist)
-    if (Path(ckpt_dir) / MODEL_TASKS_FILE).is_file():
-        return load_model_tasks(ckpt_dir)
+    if any((Path(ckpt_dir) / name).is_file() for name in (MODEL_FILE, MODEL_TASKS_FILE)):
+        return model_tasks(ckpt_dir)
     return TaskRegistry()
 
 

@@ -6,13 +6,9 @@ prompt as the last input channel upstream — loses the prompt's input channel(s
 FUSE have no downstream counterpart; the heads keep the downstream network's own fresh initialisation, for
 any class count and any source (an upstream UniSeg or a downstream backbone); nothing is frozen.
 
-Accepted checkpoints, all read with ``torch.load(weights_only=True)``:
-
-- a pretrain bundle's ``models/model.pt`` (``{"model": state_dict, "optimizer": ..., ...}``) or a bare
-  state dict;
-- a converted official checkpoint (``{"model": state_dict, "network_def": ...}``, see
-  :func:`uniseg_monai.official.convert_official`);
-- a raw official ``.model`` file (``{"state_dict": ...}`` with nnU-Net key names), converted on the fly.
+Accepted checkpoints: every file :func:`uniseg_monai.model_files.read_model` reads (a pretrain bundle's
+``models/model.pt`` or training checkpoint, a converted official checkpoint, a raw official ``.model`` converted
+on the fly, a bare state dict), never unpickling code.
 
 The transfer is all or nothing: a missing or mis-shaped encoder/decoder tensor raises
 :class:`PretrainedCheckpointError` naming the file, the key and the shapes, before any weight is changed.
@@ -23,19 +19,21 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from uniseg_monai.model_files import ModelFileError, read_state
 from uniseg_monai.networks import UniSeg, UniSegBackbone
-from uniseg_monai.official import OfficialCheckpointError, convert_state_dict, load_weights_only
 
 logger = logging.getLogger(__name__)
 
 FIRST_UPSAMPLE = "decoder.0.upsample.conv.weight"
+PRETRAINED_FILE = "models/pretrained.pt"  # a fine-tuning bundle's starting point, fetched by `uniseg weights`
 PROMPT_PREFIXES = ("universal_prompt", "fuse.")
 
 
-class PretrainedCheckpointError(ValueError):
+class PretrainedCheckpointError(ModelFileError):
     """A pretrained checkpoint that cannot be read or does not fit the downstream network."""
 
 
@@ -65,25 +63,6 @@ class TransferReport:
             f"{'; '.join(f'{k} {v}' for k, v in self.adapted.items()) or '-'}); skipped {len(self.skipped)} "
             f"({'; '.join(reasons) or '-'}); {len(self.initialised)} left at init ({', '.join(self.initialised)})"
         )
-
-
-def read_pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict (our key names, (x, y, z) axes) of a checkpoint file of any accepted form."""
-    obj = load_weights_only(path, PretrainedCheckpointError)
-    state = obj
-    if isinstance(obj, dict):
-        state = obj.get("model", obj.get("state_dict", obj))
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PretrainedCheckpointError(
-            f"{path}: expected a state dict of tensors, bare or under 'model' (bundle / converted checkpoint) "
-            "or 'state_dict' (official .model)"
-        )
-    if any(k.startswith("conv_blocks_context.") for k in state):  # official nnU-Net key names
-        try:
-            return convert_state_dict(state)
-        except OfficialCheckpointError as err:
-            raise PretrainedCheckpointError(f"{path}: {err}") from err
-    return state
 
 
 def transfer_state(
@@ -138,7 +117,11 @@ def transfer_state(
 
 def load_pretrained(network: UniSegBackbone, path: str | os.PathLike) -> TransferReport:
     """Load the pretrained checkpoint at ``path`` into ``network`` (in place) by :func:`transfer_state`."""
-    return transfer_state(network, read_pretrained_state(path), str(path))
+    try:
+        state = read_state(path)
+    except ModelFileError as err:
+        raise PretrainedCheckpointError(str(err)) from err
+    return transfer_state(network, state, str(path))
 
 
 def pretrained_network(network: UniSegBackbone, path: str | os.PathLike | None = "") -> UniSegBackbone:
@@ -147,7 +130,11 @@ def pretrained_network(network: UniSegBackbone, path: str | os.PathLike | None =
     For bundle configs: ``"network": "$uniseg_monai.transfer.pretrained_network(@network_def, @pretrained)"``.
     """
     if not path:
-        logger.info("no pretrained checkpoint: training from scratch")
+        logger.warning(
+            "no pretrained checkpoint: training from scratch (`uniseg weights --bundle BUNDLE` fetches the official "
+            "UniSeg pretraining to %s, or pass --pretrained FILE)",
+            PRETRAINED_FILE,
+        )
         return network
     if not isinstance(network, UniSegBackbone):
         raise PretrainedCheckpointError(
@@ -156,3 +143,10 @@ def pretrained_network(network: UniSegBackbone, path: str | os.PathLike | None =
         )
     logger.info("pretrained weights: %s", load_pretrained(network, path).summary())
     return network
+
+
+def bundle_pretrained(bundle_root: str | os.PathLike) -> str:
+    """The default of a fine-tuning bundle's ``pretrained`` id: ``<bundle_root>/models/pretrained.pt`` when it
+    exists (``uniseg weights`` puts it there), else '' (from scratch, with a warning in the log)."""
+    path = Path(bundle_root) / PRETRAINED_FILE
+    return str(path) if path.is_file() else ""

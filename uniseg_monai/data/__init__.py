@@ -1,6 +1,6 @@
 """Datalists, data checks, task-uniform sampling and synthetic phantoms."""
 
-from uniseg_monai.data.datalist import DatalistError, load_items, read_datalist, task_items
+from uniseg_monai.data.datalist import DatalistError, inference_items, load_items, read_datalist, task_items
 from uniseg_monai.data.sampling import TaskUniformSampler
 
-__all__ = ["DatalistError", "TaskUniformSampler", "load_items", "read_datalist", "task_items"]
+__all__ = ["DatalistError", "TaskUniformSampler", "inference_items", "load_items", "read_datalist", "task_items"]

@@ -70,3 +70,17 @@ def task_items(path: str | Path, section: str, registry: TaskRegistry, task: str
         found = sorted({item["task"] for item in items})
         raise DatalistError(f"{path}: no training items of task {task!r} (found {found}); set the bundle id `task`")
     return chosen
+
+
+def inference_items(
+    path: str | Path, section: str, registry: TaskRegistry, task: str, dataset_dir: str | Path
+) -> list[dict[str, Any]]:
+    """What an inference run segments: the datalist's ``section`` when the datalist exists (every item as
+    ``task`` if given), else every ``*.nii.gz`` directly in ``dataset_dir`` or its ``imagesTs/`` (the MONAI
+    model-zoo layout), to be segmented as ``task``; no data at all gives no items (model-zoo CI checks a bundle so).
+    """
+    if Path(path).is_file():
+        return load_items(path, section, registry, task=task or None)
+    folder = Path(dataset_dir)
+    images = sorted(folder.glob("*.nii.gz")) + sorted(folder.glob("imagesTs/*.nii.gz"))
+    return [{"image": str(p.resolve()), **({"task": registry[task].name} if task else {})} for p in images]

@@ -91,6 +91,14 @@ class UniSegBackbone(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
+        # constructor arguments as JSON values (a model file's ``network_def``); TorchScript skips this attribute
+        self.init_args: dict = {
+            "num_classes": int(num_classes),
+            "in_channels": [int(c) for c in in_channels],
+            "features": [int(f) for f in features],
+            "kernel_sizes": [list(k) for k in kernels],
+            "strides": [list(s) for s in steps],
+        }
         self.total_stride = tuple(math.prod(s[a] for s in steps) for a in range(3))
 
         stem = ModalityStems(in_channels, features[0], kernels[0])
@@ -113,6 +121,11 @@ class UniSegBackbone(nn.Module):
             for s in reversed(range(len(features) - 1))
         )
         self.apply(_he_init)
+
+    def network_def(self) -> dict:
+        """The MONAI bundle config that builds this network: ``{"_target_": ..., **constructor arguments}``
+        (``deep_supervision`` left out: it only changes what ``train()`` mode returns)."""
+        return {"_target_": f"uniseg_monai.networks.{type(self).__name__}", **self.init_args}
 
     @property
     def in_channels(self) -> tuple[int, ...]:
@@ -216,6 +229,8 @@ class UniSeg(UniSegBackbone):
         super().__init__(num_classes, in_channels, features, kernel_sizes, strides, deep_supervision)
         self.num_tasks = num_tasks
         patch = _triple(patch_size)
+        self.init_args = {"num_tasks": int(num_tasks), **self.init_args, "patch_size": list(patch)}
+        self.init_args["fuse_blocks"] = int(fuse_blocks)
         if any(p % s for p, s in zip(patch, self.total_stride)):
             raise ValueError(f"patch_size {patch} is not divisible by the total stride {self.total_stride}")
         prompt_size = tuple(p // s for p, s in zip(patch, self.total_stride))

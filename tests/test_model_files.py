@@ -1,0 +1,185 @@
+"""Model files (uniseg_monai.model_files): official nnU-Net v1 containers as the release saves them (numpy 1.x and 2
+pickles, tiny fixture and full-size shapes), refusal of files whose unpickling would run code, self-describing files
+and files of earlier versions."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+import torch
+from conftest import shared_path, zyx_to_xyz
+from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
+
+from uniseg_monai.model_files import (
+    ModelFileError,
+    convert_official,
+    network_from_file,
+    read_model,
+    save_model,
+)
+from uniseg_monai.networks import UniSeg, UniSegBackbone
+from uniseg_monai.official import convert_state_dict
+from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS, TaskRegistry, save_model_tasks
+
+SPELLINGS = ["numpy1", "numpy2"]
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def full_size_state(name: str) -> dict[str, torch.Tensor]:
+    """A state dict with every key and shape of the full-size official model (values: small random numbers)."""
+    state = {}
+    for line in shared_path(f"fixtures/official_uniseg/{name}").read_text().splitlines():
+        key, shape, _ = line.split("\t")
+        state[key] = torch.randn(*[int(v) for v in re.findall(r"\d+", shape)]) * 0.01
+    return state
+
+
+def max_relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return (ours - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_official_release_container_converts_with_either_numpy(official_fixture, tmp_path, spelling):
+    """The release's container (training state with numpy scalars) is refused by plain weights_only loading, read
+    with the numpy allow-list, and its conversion reproduces the official outputs."""
+    src = save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), tmp_path / "x.model", spelling)
+    with zipfile.ZipFile(src) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert (b"numpy.core.multiarray" in data) == (spelling == "numpy1")  # the spelling the test claims
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(src, weights_only=True)
+
+    report = convert_official(src, tmp_path / "converted.pt")
+    assert report["kind"] == "upstream" and report["tasks"] == list(PAPER_UPSTREAM_TASKS)
+    assert "non-commercial" in report["licence"]
+    network, model = network_from_file(tmp_path / "converted.pt")
+    assert model.tasks.names == list(PAPER_UPSTREAM_TASKS) and model.provenance["source_sha256"]
+    for case in official_fixture["upstream_cases"]:
+        with torch.no_grad():
+            outputs = network.eval().forward_all_heads(zyx_to_xyz(case["input"]), case["task_id"])
+        for ours, ref in zip(outputs, case["outputs"]):
+            assert max_relative_error(zyx_to_xyz(ours), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_full_size_release_container_has_the_paper_network(tmp_path, spelling):
+    state = full_size_state("official_upstream_state_dict_keys.txt")
+    src = save_nnunet_v1(nnunet_v1_container(state), tmp_path / "model_final_checkpoint.model", spelling)
+    model = read_model(src)
+    paper = UniSeg()
+    assert model.official and model.network_def == paper.network_def()
+    assert {k: v.shape for k, v in model.state.items()} == {k: v.shape for k, v in paper.state_dict().items()}
+    paper.load_state_dict(model.state, strict=True)  # every tensor name and shape of the paper network
+    assert model.tasks.names == list(PAPER_UPSTREAM_TASKS)
+
+
+def test_data_parallel_prefix_is_accepted(official_fixture, tmp_path):
+    state = {f"module.{k}": v for k, v in official_fixture["downstream_state_dict"].items()}
+    src = save_nnunet_v1(nnunet_v1_container(state), tmp_path / "ddp.model")
+    model = read_model(src)
+    expected = convert_state_dict(official_fixture["downstream_state_dict"])
+    assert model.state.keys() == expected.keys() and model.network_def["_target_"].endswith("UniSegBackbone")
+
+
+class CreatesAFile:
+    """Unpickling this opens (and so creates) a file: code that must never run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize("command", ["convert-official", "weights", "predict"])
+def test_code_in_a_checkpoint_is_refused_and_never_runs(official_fixture, tmp_path, command):
+    marker = tmp_path / "ran.txt"
+    container = nnunet_v1_container(official_fixture["upstream_state_dict"])
+    container["amp_grad_scaler"] = CreatesAFile(marker)
+    src = save_nnunet_v1(container, tmp_path / "evil.model", "numpy1")
+    bundle = shutil.copytree(BUNDLES / "uniseg_pretrain", tmp_path / "bundle")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    args = {
+        "convert-official": [str(src), str(tmp_path / "out.pt")],
+        "weights": ["--bundle", str(bundle), "--url", src.as_uri()],
+        "predict": ["-i", str(src), "-o", str(tmp_path / "seg"), "--task", "liver", "--checkpoint", str(src)],
+    }[command]
+    run = subprocess.run(
+        [sys.executable, "-m", "uniseg_monai", command, *args], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    source = src.as_uri() if command == "weights" else str(src)
+    assert "refused" in run.stderr and "io.open" in run.stderr and source in run.stderr
+    assert not marker.exists()
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or left
+
+
+def test_a_model_file_describes_its_network_and_tasks(tmp_path):
+    tasks = TaskRegistry().subset(["liver", "spleen"])
+    net = UniSeg(num_tasks=tasks.num_tasks, num_classes=3, patch_size=(64, 64, 16), features=(4, 8, 16, 16, 16, 16))
+    save_model(tmp_path / "anywhere" / "weights.pt", net.state_dict(), net.network_def(), tasks)
+    rebuilt, model = network_from_file(tmp_path / "anywhere" / "weights.pt")
+    assert model.tasks.to_json() == tasks.to_json() and not model.official
+    assert rebuilt.network_def() == net.network_def()
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("layout", ["bare state dict", "model key"])
+def test_files_written_before_self_description_keep_working(tmp_path, layout):
+    tasks = TaskRegistry().subset(["btcv"])
+    net = UniSegBackbone(num_classes=14, features=(4, 8, 16, 16, 16, 16))
+    torch.save(net.state_dict() if layout == "bare state dict" else {"model": net.state_dict()}, tmp_path / "model.pt")
+    assert read_model(tmp_path / "model.pt").tasks is None
+    save_model_tasks(tasks, tmp_path)  # the tasks.json training wrote beside model.pt
+    model = read_model(tmp_path / "model.pt")
+    assert model.tasks.to_json() == tasks.to_json() and model.network_def is None
+    with pytest.raises(ModelFileError, match="no network_def"):
+        network_from_file(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"not a torch file", "not a readable PyTorch file"), (None, "not found"), ({"x": 1}, "not a model file")],
+)
+def test_unreadable_files_are_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "model.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(ModelFileError, match=message) as err:
+        read_model(path)
+    assert str(path) in str(err.value)
+
+
+def test_converted_official_file_predicts_without_tasks_json(official_fixture, tmp_path):
+    """The reported failure: `uniseg convert-official SRC DST` then `uniseg predict --checkpoint DST`, from a folder
+    that is not the repository, with no tasks.json beside DST."""
+    src = save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), tmp_path / "off.model")
+    dst = tmp_path / "elsewhere" / "uniseg.pt"
+    converted = subprocess.run(
+        [sys.executable, "-m", "uniseg_monai", "convert-official", str(src), str(dst)], capture_output=True, text=True
+    )
+    assert converted.returncode == 0, converted.stderr
+    assert "non-commercial" in converted.stderr  # the weights' licence is printed
+    ct = shared_path("data/real_samples/totalseg_examples/ct_abdomen_3mm_crop.nii.gz")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "uniseg_monai", "predict", "-i", str(ct), "-o", "seg", "--task", "spleen",
+         "--checkpoint", str(dst), "--device", "cpu"],
+        capture_output=True, text=True, cwd=cwd,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    seg, image = nib.load(cwd / "seg" / "ct_abdomen_3mm_crop_spleen.nii.gz"), nib.load(ct)
+    assert seg.shape == image.shape and (seg.affine == image.affine).all()
+    sidecar = json.loads((cwd / "seg" / "ct_abdomen_3mm_crop_spleen.json").read_text())
+    assert "non-commercial" in sidecar["weights_licence"] and sidecar["checkpoint"] == str(dst.resolve())

@@ -1,0 +1,123 @@
+"""Finding bundles by name, opening a bundle's inference config for a model file, and packing bundles as zips.
+
+A bundle name (``uniseg_pretrain``) resolves to the first of ``./bundles/NAME``, the ``bundles/NAME`` of the
+source tree this package is installed from, and ``$UNISEG_HOME/bundles/NAME`` (default
+``~/.cache/uniseg/bundles/NAME``: where ``python -m monai.bundle download --bundle_dir $UNISEG_HOME/bundles`` puts a
+downloaded bundle). A path to a folder is used as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser
+
+from uniseg_monai.model_files import MODEL_FILE, ModelFile, ModelFileError, read_model
+
+DEFAULT_BUNDLE = "uniseg_pretrain"
+INFERENCE_CONFIG = Path("configs") / "inference.json"
+# left out of a bundle zip: weights (large_files.yml fetches them), run outputs and caches
+PACK_EXCLUDED_SUFFIXES = (".pt", ".ts", ".onnx", ".pyc")
+PACK_EXCLUDED_DIRS = ("eval", "__pycache__", "runs")
+
+
+class BundleNotFoundError(FileNotFoundError):
+    """No bundle of that name or path."""
+
+
+def uniseg_home() -> Path:
+    """The per-user folder for downloaded bundles: ``$UNISEG_HOME``, default ``~/.cache/uniseg``."""
+    return Path(os.environ.get("UNISEG_HOME") or Path.home() / ".cache" / "uniseg")
+
+
+def bundle_search_path(name: str) -> list[Path]:
+    """Where the bundle called ``name`` is looked for, in order."""
+    source_tree = Path(__file__).resolve().parents[1] / "bundles" / name
+    return list(dict.fromkeys([Path("bundles") / name, source_tree, uniseg_home() / "bundles" / name]))
+
+
+def find_bundle(bundle: str | os.PathLike) -> Path:
+    """A bundle folder from a path or a name (see the module docstring); one line saying where it looked if not."""
+    path = Path(bundle)
+    if (path / INFERENCE_CONFIG).is_file():
+        return path
+    if path.exists():
+        raise BundleNotFoundError(f"{path} is not a bundle: it has no {INFERENCE_CONFIG}")
+    looked = [path] if len(path.parts) > 1 else bundle_search_path(str(bundle))
+    for candidate in looked:
+        if (candidate / INFERENCE_CONFIG).is_file():
+            return candidate
+    raise BundleNotFoundError(
+        f"bundle {str(bundle)!r} not found (looked in {', '.join(str(p) for p in looked)}); get it with "
+        f"`python -m monai.bundle download --name {path.name} --bundle_dir {uniseg_home() / 'bundles'} --source github "
+        "--repo OWNER/REPO/TAG` or pass the bundle folder"
+    )
+
+
+def bundle_name(bundle: Path) -> str:
+    """The bundle's name as ``monai.bundle download`` and the zip use it: its folder name."""
+    return bundle.resolve().name
+
+
+def open_inference(
+    bundle: str | os.PathLike, checkpoint: str | os.PathLike | None = None, settings: dict[str, Any] | None = None
+) -> tuple[ConfigParser, ModelFile]:
+    """The bundle's ``configs/inference.json`` set up for a model file: the file's own network (``network_def``,
+    and ``patch_size`` from it) and task table (``registry``) when it carries them, ``ckpt_dir`` = its folder,
+    then ``settings`` (other ids; an unknown id is an error). Returns the parser and the read model file.
+    """
+    folder = find_bundle(bundle)
+    ckpt = Path(checkpoint) if checkpoint else folder / "models" / MODEL_FILE
+    if not ckpt.is_file():
+        hint = f"`uniseg weights --bundle {bundle}`" if not checkpoint else "the path"
+        raise ModelFileError(
+            f"no weights at {ckpt}: get them with {hint} (see README, 'Use a pretrained model'), or train the bundle"
+        )
+    model = read_model(ckpt)
+    parser = ConfigParser()
+    parser.read_config(folder / INFERENCE_CONFIG)
+    unknown = sorted(k for k in settings or {} if k not in parser)
+    if unknown:
+        raise ValueError(f"unknown bundle setting(s) {unknown}: not ids of {folder / INFERENCE_CONFIG}")
+    parser.update({"bundle_root": str(folder), "ckpt_dir": str(ckpt.parent)})
+    if model.tasks is None:
+        raise ModelFileError(
+            f"{ckpt} carries no task table and no tasks.json lies beside it: re-save it with this version's "
+            "training or `uniseg convert-official`, or put the model's tasks.json beside it"
+        )
+    parser["registry"] = model.tasks
+    if model.network_def is not None:
+        parser["network_def"] = model.network_def
+        if "patch_size" in model.network_def:
+            parser["patch_size"] = model.network_def["patch_size"]
+    parser.update(settings or {})
+    return parser, model
+
+
+def pack_bundle(bundle: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write ``<out_dir>/<name>_v<version>.zip`` with the bundle under a ``<name>/`` base folder — the layout of
+    ``python -m monai.bundle download --name <name> --source github --repo OWNER/REPO/TAG`` — without weights,
+    run outputs or caches (``large_files.yml`` fetches the weights)."""
+    folder = find_bundle(bundle)
+    name = bundle_name(folder)
+    version = json.loads((folder / "configs" / "metadata.json").read_text())["version"]
+    out = Path(out_dir) / f"{name}_v{version}.zip"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix not in PACK_EXCLUDED_SUFFIXES
+        and not any(part in PACK_EXCLUDED_DIRS for part in p.relative_to(folder).parts)
+    )
+    tmp = out.with_name(f".{out.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in files:
+            archive.write(path, Path(name) / path.relative_to(folder))
+    tmp.replace(out)
+    return out

@@ -1,0 +1,342 @@
+"""Model files: the one place that reads and writes the weights files this package meets.
+
+A model file written by this package is a ``torch.save`` dict read back with ``torch.load(weights_only=True)``:
+
+- ``model``: the state dict (our key names, (x, y, z) axes);
+- ``network_def``: the MONAI bundle config that builds the network (``_target_`` + constructor arguments);
+- ``tasks``: the model's task table (:meth:`TaskRegistry.to_json`: names, ids, labels, spacing, normalisation);
+- training checkpoints add ``optimizer``, ``lr_scheduler`` and ``trainer``; converted files add ``provenance``.
+
+Also read, so that files of earlier versions and of the official release keep working:
+
+- a bare state dict or ``{"model": state_dict}``: the task table comes from the ``tasks.json`` beside the file;
+- an official UniSeg (nnU-Net v1) container ``{"state_dict", "optimizer_state_dict", "plot_stuff", ...}`` with
+  numpy scalars pickled by numpy 1.x or 2: converted on the fly (:mod:`uniseg_monai.official`); only the numpy
+  globals in :data:`NUMPY_SAFE_GLOBALS` are allowed, anything else that would run code is refused unexecuted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from uniseg_monai.atomic import write_atomic
+from uniseg_monai.official import OfficialCheckpointError, convert_state_dict, infer_network_def, strip_prefix
+from uniseg_monai.tasks import MODEL_TASKS_FILE, PAPER_UPSTREAM_TASKS, Task, TaskError, TaskRegistry, load_model_tasks
+
+logger = logging.getLogger(__name__)
+
+_SCALAR = np._core.multiarray.scalar
+# What an nnU-Net v1 checkpoint's plot_stuff / best_stuff need (np.mean of float32 losses and of float64 Dice
+# values): scalar reconstruction under the numpy 1.x name the 2023 release uses and under numpy 2's, numpy.dtype,
+# and the two dtype classes whose state the pickle sets. Nothing else.
+NUMPY_SAFE_GLOBALS: list = [
+    (_SCALAR, "numpy.core.multiarray.scalar"),
+    (_SCALAR, "numpy._core.multiarray.scalar"),
+    np.dtype,
+    type(np.dtype(np.float64)),
+    type(np.dtype(np.float32)),
+]
+MODEL_FILE = "model.pt"
+OFFICIAL_LICENCE = (
+    "UniSeg weights by Ye et al. (https://github.com/yeerwen/UniSeg), released for non-commercial use only; that "
+    "licence applies to these weights and to files converted from them, whatever the licence of this code (Apache-2.0)"
+)
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be read, or does not fit the network or bundle it is used with."""
+
+
+@dataclass
+class ModelFile:
+    """A model file's content in this package's terms.
+
+    Attributes:
+        path: the file.
+        state: state dict with our key names and (x, y, z) axes.
+        network_def: bundle config of its network, or None (an older file: the bundle's config decides).
+        tasks: its task table, or None when neither the file nor a ``tasks.json`` beside it has one.
+        official: whether it was an official UniSeg checkpoint (converted while reading).
+        provenance: where converted or fetched weights came from and their licence, if recorded.
+    """
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    network_def: dict[str, Any] | None
+    tasks: TaskRegistry | None
+    official: bool
+    provenance: dict[str, Any] | None = None
+
+
+def load_weights_only(path: str | os.PathLike, error: type[Exception] = ModelFileError, name: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, allowing only :data:`NUMPY_SAFE_GLOBALS` besides
+    torch's own; a file that needs anything else (code that would run) raises ``error`` (naming the file, or
+    ``name``: e.g. the URL of a download) and nothing runs."""
+    path = Path(path)
+    label = name or str(path)
+    if not path.is_file():
+        raise error(f"{label}: model file not found")
+    try:
+        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _refused_globals(path)
+        if refused is None:  # not even a PyTorch file
+            raise error(f"{label}: not a readable PyTorch file; download or save it again") from err
+        raise error(
+            f"{label}: refused to load: unpickling it would call {', '.join(refused) or 'objects'} (not plain weights; "
+            "weights_only=True refused it). Re-save only its state_dict with torch.save, or get the file again."
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise error(f"{label}: not a readable PyTorch file ({reason}); download or save it again") from err
+
+
+def _refused_globals(path: Path) -> list[str] | None:
+    """The globals of a checkpoint that weights-only loading refuses (read without unpickling), or None when the
+    file cannot be inspected at all."""
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in NUMPY_SAFE_GLOBALS}
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    except Exception:
+        return None
+
+
+def _state_of(obj: Any, path: Path | str) -> dict[str, torch.Tensor]:
+    state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(
+            f"{path}: not a model file: expected a state dict of tensors, bare, under 'model' (this package) or "
+            "under 'state_dict' (official UniSeg .model)"
+        )
+    return state
+
+
+def read_model(path: str | os.PathLike, name: str = "") -> ModelFile:
+    """Read any accepted model file (see the module docstring) without running code; errors name the file, or
+    ``name`` (what the user knows the file as, e.g. a URL)."""
+    path = Path(path)
+    label = name or str(path)
+    obj = load_weights_only(path, name=label)
+    state = _state_of(obj, label)
+    state = strip_prefix(state)
+    network_def = obj.get("network_def") if isinstance(obj, dict) else None
+    tasks = obj.get("tasks") if isinstance(obj, dict) else None
+    provenance = obj.get("provenance") if isinstance(obj, dict) else None
+    official = any(k.startswith("conv_blocks_context.") for k in state)
+    if official:
+        try:
+            network_def = infer_network_def(state)
+            state = convert_state_dict(state)
+        except OfficialCheckpointError as err:
+            raise ModelFileError(f"{label}: {err}") from err
+        if network_def.get("num_tasks") == len(PAPER_UPSTREAM_TASKS):
+            tasks = TaskRegistry().subset(PAPER_UPSTREAM_TASKS).to_json()  # the release: the paper's 11 tasks
+    if tasks is not None:
+        try:
+            registry = TaskRegistry(Task.parse(name, spec) for name, spec in tasks.items())
+        except (TaskError, AttributeError, TypeError, KeyError) as err:
+            raise ModelFileError(f"{label}: its task table is not valid ({err})") from err
+    elif (path.parent / MODEL_TASKS_FILE).is_file():
+        registry = load_model_tasks(path.parent)
+    else:
+        registry = None
+    return ModelFile(path, state, network_def, registry, official, provenance)
+
+
+def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict (our key names, (x, y, z) axes) of any accepted model file."""
+    return read_model(path).state
+
+
+def build_network(network_def: dict[str, Any]) -> torch.nn.Module:
+    """Instantiate a network from its bundle config, as ``monai.bundle`` would."""
+    from monai.bundle import ConfigParser
+
+    return ConfigParser({"network": network_def}).get_parsed_content("network")
+
+
+def _differences(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    keys = [k for k in dict.fromkeys([*ours, *theirs]) if ours.get(k) != theirs.get(k)]
+    return "; ".join(f"{k}: file {theirs.get(k)} vs config {ours.get(k)}" for k in keys)
+
+
+def load_into(network: torch.nn.Module, source: str | os.PathLike | ModelFile) -> ModelFile:
+    """Load a model file (a path, or one read already) into ``network`` (strict); a mismatch names the file and
+    what differs."""
+    model = source if isinstance(source, ModelFile) else read_model(source)
+    path = model.path
+    target = network.module if hasattr(network, "module") else network
+    try:
+        target.load_state_dict(model.state, strict=True)
+    except RuntimeError as err:
+        detail = str(err).splitlines()[0]
+        if model.network_def and hasattr(target, "network_def"):
+            detail = _differences(target.network_def(), model.network_def) or detail
+        raise ModelFileError(
+            f"{path}: the weights do not fit the network of this config ({detail}); set the ids that differ "
+            "(e.g. --features, --patch_size) or use the model's own bundle"
+        ) from err
+    return model
+
+
+def network_from_file(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelFile]:
+    """The network a self-describing model file (or an official container) defines, with its weights loaded."""
+    model = read_model(path)
+    if model.network_def is None:
+        raise ModelFileError(f"{path}: this file does not say which network it holds (no network_def)")
+    network = build_network(model.network_def)
+    network.load_state_dict(model.state, strict=True)
+    return network, model
+
+
+def model_tasks(ckpt_dir: str | os.PathLike) -> TaskRegistry:
+    """The tasks of the model in ``ckpt_dir``: those ``model.pt`` carries, else its ``tasks.json``."""
+    path = Path(ckpt_dir) / MODEL_FILE
+    if path.is_file():
+        tasks = read_model(path).tasks
+        if tasks is not None:
+            return tasks
+    if (Path(ckpt_dir) / MODEL_TASKS_FILE).is_file():
+        return load_model_tasks(ckpt_dir)
+    raise ModelFileError(
+        f"{ckpt_dir}: no model with a task table ({MODEL_FILE} carrying its tasks, or {MODEL_TASKS_FILE}): "
+        "get weights with `uniseg weights --bundle BUNDLE` or train the bundle"
+    )
+
+
+def save_atomic(obj: Any, dst: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``dst``, then rename: never a half-written ``dst``."""
+    write_atomic(dst, lambda f: torch.save(obj, f))
+
+
+def save_model(
+    dst: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    network_def: dict[str, Any],
+    tasks: TaskRegistry,
+    provenance: dict[str, Any] | None = None,
+) -> None:
+    """Write a self-describing model file (``model``, ``network_def``, ``tasks``[, ``provenance``]) atomically."""
+    obj: dict[str, Any] = {"model": state, "network_def": network_def, "tasks": tasks.to_json()}
+    if provenance:
+        obj["provenance"] = provenance
+    save_atomic(obj, dst)
+
+
+def convert_official(
+    src: str | os.PathLike, dst: str | os.PathLike, task: str = "", overwrite: bool = False
+) -> dict[str, Any]:
+    """Convert an official UniSeg checkpoint to a self-describing model file at ``dst`` (atomically; an existing
+    ``dst`` is kept unless ``overwrite``). The task table: the paper's 11 tasks for the upstream model; for a
+    downstream one, ``task`` (a built-in task with its class count) or the one built-in task of that class count.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    model = read_model(src)
+    if not model.official:
+        raise ModelFileError(f"{src}: not an official UniSeg checkpoint (no nnU-Net key names)")
+    tasks = model.tasks if model.tasks is not None else downstream_tasks(model.network_def["num_classes"], task, src)
+    network = build_network(model.network_def)
+    try:
+        network.load_state_dict(model.state, strict=True)
+    except RuntimeError as err:
+        raise ModelFileError(f"{src}: converted weights do not fit the inferred network: {err}") from err
+    provenance = official_provenance(Path(src), "uniseg convert-official")
+    save_model(dst, model.state, model.network_def, tasks, provenance)
+    return {
+        "kind": "upstream" if "num_tasks" in model.network_def else "downstream",
+        "network_def": model.network_def,
+        "tasks": tasks.names,
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "dst": str(dst),
+        "licence": OFFICIAL_LICENCE,
+    }
+
+
+def downstream_tasks(num_classes: int, task: str, src: str | os.PathLike) -> TaskRegistry:
+    """The task table of an official downstream checkpoint with ``num_classes`` classes."""
+    builtin = TaskRegistry()
+    names = [task] if task else [t.name for t in builtin.values() if t.num_classes == num_classes]
+    if len(names) != 1 or names[0] not in builtin or builtin[names[0]].num_classes != num_classes:
+        raise ModelFileError(
+            f"{src}: a downstream model with {num_classes} classes: name its task with --task (a built-in task "
+            f"with {num_classes} classes: {[t.name for t in builtin.values() if t.num_classes == num_classes]})"
+        )
+    return builtin.subset(names)
+
+
+def official_provenance(src: Path, tool: str, url: str = "") -> dict[str, Any]:
+    """Where converted official weights came from, and their licence."""
+    return {
+        "source": url or str(src.resolve()),
+        "source_sha256": sha256(src),
+        "converted_with": tool,
+        "converted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "licence": OFFICIAL_LICENCE,
+    }
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Entry:
+    """A plain value as a ``CheckpointSaver`` entry (ignite saves ``state_dict()``; loading ignores it)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def state_dict(self) -> Any:
+        return self.value
+
+    def load_state_dict(self, state: Any) -> None:
+        """The description of a loaded checkpoint is not state to restore."""
+
+
+def description(network: torch.nn.Module, registry: TaskRegistry) -> dict[str, Entry]:
+    """``CheckpointSaver`` entries that make a checkpoint self-describing: ``tasks`` and, for UniSeg networks,
+    ``network_def``. Bundles: ``"save_dict": "$dict(model=@network, **uniseg_monai.model_files.description(...))"``.
+    """
+    target = network.module if hasattr(network, "module") else network
+    entries = {"tasks": Entry(registry.to_json())}
+    if hasattr(target, "network_def"):
+        entries["network_def"] = Entry(target.network_def())
+    return entries
+
+
+class ModelLoader:
+    """Load a model file into ``network`` when an engine starts (``CheckpointLoader`` for inference, accepting
+    every model file :func:`read_model` reads, official containers included).
+
+    Args:
+        load_path: the model file.
+        network: the network to fill (strict: every tensor with its shape).
+    """
+
+    def __init__(self, load_path: str | os.PathLike, network: torch.nn.Module) -> None:
+        self.load_path = load_path
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        load_into(self.network, self.load_path)
+        logger.info("loaded %s", self.load_path)
