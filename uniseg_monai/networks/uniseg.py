@@ -296,16 +296,18 @@ class UniSeg(UniSegBackbone):
 
     @torch.jit.unused
     def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> torch.Tensor:
-        """All-task inference: encoder and FUSE once, then the decoder for every task in ``task_ids`` at once
-        (the batch repeated per task). Equals ``forward(x, t)`` for each t, at about the cost of one encoder
-        pass plus T decoder passes. x (B, C, X, Y, Z), T task ids -> full-resolution logits (B, T, K, X, Y, Z)."""
+        """All-task inference: encoder and FUSE once, then the decoder once per task in ``task_ids``, one task
+        after the other, so memory does not grow with the number of tasks (batching the tasks through the decoder
+        was slower and took 5x the memory for 7 tasks: ``benchmarks/all_task_decoding.py``). Equals
+        ``forward(x, t)`` for each t. x (B, C, X, Y, Z), T task ids -> full-resolution logits (B, T, K, X, Y, Z)."""
         ids = self._checked_task_ids(list(task_ids), len(task_ids))
         skips, z = self.encode(x)
-        b, t = x.shape[0], ids.numel()
         prompts = self.task_prompts(z).index_select(1, ids)  # (B, T, *s)
-        decoder_input = torch.cat([z.repeat_interleave(t, 0), prompts.reshape(b * t, 1, *z.shape[2:])], dim=1)
-        logits = self.decode(decoder_input, [s.repeat_interleave(t, 0) for s in skips], all_heads=False)[0]
-        return logits.view(b, t, *logits.shape[1:])
+        logits = [
+            self.decode(torch.cat([z, prompts[:, i : i + 1]], dim=1), skips, all_heads=False)[0]
+            for i in range(ids.numel())
+        ]
+        return torch.stack(logits, dim=1)
 
     def _segment(self, x: torch.Tensor, task_id: torch.Tensor, all_heads: bool) -> list[torch.Tensor]:
         ids = self.task_ids(task_id, x.shape[0])
