@@ -16,7 +16,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from uniseg_monai.data.phantoms import generate_downstream_phantoms
-from uniseg_monai.model_files import read_model, read_state, save_model
+from uniseg_monai.model_files import read_model, save_model
 from uniseg_monai.tasks import TaskRegistry, registry_for_datalist, save_model_tasks
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -148,7 +148,7 @@ def test_train_task_fine_tunes_the_chosen_task_and_updates_model_pt(bundle, phan
         for i in data["training"]
         if i["task"] == "ph_liver"
     ][:4]
-    before = read_state(bundle / "models" / "model.pt")
+    before = read_model(bundle / "models" / "model.pt").state
     train = BundleTrainTask(str(bundle), conf={})
     assert train.is_valid() and train.config()["task"] == ["ph_organs", "ph_liver", "ph_brain", "ph_petct"]
     request = {"model": "uniseg_pretrain", "task": "ph_liver", "max_epochs": 1, "val_split": 0.5, "device": "cpu"}
@@ -160,5 +160,5 @@ def test_train_task_fine_tunes_the_chosen_task_and_updates_model_pt(bundle, phan
     assert set(after) == set(before)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # trained and saved in place
     (kept,) = (bundle / "models").glob("model_before_*.pt")  # the previous model is kept
-    previous = read_state(kept)
+    previous = read_model(kept).state
     assert all(torch.equal(previous[k], before[k]) for k in before)

@@ -17,7 +17,7 @@ from conftest import BUNDLES, tiny_bundle
 from monai.bundle import ConfigParser
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
-from uniseg_monai.model_files import ModelLoader, read_model
+from uniseg_monai.model_files import ModelLoader, description, read_model
 from uniseg_monai.official import convert_state_dict
 from uniseg_monai.transfer import bundle_pretrained
 from uniseg_monai.weights import download_weights
@@ -185,3 +185,6 @@ def test_fine_tuning_starts_from_the_fetched_pretraining(official_fixture, offic
     assert torch.equal(
         network.state_dict()["decoder.0.upsample.conv.weight"], upstream["decoder.0.upsample.conv.weight"][:-1]
     )
+    # the fine-tuned model's files will carry the official weights' licence
+    saved = description(network, parser.get_parsed_content("registry"))["provenance"].state_dict()
+    assert "non-commercial" in saved["licence"] and saved["pretrained"] == str(bundle / "models" / "pretrained.pt")

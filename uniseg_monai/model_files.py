@@ -155,11 +155,6 @@ def read_model(path: str | os.PathLike, name: str = "") -> ModelFile:
     return ModelFile(path, state, network_def, registry, official, provenance)
 
 
-def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict (our key names, (x, y, z) axes) of any accepted model file."""
-    return read_model(path).state
-
-
 def build_network(network_def: dict[str, Any]) -> torch.nn.Module:
     """Instantiate a network from its bundle config, as ``monai.bundle`` would."""
     from monai.bundle import ConfigParser
@@ -311,13 +306,16 @@ class Entry:
 
 
 def description(network: torch.nn.Module, registry: TaskRegistry) -> dict[str, Entry]:
-    """``CheckpointSaver`` entries that make a checkpoint self-describing: ``tasks`` and, for UniSeg networks,
-    ``network_def``. Bundles: ``"save_dict": "$dict(model=@network, **uniseg_monai.model_files.description(...))"``.
+    """``CheckpointSaver`` entries that make a checkpoint self-describing: ``tasks``, for UniSeg networks
+    ``network_def``, and for a network fine-tuned from pretrained weights their ``provenance`` (file, licence).
+    Bundles: ``"save_dict": "$dict(model=@network, **uniseg_monai.model_files.description(@network, @registry))"``.
     """
     target = network.module if hasattr(network, "module") else network
     entries = {"tasks": Entry(registry.to_json())}
     if hasattr(target, "network_def"):
         entries["network_def"] = Entry(target.network_def())
+    if getattr(target, "pretrained_provenance", None):
+        entries["provenance"] = Entry(target.pretrained_provenance)
     return entries
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from uniseg_monai.model_files import ModelFileError, read_state
+from uniseg_monai.model_files import OFFICIAL_LICENCE, ModelFileError, read_model
 from uniseg_monai.networks import UniSeg, UniSegBackbone
 
 logger = logging.getLogger(__name__)
@@ -116,12 +116,19 @@ def transfer_state(
 
 
 def load_pretrained(network: UniSegBackbone, path: str | os.PathLike) -> TransferReport:
-    """Load the pretrained checkpoint at ``path`` into ``network`` (in place) by :func:`transfer_state`."""
+    """Load the pretrained checkpoint at ``path`` into ``network`` (in place) by :func:`transfer_state`.
+
+    The weights' licence goes with them: ``network.pretrained_provenance`` (the file and its provenance; the
+    official licence for an official file), which the bundles' checkpoints then record (``model_files.description``).
+    """
     try:
-        state = read_state(path)
+        model = read_model(path)
     except ModelFileError as err:
         raise PretrainedCheckpointError(str(err)) from err
-    return transfer_state(network, state, str(path))
+    report = transfer_state(network, model.state, str(path))
+    provenance = model.provenance or ({"licence": OFFICIAL_LICENCE} if model.official else {})
+    network.pretrained_provenance = {"pretrained": str(Path(path).resolve()), **provenance}
+    return report
 
 
 def pretrained_network(network: UniSegBackbone, path: str | os.PathLike | None = "") -> UniSegBackbone:
