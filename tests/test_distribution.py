@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -14,13 +15,15 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-from conftest import BUNDLES, shared_path
+from conftest import BUNDLES, shared_path, tiny_bundle
 from monai.bundle import create_workflow, verify_metadata
 from monai.bundle.properties import InferProperties, MetaProperties
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
 from uniseg_monai.bundles import BundleNotFoundError, find_bundle, pack_bundle
+from uniseg_monai.cli import main
 from uniseg_monai.model_files import convert_official
+from uniseg_monai.predict import predict
 
 NAMES = ["uniseg_pretrain", "uniseg_finetune_btcv", "uniseg_finetune_vs"]
 
@@ -123,17 +126,94 @@ def test_bundle_names_resolve_from_any_folder(tmp_path, monkeypatch):
         (["weights", "--bundle", "BUNDLE", "--url", "/no/such/file.model"], "not found"),
         (["convert-official", "/no/such/file.model", "out.pt"], "not found"),
         (["export", "--bundle", "BUNDLE", "--onnx", "x.onnx"], "uniseg weights --bundle"),
+        (["weights", "--bundle", "123"], "looked in"),  # fire's int, a string again
+        (["weights", "--bundle", "BUNDLE", "--overwrite=maybe"], "--overwrite takes true or false"),
+        (["weights", "--bundle", "BUNDLE", "--url", "WEIGHTS", "--dry_run"], "unknown option --dry_run"),
+        (["predict", "-i", "12345", "-o", "seg", "--task", "liver", "--checkpoint", "WEIGHTS"], "input 12345 not"),
+        (["predict", "-i", "X", "-o", "seg", "--task", "liver", "--checkpoint", "WEIGHTS", "--device", "gpu"], "gpu"),
+        (
+            ["predict", "-i", "X", "-o", "seg", "--task", "liver", "--checkpoint", "WEIGHTS", "--overlap", "1.5"],
+            "[0, 1)",
+        ),
+        (["predict", "-i", "X", "-o", "WEIGHTS", "--task", "liver", "--checkpoint", "WEIGHTS"], "is a file"),
     ],
 )
-def test_user_errors_are_one_line(official_fixture, tmp_path, args, expected):
-    """Every user error of predict, weights, convert-official and export: exit 2, one line naming the fix."""
+def test_user_errors_are_one_line(official_fixture, tmp_path, monkeypatch, capsys, args, expected):
+    """Every user error of predict, weights, convert-official and export: exit 2, one line naming the fix, nothing
+    written (the CLI's main in this process: the same code path as the `uniseg` script, without its start-up)."""
     bundle = shutil.copytree(BUNDLES / "uniseg_pretrain", tmp_path / "bundle")
     weights = tmp_path / "weights.pt"
     src = save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), tmp_path / "official.model")
     convert_official(src, weights)
     scan = shared_path("data/real_samples/totalseg_examples/ct_abdomen_3mm_crop.nii.gz")
     swap = {"X": str(scan), "BUNDLE": str(bundle), "WEIGHTS": str(weights)}
-    run = uniseg(*[swap.get(a, a) for a in args], cwd=tmp_path)
-    assert run.returncode == 2, run.stderr[-2000:]
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("uniseg: error:") and expected in lines[0], run.stderr[-2000:]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main([swap.get(a, a) for a in args])
+    stderr = capsys.readouterr().err
+    assert done.value.code == 2, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("uniseg: error:") and expected in lines[0], stderr[-2000:]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # refused before acting
+
+
+def test_help_of_commands_that_pass_settings_through():
+    run = uniseg("export", "--help", cwd=BUNDLES.parent)
+    assert run.returncode == 0 and "--onnx" in run.stdout + run.stderr
+
+
+def test_weights_keeps_what_the_user_has(official_fixture, tmp_path):
+    """--overwrite=false keeps model.pt; a relative --url works; errors name the URL (not a temporary file); a
+    large_files.yml path outside the bundle is refused; installed files get the usual permissions."""
+    bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path)
+    save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), tmp_path / "official.model")
+    first = uniseg("weights", "--bundle", str(bundle), "--url", "official.model", cwd=tmp_path)  # relative path
+    assert first.returncode == 0, first.stderr[-2000:]
+    model_pt = bundle / "models" / "model.pt"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(model_pt.stat().st_mode) == 0o666 & ~umask
+    before = model_pt.read_bytes()
+    kept = uniseg("weights", "--bundle", str(bundle), "--url", "official.model", "--overwrite=false", cwd=tmp_path)
+    assert kept.returncode == 2 and "--overwrite" in kept.stderr and model_pt.read_bytes() == before
+
+    downstream = save_nnunet_v1(nnunet_v1_container(official_fixture["downstream_state_dict"]), tmp_path / "d.model")
+    wrong = uniseg("weights", "--bundle", str(bundle), "--url", downstream.as_uri(), "--overwrite", cwd=tmp_path)
+    assert wrong.returncode == 2 and downstream.as_uri() in wrong.stderr and ".download-" not in wrong.stderr
+    assert model_pt.read_bytes() == before
+
+    (bundle / "large_files.yml").write_text(
+        'large_files:\n  - {path: "../../outside.pt", url: "official.model", hash_val: "", hash_type: sha256}\n'
+    )
+    escape = uniseg("weights", "--bundle", str(bundle), cwd=tmp_path)
+    assert escape.returncode == 2 and "leaves the bundle folder" in escape.stderr
+    assert not (tmp_path.parent / "outside.pt").exists()
+
+
+def test_predict_never_replaces_earlier_outputs_silently(official_fixture, tmp_path):
+    src = save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), tmp_path / "official.model")
+    weights = tmp_path / "uniseg.pt"
+    convert_official(src, weights)
+    ct = shared_path("data/real_samples/totalseg_examples/ct_abdomen_3mm_crop.nii.gz")
+    out = tmp_path / "seg"
+    out.mkdir()
+    mine = out / "ct_abdomen_3mm_crop_liver.nii.gz"
+    mine.write_bytes(b"my manual ground truth")
+    args = [str(ct), str(out), "liver"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        predict(*args, checkpoint=str(weights), device="cpu")
+    assert mine.read_bytes() == b"my manual ground truth"
+    assert predict(*args, checkpoint=str(weights), device="cpu", overwrite=True) == 0
+    assert nib.load(mine).shape == nib.load(ct).shape
+
+
+def test_bundle_zip_leaves_every_weights_file_out(tmp_path):
+    bundle = shutil.copytree(BUNDLES / "uniseg_finetune_vs", tmp_path / "uniseg_finetune_vs")
+    for name in ("model.pt", "pretrained.pt", "model_final_checkpoint.model", "x.pth", "model_provenance.json"):
+        (bundle / "models" / name).write_bytes(b"weights")
+    with zipfile.ZipFile(pack_bundle(bundle, tmp_path / "dist")) as archive:
+        models = [n for n in archive.namelist() if "/models/" in n]
+    assert models == ["uniseg_finetune_vs/models/tasks.json"]
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["uniseg_finetune_vs_v0.3.0.zip"]  # no temp

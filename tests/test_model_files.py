@@ -183,3 +183,31 @@ def test_converted_official_file_predicts_without_tasks_json(official_fixture, t
     assert seg.shape == image.shape and (seg.affine == image.affine).all()
     sidecar = json.loads((cwd / "seg" / "ct_abdomen_3mm_crop_spleen.json").read_text())
     assert "non-commercial" in sidecar["weights_licence"] and sidecar["checkpoint"] == str(dst.resolve())
+
+
+@pytest.mark.parametrize(
+    "network_def",
+    [
+        {"_target_": "os.system", "command": "touch MARKER"},
+        "$__import__('os').system('touch MARKER')",
+        {"_target_": "uniseg_monai.networks.UniSeg", "features": "$__import__('os').system('touch MARKER') or [8]"},
+    ],
+)
+def test_config_code_in_a_network_def_is_refused_unevaluated(official_fixture, tmp_path, network_def):
+    """weights_only guards the unpickling; the network description must not smuggle MONAI config code either."""
+    marker = tmp_path / "ran.txt"
+    src = save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), tmp_path / "official.model")
+    convert_official(src, tmp_path / "good.pt")
+    saved = torch.load(tmp_path / "good.pt", weights_only=True)
+    saved["network_def"] = json.loads(json.dumps(network_def).replace("MARKER", str(marker)))
+    torch.save(saved, tmp_path / "evil.pt")
+    with pytest.raises(ModelFileError, match="refused unevaluated"):
+        read_model(tmp_path / "evil.pt")
+    ct = shared_path("data/real_samples/totalseg_examples/ct_abdomen_3mm_crop.nii.gz")
+    run = subprocess.run(
+        [sys.executable, "-m", "uniseg_monai", "predict", "-i", str(ct), "-o", str(tmp_path / "seg"), "--task",
+         "liver", "--checkpoint", str(tmp_path / "evil.pt"), "--device", "cpu"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2 and "refused unevaluated" in run.stderr and "Traceback" not in run.stderr
+    assert not marker.exists()

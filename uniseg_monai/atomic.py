@@ -17,6 +17,9 @@ def write_atomic(dst: str | os.PathLike, write: Callable[[BinaryIO], object]) ->
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written file gets the usual mode
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,13 +16,15 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-from uniseg_monai.model_files import MODEL_FILE, ModelFile, ModelFileError, read_model
+from uniseg_monai.atomic import write_atomic
+from uniseg_monai.model_files import MODEL_FILE, ModelFile, ModelFileError, build_network, read_model
 
 DEFAULT_BUNDLE = "uniseg_pretrain"
 INFERENCE_CONFIG = Path("configs") / "inference.json"
-# left out of a bundle zip: weights (large_files.yml fetches them), run outputs and caches
-PACK_EXCLUDED_SUFFIXES = (".pt", ".ts", ".onnx", ".pyc")
+# a bundle zip holds configs, docs, LICENSE, large_files.yml and models/tasks.json: no weights (large_files.yml
+# fetches them; official ones are non-commercial), no provenance of absent weights, no run outputs or caches
 PACK_EXCLUDED_DIRS = ("eval", "__pycache__", "runs")
+PACK_MODELS_KEPT = ("tasks.json",)
 
 
 class BundleNotFoundError(FileNotFoundError):
@@ -45,7 +47,7 @@ def find_bundle(bundle: str | os.PathLike) -> Path:
     path = Path(bundle)
     if (path / INFERENCE_CONFIG).is_file():
         return path
-    if path.exists():
+    if path.exists() and len(path.parts) > 1:
         raise BundleNotFoundError(f"{path} is not a bundle: it has no {INFERENCE_CONFIG}")
     looked = [path] if len(path.parts) > 1 else bundle_search_path(str(bundle))
     for candidate in looked:
@@ -73,9 +75,11 @@ def open_inference(
     folder = find_bundle(bundle)
     ckpt = Path(checkpoint) if checkpoint else folder / "models" / MODEL_FILE
     if not ckpt.is_file():
-        hint = f"`uniseg weights --bundle {bundle}`" if not checkpoint else "the path"
+        if checkpoint:
+            raise ModelFileError(f"--checkpoint {ckpt} not found: check the path")
         raise ModelFileError(
-            f"no weights at {ckpt}: get them with {hint} (see README, 'Use a pretrained model'), or train the bundle"
+            f"no weights at {ckpt}: get them with `uniseg weights --bundle {bundle}` (see README, 'Use a pretrained "
+            "model'), or train the bundle"
         )
     model = read_model(ckpt)
     parser = ConfigParser()
@@ -91,7 +95,7 @@ def open_inference(
         )
     parser["registry"] = model.tasks
     if model.network_def is not None:
-        parser["network_def"] = model.network_def
+        parser["network_def"] = build_network(model.network_def)  # checked: no config code is evaluated
         if "patch_size" in model.network_def:
             parser["patch_size"] = model.network_def["patch_size"]
     parser.update(settings or {})
@@ -107,17 +111,19 @@ def pack_bundle(bundle: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     version = json.loads((folder / "configs" / "metadata.json").read_text())["version"]
     out = Path(out_dir) / f"{name}_v{version}.zip"
     out.parent.mkdir(parents=True, exist_ok=True)
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.suffix not in PACK_EXCLUDED_SUFFIXES
-        and not any(part in PACK_EXCLUDED_DIRS for part in p.relative_to(folder).parts)
-    )
-    tmp = out.with_name(f".{out.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in files:
-            archive.write(path, Path(name) / path.relative_to(folder))
-    tmp.replace(out)
+
+    def packed(path: Path) -> bool:
+        parts = path.relative_to(folder).parts
+        if parts[0] == "models":
+            return parts[1:] in [(kept,) for kept in PACK_MODELS_KEPT]
+        return not any(p.startswith(".") or p in PACK_EXCLUDED_DIRS for p in parts)
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and packed(p))
+
+    def write(stream) -> None:
+        with zipfile.ZipFile(stream, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in files:
+                archive.write(path, Path(name) / path.relative_to(folder))
+
+    write_atomic(out, write)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json as _json
 import sys
 from collections.abc import Callable
@@ -34,6 +35,8 @@ def _convert_official(src: str, dst: str = "", bundle: str = "", task: str = "",
     """
     if bool(dst) == bool(bundle):
         raise ValueError("give exactly one of DST or --bundle")
+    if task and bundle:
+        raise ValueError("--task names a downstream model's task for DST; with --bundle the bundle's task is used")
     report = convert_into_bundle(src, bundle, overwrite) if bundle else convert_official(src, dst, task, overwrite)
     print(_json.dumps(report, indent=2))
     print(f"licence of these weights: {report['licence']}", file=sys.stderr)
@@ -55,17 +58,16 @@ def _weights(bundle: str = DEFAULT_BUNDLE, url: str = "", overwrite: bool = Fals
 
 
 def _pack_bundles(out: str = "dist", bundles: str | list[str] = "") -> None:
-    """Write dist/<bundle>_v<version>.zip for each bundle (default: every folder of ./bundles), in the layout of
+    """Write dist/<bundle>_v<version>.zip for each bundle (default: every bundle of ./bundles, else of the installed
+    source tree), in the layout of
     `python -m monai.bundle download --source github`; weights stay out (large_files.yml fetches them)."""
     from pathlib import Path
 
     from uniseg_monai.bundles import pack_bundle
 
-    names = (
-        [bundles]
-        if isinstance(bundles, str) and bundles
-        else list(bundles) or sorted(str(p) for p in Path("bundles").iterdir() if (p / "configs").is_dir())
-    )
+    root = Path("bundles") if Path("bundles").is_dir() else Path(__file__).resolve().parents[1] / "bundles"
+    names = [bundles] if isinstance(bundles, str) and bundles else list(bundles)
+    names = names or sorted(str(p) for p in root.iterdir() if (p / "configs").is_dir())
     for name in names:
         print(pack_bundle(name, out))
 
@@ -144,32 +146,75 @@ def _export(
     print(_json.dumps(report, indent=2))
 
 
+TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _typed(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with fire's guesses undone: fire turns ``--url 123`` into an int and ``--overwrite=false`` into
+    the (true) string 'false'; path arguments become strings again and flags accept only true/false/yes/no/1/0."""
+    hints = {name: str(p.annotation) for name, p in inspect.signature(command).parameters.items()}
+
+    def coerce(name: str, value: Any) -> Any:
+        hint = hints.get(name, "")
+        if hint == "bool" and not isinstance(value, bool):
+            text = str(value).lower()
+            if text not in TRUE + FALSE:
+                raise ValueError(f"--{name} takes true or false, got {value!r}")
+            return text in TRUE
+        if hint.startswith("str") and value is not None and not isinstance(value, str):
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
+        return value
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        names = list(hints)
+        args = tuple(coerce(names[i] if i < len(names) else "", a) for i, a in enumerate(args))
+        return command(*args, **{k: coerce(k, v) for k, v in kwargs.items()})
+
+    return run
+
+
 @functools.wraps(predict)
 def _predict(*args: Any, **kwargs: Any) -> None:
     sys.exit(predict(*args, **kwargs))  # 1 when any input failed
 
 
 COMMANDS: dict[str, Callable[..., Any]] = {
-    "convert-official": _convert_official,
-    "weights": _weights,
-    "pack-bundles": _pack_bundles,
-    "tasks": _tasks,
-    "prepare": _prepare,
-    "generate-phantoms": _generate_phantoms,
-    "check-data": _check_data,
-    "demo": _demo,
-    "export": _export,
-    "predict": _predict,
+    name: _typed(command)
+    for name, command in {
+        "convert-official": _convert_official,
+        "weights": _weights,
+        "pack-bundles": _pack_bundles,
+        "tasks": _tasks,
+        "prepare": _prepare,
+        "generate-phantoms": _generate_phantoms,
+        "check-data": _check_data,
+        "demo": _demo,
+        "export": _export,
+        "predict": _predict,
+    }.items()
 }
 SHORT_FLAGS = {"predict": {"-i": "--input", "-o": "--output"}}
+
+
+def _check_options(command: str, argv: list[str]) -> None:
+    """Refuse an unknown --option before anything runs (fire would run the command first, then complain)."""
+    parameters = inspect.signature(COMMANDS[command]).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return  # predict and export pass other --ids to the bundle config, which checks them first
+    for arg in argv:
+        name = arg[2:].split("=")[0].replace("-", "_") if arg.startswith("--") and len(arg) > 2 else ""
+        if name and name not in parameters:
+            options = ", ".join(f"--{p}" for p in parameters)
+            raise ValueError(f"unknown option {arg.split('=')[0]} for `uniseg {command}` (options: {options})")
+
 
 USER_ERRORS = (
     OfficialCheckpointError,
     ModelFileError,
     DatalistError,
     TaskError,
-    FileExistsError,
-    FileNotFoundError,
+    OSError,  # unreadable / read-only / full disk: the message names the path
     ValueError,
 )
 
@@ -187,6 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in SHORT_FLAGS:  # fire has no short flags for these
         argv = [SHORT_FLAGS[argv[0]].get(a, a) for a in argv]
     try:
+        if argv and argv[0] in COMMANDS:
+            if any(a in ("--help", "-h") for a in argv[1:]):
+                argv = [argv[0], "--", "--help"]  # else a command with **overrides takes --help as a setting
+            else:
+                _check_options(argv[0], argv[1:])
         fire.Fire(COMMANDS, command=argv, name="uniseg")
     except Exception as err:
         cause = user_error(err)

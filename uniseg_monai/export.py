@@ -222,7 +222,7 @@ def export_bundle_onnx(
         :func:`export_onnx`'s dict, plus ``"ckpt"``.
     """
     if Path(out_path).exists() and not overwrite:
-        raise FileExistsError(f"{out_path} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it")
     parser, model = open_inference(bundle_dir, ckpt, overrides)
     network = parser.get_parsed_content("network_def")
     load_into(network, model)

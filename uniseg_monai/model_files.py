@@ -31,6 +31,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from uniseg_monai.atomic import write_atomic
+from uniseg_monai.networks import UniSeg, UniSegBackbone
 from uniseg_monai.official import OfficialCheckpointError, convert_state_dict, infer_network_def, strip_prefix
 from uniseg_monai.tasks import MODEL_TASKS_FILE, PAPER_UPSTREAM_TASKS, Task, TaskError, TaskRegistry, load_model_tasks
 
@@ -48,6 +49,7 @@ NUMPY_SAFE_GLOBALS: list = [
     type(np.dtype(np.float32)),
 ]
 MODEL_FILE = "model.pt"
+NETWORK_CLASSES = {f"uniseg_monai.networks.{c.__name__}": c for c in (UniSeg, UniSegBackbone)}
 OFFICIAL_LICENCE = (
     "UniSeg weights by Ye et al. (https://github.com/yeerwen/UniSeg), released for non-commercial use only; that "
     "licence applies to these weights and to files converted from them, whatever the licence of this code (Apache-2.0)"
@@ -132,10 +134,13 @@ def read_model(path: str | os.PathLike, name: str = "") -> ModelFile:
     state = _state_of(obj, label)
     state = strip_prefix(state)
     network_def = obj.get("network_def") if isinstance(obj, dict) else None
+    if network_def is not None:
+        network_def = checked_network_def(network_def, label)
     tasks = obj.get("tasks") if isinstance(obj, dict) else None
     provenance = obj.get("provenance") if isinstance(obj, dict) else None
     official = any(k.startswith("conv_blocks_context.") for k in state)
     if official:
+        provenance = provenance or {"source": str(path), "licence": OFFICIAL_LICENCE}
         try:
             network_def = infer_network_def(state)
             state = convert_state_dict(state)
@@ -155,11 +160,28 @@ def read_model(path: str | os.PathLike, name: str = "") -> ModelFile:
     return ModelFile(path, state, network_def, registry, official, provenance)
 
 
-def build_network(network_def: dict[str, Any]) -> torch.nn.Module:
-    """Instantiate a network from its bundle config, as ``monai.bundle`` would."""
-    from monai.bundle import ConfigParser
+def checked_network_def(network_def: Any, label: str) -> dict[str, Any]:
+    """A model file's ``network_def`` if it names one of :data:`NETWORK_CLASSES` with plain numbers (or lists of
+    them) as arguments; anything else (e.g. MONAI config code such as ``$`` expressions) is refused unevaluated."""
 
-    return ConfigParser({"network": network_def}).get_parsed_content("network")
+    def plain(value: Any) -> bool:
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    target = network_def.get("_target_") if isinstance(network_def, dict) else None
+    if target not in NETWORK_CLASSES or not all(plain(v) for k, v in network_def.items() if k != "_target_"):
+        raise ModelFileError(
+            f"{label}: its network_def is not a UniSeg network with plain numeric arguments (refused unevaluated): "
+            f"{str(network_def)[:200]}"
+        )
+    return network_def
+
+
+def build_network(network_def: dict[str, Any]) -> torch.nn.Module:
+    """Instantiate a network from a checked model-file ``network_def`` (no config code is evaluated)."""
+    args = {k: v for k, v in checked_network_def(network_def, "network_def").items() if k != "_target_"}
+    return NETWORK_CLASSES[network_def["_target_"]](**args)
 
 
 def _differences(ours: dict[str, Any], theirs: dict[str, Any]) -> str:

@@ -123,6 +123,7 @@ def predict(
     bundle: str = DEFAULT_BUNDLE,
     checkpoint: str | None = None,
     tta: bool = False,
+    overwrite: bool = False,
     device: str | None = None,
     overlap: float = 0.5,
     modality: str | None = None,
@@ -148,6 +149,8 @@ def predict(
             and task table, so it works from anywhere), an official UniSeg ``.model`` (converted on the fly), or an
             older state dict with ``tasks.json`` beside it; never unpickled code.
         tta: average the 8 mirrorings of every window (8x time).
+        overwrite: replace outputs of an earlier run; without it, existing ``<case>_<task>`` files stop the command
+            before any inference.
         device: ``cpu`` or ``cuda`` (default: cuda if available).
         overlap: sliding-window overlap in [0, 1).
         modality: keep only tasks with a CT, PET (CT+PET tasks), MR (any MR sequence) or e.g. T2 channel.
@@ -159,6 +162,12 @@ def predict(
     task for the inverse resampling of the softmax. A single ``--task`` needs less than ``all``.
     """
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file: give a folder")
+    if not 0 <= float(overlap) < 1:
+        raise ValueError(f"--overlap must lie in [0, 1), got {overlap}")
+    if device and not (device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())):
+        raise ValueError(f"--device {device}: use cpu" + (" or cuda[:N]" if torch.cuda.is_available() else " (no GPU)"))
     cases = find_cases(input, exclude=out)
     for _, files in cases.values():
         for f in files:
@@ -173,6 +182,13 @@ def predict(
     tasks = [t for t in tasks if not modality or _takes(t, modality)]
     if not tasks:
         raise ValueError(f"no task ({task}) of the model takes {modality} images; its tasks: {sorted(registry)}")
+    names = [t.name for t in tasks] + (["all_merged"] if task == "all" else [])
+    earlier = [p for c in cases for n in names for p in (out / f"{c}_{n}.nii.gz", out / f"{c}_{n}.json") if p.exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{earlier[0]} exists ({len(earlier)} output file(s) of an earlier run in {out}); pass --overwrite to "
+            "replace them, or choose another output folder"
+        )
     network = parser.get_parsed_content("network_def")
     load_into(network, model)
     dev = parser.get_parsed_content("device")

@@ -37,7 +37,11 @@ def large_file_entry(bundle: Path) -> dict[str, Any]:
         entries = yaml.safe_load(path.read_text())["large_files"]
         entry = next(e for e in entries if str(e["path"]).endswith(".pt"))
     except (FileNotFoundError, KeyError, TypeError, StopIteration, yaml.YAMLError) as err:
-        raise ModelFileError(f"{path}: no weights entry (a large_files list with a .pt path): {err}") from None
+        reason = " ".join(str(err).split())
+        raise ModelFileError(f"{path}: no weights entry (a large_files list with a .pt path): {reason}") from None
+    target = (bundle / str(entry["path"])).resolve()
+    if not target.is_relative_to(bundle.resolve()):
+        raise ModelFileError(f"{path}: the weights path {entry['path']!r} leaves the bundle folder; use models/NAME.pt")
     return entry
 
 
@@ -50,9 +54,9 @@ def fetch(source: str, dst: Path, hash_val: str = "", hash_type: str = "sha256")
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # a path (C:\ on Windows) or file://
         local = Path(unquote(parsed.path) if parsed.scheme == "file" else source)
         if not local.is_file():
-            raise FileNotFoundError(f"weights {source} not found")
+            raise FileNotFoundError(f"weights {source} not found (a file path, file://, http(s) or Google Drive URL)")
         shutil.copyfile(local, dst)
-        source = local.as_uri()
+        source = local.resolve().as_uri()
         if not hash_val:
             return
     try:
@@ -73,24 +77,25 @@ def _bundle_network(bundle: Path, model: ModelFile):
     return parser.get_parsed_content("network_def")
 
 
-def check_fits(model: ModelFile, bundle: Path, dst: Path) -> None:
+def check_fits(model: ModelFile, bundle: Path, dst: Path, source: str) -> None:
     """``models/model.pt``: the file loads strictly into the bundle's network; ``models/pretrained.pt``: its
-    encoder-decoder transfers into it (:func:`uniseg_monai.transfer.transfer_state`)."""
+    encoder-decoder transfers into it (:func:`uniseg_monai.transfer.transfer_state`). Errors name ``source``."""
     network = _bundle_network(bundle, model)
     kind = (model.network_def or {}).get("_target_", "a model").rsplit(".", 1)[-1]
     if dst.name == "pretrained.pt":
         try:
-            transfer_state(network, model.state, str(model.path))
+            transfer_state(network, model.state, source)
         except PretrainedCheckpointError as err:
-            raise ModelFileError(f"{model.path}: not a pretrained UniSeg for bundle {bundle}: {err}") from None
+            raise ModelFileError(f"not a pretrained UniSeg for bundle {bundle}: {err}") from None
         return
     try:
         network.load_state_dict(model.state, strict=True)
     except RuntimeError as err:
+        theirs, ours = model.network_def or {}, getattr(network, "network_def", dict)()
+        differ = [f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in ours if theirs.get(k) != ours.get(k)]
+        detail = "; ".join(differ) or " ".join(str(err).split())[:300]
         raise ModelFileError(
-            f"{model.path}: {kind} ({(model.network_def or {}).get('num_classes', '?')} classes, features "
-            f"{(model.network_def or {}).get('features', '?')}) does not fit bundle {bundle}'s network_def; choose "
-            f"the matching bundle ({str(err).splitlines()[0]})"
+            f"{source}: {kind} does not fit bundle {bundle}'s network ({detail}); choose the matching bundle"
         ) from None
 
 
@@ -101,7 +106,7 @@ def install(src: Path, bundle: Path, dst: Path, source: str, tool: str) -> dict[
         model.tasks = load_model_tasks(bundle / "models")
     if model.network_def is None or model.tasks is None:
         raise ModelFileError(f"{source}: not a UniSeg model file (no network description or task table)")
-    check_fits(model, bundle, dst)
+    check_fits(model, bundle, dst, source)
     if model.official:
         provenance = official_provenance(src, tool, url=source)
     else:
