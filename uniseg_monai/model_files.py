@@ -184,9 +184,13 @@ def build_network(network_def: dict[str, Any]) -> torch.nn.Module:
     return NETWORK_CLASSES[network_def["_target_"]](**args)
 
 
-def _differences(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
-    keys = [k for k in dict.fromkeys([*ours, *theirs]) if ours.get(k) != theirs.get(k)]
-    return "; ".join(f"{k}: file {theirs.get(k)} vs config {ours.get(k)}" for k in keys)
+def mismatch(network: torch.nn.Module, model: ModelFile, err: RuntimeError) -> str:
+    """Why ``model`` did not load into ``network``: the ``network_def`` fields that differ, else the first tensors
+    ``load_state_dict`` named (its message on one line)."""
+    ours, theirs = getattr(network, "network_def", dict)(), model.network_def or {}
+    keys = [k for k in dict.fromkeys([*ours, *theirs]) if ours and ours.get(k) != theirs.get(k)]
+    differ = "; ".join(f"{k}: file {theirs.get(k)} vs config {ours.get(k)}" for k in keys)
+    return differ or " ".join(str(err).split())[:300]
 
 
 def load_into(network: torch.nn.Module, source: str | os.PathLike | ModelFile) -> ModelFile:
@@ -198,12 +202,9 @@ def load_into(network: torch.nn.Module, source: str | os.PathLike | ModelFile) -
     try:
         target.load_state_dict(model.state, strict=True)
     except RuntimeError as err:
-        detail = str(err).splitlines()[0]
-        if model.network_def and hasattr(target, "network_def"):
-            detail = _differences(target.network_def(), model.network_def) or detail
         raise ModelFileError(
-            f"{path}: the weights do not fit the network of this config ({detail}); set the ids that differ "
-            "(e.g. --features, --patch_size) or use the model's own bundle"
+            f"{path}: the weights do not fit the network of this config ({mismatch(target, model, err)}); set the "
+            "ids that differ (e.g. --features, --patch_size) or use the model's own bundle"
         ) from err
     return model
 

@@ -23,7 +23,15 @@ import yaml
 
 from uniseg_monai.atomic import write_text_atomic
 from uniseg_monai.bundles import find_bundle
-from uniseg_monai.model_files import ModelFile, ModelFileError, official_provenance, read_model, save_model, sha256
+from uniseg_monai.model_files import (
+    ModelFile,
+    ModelFileError,
+    mismatch,
+    official_provenance,
+    read_model,
+    save_model,
+    sha256,
+)
 from uniseg_monai.tasks import load_model_tasks
 from uniseg_monai.transfer import PretrainedCheckpointError, transfer_state
 
@@ -91,17 +99,16 @@ def check_fits(model: ModelFile, bundle: Path, dst: Path, source: str) -> None:
     try:
         network.load_state_dict(model.state, strict=True)
     except RuntimeError as err:
-        theirs, ours = model.network_def or {}, getattr(network, "network_def", dict)()
-        differ = [f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in ours if theirs.get(k) != ours.get(k)]
-        detail = "; ".join(differ) or " ".join(str(err).split())[:300]
         raise ModelFileError(
-            f"{source}: {kind} does not fit bundle {bundle}'s network ({detail}); choose the matching bundle"
+            f"{source}: {kind} does not fit bundle {bundle}'s network ({mismatch(network, model, err)}); choose the "
+            "matching bundle"
         ) from None
 
 
-def install(src: Path, bundle: Path, dst: Path, source: str, tool: str) -> dict[str, Any]:
-    """Check ``src`` against ``bundle`` and write it to ``dst`` as a self-describing model file with provenance."""
-    model = read_model(src, name=source)
+def install(model: ModelFile, bundle: Path, dst: Path, source: str, tool: str) -> dict[str, Any]:
+    """Check a read model file against ``bundle`` and write it to ``dst`` as a self-describing model file with
+    provenance; ``source`` is what the user gave (URL or path)."""
+    src = model.path
     if model.official and model.tasks is None:  # an official downstream model: the bundle's task
         model.tasks = load_model_tasks(bundle / "models")
     if model.network_def is None or model.tasks is None:
@@ -135,7 +142,7 @@ def download_weights(bundle: str | os.PathLike, url: str = "", overwrite: bool =
         raw = Path(tmp) / "download.pt"
         hash_val = "" if url else str(entry.get("hash_val") or "")
         fetch(source, raw, hash_val, str(entry.get("hash_type") or "sha256"))
-        return install(raw, folder, dst, source, "uniseg weights")
+        return install(read_model(raw, name=source), folder, dst, source, "uniseg weights")
 
 
 def convert_into_bundle(src: str | os.PathLike, bundle: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
@@ -150,4 +157,4 @@ def convert_into_bundle(src: str | os.PathLike, bundle: str | os.PathLike, overw
     dst = folder / "models" / ("pretrained.pt" if upstream_into_backbone else "model.pt")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    return install(src, folder, dst, str(src.resolve()), "uniseg convert-official --bundle")
+    return install(model, folder, dst, str(src.resolve()), "uniseg convert-official --bundle")  # read once
