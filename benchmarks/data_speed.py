@@ -14,10 +14,10 @@ import time
 import torch
 from monai.transforms import Compose
 
+from uniseg_monai.bundles import bundle_transforms
 from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_phantoms
-from uniseg_monai.tasks import registry_for_datalist
-from uniseg_monai.transforms import augmentation, preprocessing
+from uniseg_monai.wiring import registry_for_datalist
 
 
 def main() -> None:
@@ -29,7 +29,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         datalist = generate_phantoms(tmp)
         registry = registry_for_datalist(datalist)
-        pre, aug = Compose(preprocessing(registry)), Compose(augmentation(registry, args.patch))
+        pre = Compose(bundle_transforms(registry, "train#deterministic_transforms"))
+        random = ("train#sampling_transforms", "train#augmentation_transforms")
+        aug = Compose(bundle_transforms(registry, *random, patch_size=list(args.patch))[1:])  # no cached indices
         aug.set_random_state(0)
         items = load_items(datalist, "training", registry)
         print(f"{'task':<10}{'cases':>6}{'preprocess/s':>14}{'augment/s':>11}{'ratio':>7}")

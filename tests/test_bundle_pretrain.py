@@ -18,9 +18,11 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
 from uniseg_monai.data import load_items
+from uniseg_monai.metadata import channel_def
 from uniseg_monai.model_files import build_network
 from uniseg_monai.networks import nnunet_features
-from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS, TaskRegistry, channel_def, load_model_tasks, registry_for_datalist
+from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS, TaskRegistry, load_model_tasks
+from uniseg_monai.wiring import registry_for_datalist
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
 CONFIGS = BUNDLE / "configs"

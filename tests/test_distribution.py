@@ -20,8 +20,10 @@ from monai.bundle import create_workflow, verify_metadata
 from monai.bundle.properties import InferProperties, MetaProperties
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
+from uniseg_monai import cli
 from uniseg_monai.bundles import BundleNotFoundError, find_bundle, pack_bundle
 from uniseg_monai.cli import main
+from uniseg_monai.errors import UsageError
 from uniseg_monai.model_files import convert_official
 from uniseg_monai.predict import predict
 
@@ -30,7 +32,7 @@ NAMES = ["uniseg_pretrain", "uniseg_finetune_btcv", "uniseg_finetune_vs"]
 
 def uniseg(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "uniseg_monai", *args], capture_output=True, text=True, cwd=cwd, env=env
+        [sys.executable, "-m", "uniseg_monai", *args], capture_output=True, encoding="utf-8", cwd=cwd, env=env
     )
 
 
@@ -77,7 +79,7 @@ def test_downloaded_bundle_verifies_and_segments_a_real_scan(zips, official_fixt
     run = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "download", "--name", "uniseg_pretrain", "--bundle_dir",
          str(home / "bundles"), "--url", zips["uniseg_pretrain"].as_uri()],
-        capture_output=True, text=True,
+        capture_output=True, encoding="utf-8",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     unpacked = home / "bundles" / "uniseg_pretrain"
@@ -159,6 +161,29 @@ def test_user_errors_are_one_line(official_fixture, tmp_path, monkeypatch, capsy
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # refused before acting
 
 
+def test_only_user_errors_are_one_line(monkeypatch, capsys):
+    """A UniSegError is the user's (exit 2, one line); any other exception, a ValueError included, is a bug and keeps
+    its traceback. Short flags reach the command spelled out, in both forms."""
+    seen = []
+
+    def command(error: type[Exception]):
+        def run(**kwargs):
+            seen.append(kwargs)
+            raise error("boom")
+
+        return run
+
+    monkeypatch.setattr(cli, "_check_options", lambda command, argv: None)
+    monkeypatch.setitem(cli.COMMANDS, "predict", command(UsageError))
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "-i", "a", "-o=b"])
+    assert done.value.code == 2 and capsys.readouterr().err.strip() == "uniseg: error: boom"
+    monkeypatch.setitem(cli.COMMANDS, "predict", command(ValueError))
+    with pytest.raises(ValueError, match="boom"):
+        main(["predict", "-i", "a", "-o", "b"])
+    assert seen == [{"input": "a", "output": "b"}] * 2
+
+
 def test_help_of_commands_that_pass_settings_through():
     run = uniseg("export", "--help", cwd=BUNDLES.parent)
     assert run.returncode == 0 and "--onnx" in run.stdout + run.stderr
@@ -216,4 +241,5 @@ def test_bundle_zip_leaves_every_weights_file_out(tmp_path):
     with zipfile.ZipFile(pack_bundle(bundle, tmp_path / "dist")) as archive:
         models = [n for n in archive.namelist() if "/models/" in n]
     assert models == ["uniseg_finetune_vs/models/tasks.json"]
-    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["uniseg_finetune_vs_v0.3.0.zip"]  # no temp
+    version = json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == [f"uniseg_finetune_vs_v{version}.zip"]  # no temp

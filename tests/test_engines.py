@@ -11,7 +11,6 @@ from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 
 from uniseg_monai.evaluation import EvaluationReport, TaskDice
-from uniseg_monai.handlers import check_run_dir, latest_checkpoint, resume_checkpoint
 from uniseg_monai.inferers import (
     MIRROR_AXES,
     AllTaskSlidingWindowInferer,
@@ -19,8 +18,9 @@ from uniseg_monai.inferers import (
     TaskSlidingWindowInferer,
     TaskTrainingInferer,
 )
-from uniseg_monai.losses import TaskDeepSupervisionLoss, TaskLogits, deep_supervision_weights
-from uniseg_monai.networks import UniSeg, UniSegBackbone
+from uniseg_monai.losses import TaskDeepSupervisionLoss, deep_supervision_weights
+from uniseg_monai.networks import TaskLogits, UniSeg, UniSegBackbone
+from uniseg_monai.run_folder import check_run_dir, latest_checkpoint, resume_checkpoint
 from uniseg_monai.tasks import TaskRegistry
 
 SMALL = {"features": (4, 8, 16, 32, 64, 64), "patch_size": (64, 64, 32)}

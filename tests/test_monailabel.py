@@ -17,7 +17,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from uniseg_monai.data.phantoms import generate_downstream_phantoms
 from uniseg_monai.model_files import read_model, save_model
-from uniseg_monai.tasks import TaskRegistry, registry_for_datalist, save_model_tasks
+from uniseg_monai.tasks import TaskRegistry, save_model_tasks
+from uniseg_monai.wiring import registry_for_datalist
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 TINY = {"patch_size": [64, 64, 32], "base_features": 4, "num_workers": 0, "sw_batch_size": 4}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import shared_path, tiny_bundle, zyx_to_xyz
+from network_outputs import all_heads
 
 from uniseg_monai.model_files import build_network
 from uniseg_monai.networks import UniSeg, UniSegBackbone
@@ -26,11 +27,6 @@ def converted(fixture: dict, kind: str) -> torch.nn.Module:
     return net.eval()
 
 
-def all_heads(net: torch.nn.Module, case: dict, x: torch.Tensor) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return net.forward_all_heads(x, case["task_id"]) if "task_id" in case else net.forward_all_heads(x)
-
-
 def float32_tolerance(reference: torch.Tensor) -> float:
     """1e-5, relative to the output's scale: logits reach |9| and float32 carries ~1e-7 relative per op."""
     return 1e-5 * max(1.0, reference.abs().max().item())
@@ -40,7 +36,7 @@ def float32_tolerance(reference: torch.Tensor) -> float:
 def test_converted_checkpoint_matches_official_outputs(official_fixture, kind):
     net = converted(official_fixture, kind)
     for case in official_fixture[KINDS[kind]]:
-        outputs = all_heads(net, case, zyx_to_xyz(case["input"]))
+        outputs = all_heads(net, zyx_to_xyz(case["input"]), case.get("task_id"))
         assert len(outputs) == len(case["outputs"]) == 5
         for ours, ref in zip(outputs, case["outputs"]):
             ours = zyx_to_xyz(ours)
@@ -64,7 +60,7 @@ def test_official_axis_order_reproduces_reference_exactly(official_fixture, kind
     single_sample_cases = [c for c in official_fixture[KINDS[kind]] if c["input"].shape[0] == 1]
     assert single_sample_cases
     for case in single_sample_cases:
-        for ours, ref in zip(all_heads(net, case, case["input"]), case["outputs"]):
+        for ours, ref in zip(all_heads(net, case["input"], case.get("task_id")), case["outputs"]):
             assert (ours - ref).abs().max().item() <= float32_tolerance(ref)
 
 

@@ -16,7 +16,7 @@ import torch
 from conftest import shared_path
 from monai.bundle import ConfigWorkflow
 
-from uniseg_monai.predict import _parser, find_cases, predict
+from uniseg_monai.predict import find_cases, predict, predict_config
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
 TINY = {"patch_size": [64, 64, 32], "base_features": 4}
@@ -130,7 +130,7 @@ def test_input_syntax(tmp_path):
 
 
 def test_windows_run_on_the_device_and_are_stitched_on_the_cpu(model):
-    parser, _ = _parser(str(BUNDLE), str(model), "ph_liver", {"device": "$torch.device('cuda')"}, True)
+    parser, _ = predict_config(str(BUNDLE), str(model), "ph_liver", {"device": "$torch.device('cuda')"}, True)
     for key in ("inferer", "all_inferer"):
         window = parser.get_parsed_content(key).window
         assert (window.sw_device, window.device, window.progress) == (torch.device("cuda"), torch.device("cpu"), True)

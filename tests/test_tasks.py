@@ -8,14 +8,8 @@ import sys
 
 import pytest
 
-from uniseg_monai.tasks import (
-    TaskError,
-    TaskRegistry,
-    registry_for_run,
-    requested_task,
-    resolve_task,
-    save_model_tasks,
-)
+from uniseg_monai.tasks import TaskError, TaskRegistry, resolve_task, save_model_tasks
+from uniseg_monai.wiring import registry_for_run, requested_task
 
 PAPER_TASKS = [
     "liver",

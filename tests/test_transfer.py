@@ -11,15 +11,10 @@ from monai.bundle import ConfigParser
 from uniseg_monai.model_files import build_network
 from uniseg_monai.networks import UniSeg, UniSegBackbone
 from uniseg_monai.official import convert_state_dict, infer_network_def, official_key
-from uniseg_monai.transfer import (
-    FIRST_UPSAMPLE,
-    PretrainedCheckpointError,
-    load_pretrained,
-    pretrained_network,
-    transfer_state,
-)
+from uniseg_monai.transfer import PretrainedCheckpointError, load_pretrained, pretrained_network, transfer_state
 
 SMALL = {"features": (8, 16, 32, 32, 32, 32)}
+FIRST_UPSAMPLE = "decoder.0.upsample.conv.weight"  # UniSegBackbone.prompt_widened_key
 
 
 def snapshot(net: torch.nn.Module) -> dict[str, torch.Tensor]:

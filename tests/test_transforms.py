@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import shared_path
 from monai.transforms import Compose
+from pipelines import crop_and_augmentation, inference_preprocessing, train_preprocessing
 
 from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_phantoms
-from uniseg_monai.tasks import TaskRegistry, registry_for_datalist
-from uniseg_monai.transforms import augmentation, preprocessing
+from uniseg_monai.tasks import TaskRegistry
+from uniseg_monai.wiring import registry_for_datalist
 
 REGISTRY = TaskRegistry().extended(
     {
@@ -30,7 +31,7 @@ REGISTRY = TaskRegistry().extended(
         "tiny_ct": {"modalities": ["CT"], "labels": ["background", "x"], "spacing": [1.0, 1.0, 10.0]},
     }
 )
-PRE = Compose(preprocessing(REGISTRY))
+PRE = Compose(train_preprocessing(REGISTRY))
 
 
 def world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -94,7 +95,7 @@ def test_nrrd_and_mha_give_the_same_result_as_nifti(tmp_path, suffix):
     other = tmp_path / f"ct{suffix}"
     itk.imwrite(itk.imread(str(nifti)), str(other))
     reg = TaskRegistry().extended({"ct": {"modalities": ["CT"], "labels": ["bg", "x"], "spacing": [2.0, 2.0, 4.0]}})
-    pre = Compose(preprocessing(reg, keys=["image"]))
+    pre = Compose(inference_preprocessing(reg))
     a, b = pre({"image": str(nifti), "task": "ct"}), pre({"image": str(other), "task": "ct"})
     assert a["image"].shape == b["image"].shape
     assert np.allclose(a["image"].affine.numpy(), b["image"].affine.numpy(), atol=1e-4)
@@ -106,7 +107,7 @@ def test_augmentation_pads_small_volumes_and_keeps_labels_valid():
     image = torch.rand(2, 20, 30, 10)
     label = torch.zeros(1, 20, 30, 10)
     label[0, 5:9, 5:9, 2:5] = 3
-    aug = Compose(augmentation(REGISTRY, (32, 32, 16)))
+    aug = Compose(crop_and_augmentation(REGISTRY, [32, 32, 16]))
     aug.set_random_state(0)
     for _ in range(10):
         out = aug({"image": image, "label": label, "task": "brats2"})[0]
@@ -117,7 +118,7 @@ def test_augmentation_pads_small_volumes_and_keeps_labels_valid():
 def test_foreground_oversampling_rate_and_class_balance():
     label = torch.zeros(1, 100, 100, 40)
     label[0, 10:14, 10:14, 5:8] = 1  # tiny structure: random crops almost never hit it
-    crop = Compose(augmentation(REGISTRY, (32, 32, 16))[:2])
+    crop = Compose(crop_and_augmentation(REGISTRY, [32, 32, 16])[:2])
     crop.set_random_state(1)
     hits = sum(
         bool(crop({"image": label.clone(), "label": label, "task": "aorta"})[0]["label"].any()) for _ in range(400)
@@ -136,7 +137,7 @@ def test_preprocessing_is_thread_safe_for_one_file_per_channel(phantoms):
     """CacheDataset caches with threads; MONAI's shared LoadImaged would mix up multi-file channels."""
     registry = registry_for_datalist(phantoms)
     items = load_items(phantoms, "training", registry) * 2
-    pre = Compose(preprocessing(registry)[:2])  # the task, the loader
+    pre = Compose(train_preprocessing(registry)[:2])  # the task, the loader
     with ThreadPoolExecutor(4) as pool:
         channels = list(pool.map(lambda item: (item["task"], pre(dict(item))["image"].shape[0]), items))
     assert all(n == registry[task].in_channels for task, n in channels)

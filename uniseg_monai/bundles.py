@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
+from monai.transforms import Transform
 
 from uniseg_monai.atomic import write_atomic
+from uniseg_monai.errors import UniSegError, UsageError
 from uniseg_monai.model_files import MODEL_FILE, ModelFile, ModelFileError, build_network, read_model
+from uniseg_monai.tasks import TaskRegistry
 
 DEFAULT_BUNDLE = "uniseg_pretrain"
 INFERENCE_CONFIG = Path("configs") / "inference.json"
@@ -27,7 +30,7 @@ PACK_EXCLUDED_DIRS = ("eval", "__pycache__", "runs")
 PACK_MODELS_KEPT = ("tasks.json",)
 
 
-class BundleNotFoundError(FileNotFoundError):
+class BundleNotFoundError(UniSegError, FileNotFoundError):
     """No bundle of that name or path."""
 
 
@@ -86,7 +89,7 @@ def open_inference(
     parser.read_config(folder / INFERENCE_CONFIG)
     unknown = sorted(k for k in settings or {} if k not in parser)
     if unknown:
-        raise ValueError(f"unknown bundle setting(s) {unknown}: not ids of {folder / INFERENCE_CONFIG}")
+        raise UsageError(f"unknown bundle setting(s) {unknown}: not ids of {folder / INFERENCE_CONFIG}")
     parser.update({"bundle_root": str(folder), "ckpt_dir": str(ckpt.parent)})
     if model.tasks is None:
         raise ModelFileError(
@@ -100,6 +103,19 @@ def open_inference(
             parser["patch_size"] = model.network_def["patch_size"]
     parser.update(settings or {})
     return parser, model
+
+
+def bundle_transforms(
+    registry: TaskRegistry, *ids: str, bundle: str | os.PathLike = DEFAULT_BUNDLE, config: str = "train", **settings
+) -> list[Transform]:
+    """The transforms of the list ids ``ids`` of a bundle's ``configs/<config>.json`` built for ``registry`` (for
+    scripts and notebooks), other ids set by ``settings``. E.g. the training pre-processing and the moreDA
+    augmentation at a 64x64x32 patch: ``bundle_transforms(registry, "train#deterministic_transforms",
+    "train#sampling_transforms", "train#augmentation_transforms", patch_size=[64, 64, 32])``."""
+    parser = ConfigParser()
+    parser.read_config(find_bundle(bundle) / "configs" / f"{config}.json")
+    parser.update({"registry": registry, "default_task": "", "task": "", **settings})
+    return [t for list_id in ids for t in parser.get_parsed_content(list_id)]
 
 
 def pack_bundle(bundle: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

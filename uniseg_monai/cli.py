@@ -12,12 +12,12 @@ from typing import Any
 import fire
 
 from uniseg_monai.bundles import DEFAULT_BUNDLE
-from uniseg_monai.data.datalist import DatalistError
-from uniseg_monai.model_files import ModelFileError, convert_official
-from uniseg_monai.official import OfficialCheckpointError
+from uniseg_monai.errors import UniSegError, UsageError
+from uniseg_monai.model_files import convert_official
 from uniseg_monai.predict import predict
-from uniseg_monai.tasks import TaskError, TaskRegistry, registry_for_datalist
+from uniseg_monai.tasks import TaskRegistry
 from uniseg_monai.weights import convert_into_bundle, download_weights
+from uniseg_monai.wiring import registry_for_datalist
 
 
 def _convert_official(src: str, dst: str = "", bundle: str = "", task: str = "", overwrite: bool = False) -> None:
@@ -34,9 +34,9 @@ def _convert_official(src: str, dst: str = "", bundle: str = "", task: str = "",
         overwrite: replace the output if it exists (otherwise an existing file is never touched).
     """
     if bool(dst) == bool(bundle):
-        raise ValueError("give exactly one of DST or --bundle")
+        raise UsageError("give exactly one of DST or --bundle")
     if task and bundle:
-        raise ValueError("--task names a downstream model's task for DST; with --bundle the bundle's task is used")
+        raise UsageError("--task names a downstream model's task for DST; with --bundle the bundle's task is used")
     report = convert_into_bundle(src, bundle, overwrite) if bundle else convert_official(src, dst, task, overwrite)
     print(_json.dumps(report, indent=2))
     print(f"licence of these weights: {report['licence']}", file=sys.stderr)
@@ -72,8 +72,20 @@ def _pack_bundles(out: str = "dist", bundles: str | list[str] = "") -> None:
         print(pack_bundle(name, out))
 
 
-def _tasks(json: bool = False, datalist: str | None = None) -> None:
-    """Print the task registry as a table or JSON; with --datalist, the tasks that datalist uses."""
+def _tasks(json: bool = False, datalist: str | None = None, metadata: str = "", check: bool = False) -> None:
+    """Print the task registry as a table or JSON; with --datalist, the tasks that datalist uses.
+
+    --metadata BUNDLE: write the network_data_format of BUNDLE's configs/metadata.json from its models/tasks.json
+    and network (with --check: only compare, exit 1 if it differs)."""
+    if metadata:
+        from uniseg_monai.metadata import sync_metadata
+
+        path, differs = sync_metadata(metadata, check=check)
+        print(f"{path}: network_data_format " + ("differs from the task table" if check and differs
+              else "updated" if differs else "up to date"))  # fmt: skip
+        if check and differs:
+            sys.exit(1)
+        return
     registry = registry_for_datalist(datalist) if datalist else TaskRegistry()
     print(_json.dumps(registry.to_json(), indent=2) if json else registry.table())
 
@@ -139,9 +151,9 @@ def _export(
         import onnx as _onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as err:
-        raise ValueError(f"ONNX export needs onnx and onnxruntime ({err}): pip install -e '.[onnx]'") from None
+        raise UsageError(f"ONNX export needs onnx and onnxruntime ({err}): pip install -e '.[onnx]'") from None
     if not onnx:
-        raise ValueError("give the output file: --onnx model.onnx")
+        raise UsageError("give the output file: --onnx model.onnx")
     report = export_bundle_onnx(bundle, onnx, in_channels, ckpt=checkpoint, overwrite=overwrite, **overrides)
     print(_json.dumps(report, indent=2))
 
@@ -159,7 +171,7 @@ def _typed(command: Callable[..., Any]) -> Callable[..., Any]:
         if hint == "bool" and not isinstance(value, bool):
             text = str(value).lower()
             if text not in TRUE + FALSE:
-                raise ValueError(f"--{name} takes true or false, got {value!r}")
+                raise UsageError(f"--{name} takes true or false, got {value!r}")
             return text in TRUE
         if hint.startswith("str") and value is not None and not isinstance(value, str):
             return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
@@ -194,7 +206,18 @@ COMMANDS: dict[str, Callable[..., Any]] = {
         "predict": _predict,
     }.items()
 }
-SHORT_FLAGS = {"predict": {"-i": "--input", "-o": "--output"}}
+SHORT_FLAGS = {"predict": {"-i": "--input", "-o": "--output"}}  # TotalSegmentator's spelling
+
+
+def _long_flags(argv: list[str]) -> list[str]:
+    """A command's short flags (``-o x``, ``-o=x``) spelled out: fire takes a one-letter flag only when a single
+    option starts with that letter, and ``-o`` could be ``--output``, ``--overwrite`` or ``--overlap``."""
+    short = SHORT_FLAGS.get(argv[0], {}) if argv else {}
+    out = argv[:1]
+    for arg in argv[1:]:
+        flag, eq, value = arg.partition("=")
+        out.append(short[flag] + eq + value if flag in short else arg)
+    return out
 
 
 def _check_options(command: str, argv: list[str]) -> None:
@@ -206,17 +229,10 @@ def _check_options(command: str, argv: list[str]) -> None:
         name = arg[2:].split("=")[0].replace("-", "_") if arg.startswith("--") and len(arg) > 2 else ""
         if name and name not in parameters:
             options = ", ".join(f"--{p}" for p in parameters)
-            raise ValueError(f"unknown option {arg.split('=')[0]} for `uniseg {command}` (options: {options})")
+            raise UsageError(f"unknown option {arg.split('=')[0]} for `uniseg {command}` (options: {options})")
 
 
-USER_ERRORS = (
-    OfficialCheckpointError,
-    ModelFileError,
-    DatalistError,
-    TaskError,
-    OSError,  # unreadable / read-only / full disk: the message names the path
-    ValueError,
-)
+USER_ERRORS = (UniSegError, OSError)  # OSError: unreadable / read-only / full disk; the message names the path
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -229,8 +245,7 @@ def user_error(err: BaseException) -> BaseException | None:
 def main(argv: list[str] | None = None) -> None:
     """Run one ``uniseg`` command; user errors print one line and exit with status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in SHORT_FLAGS:  # fire has no short flags for these
-        argv = [SHORT_FLAGS[argv[0]].get(a, a) for a in argv]
+    argv = _long_flags(argv)
     try:
         if argv and argv[0] in COMMANDS:
             if any(a in ("--help", "-h") for a in argv[1:]):

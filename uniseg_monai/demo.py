@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 from monai.bundle import ConfigWorkflow
 
-from uniseg_monai.data.phantoms import generate_downstream_phantoms, generate_phantoms
+from uniseg_monai.data.phantoms import DOWNSTREAM_TASKS, generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
 from uniseg_monai.tasks import load_model_tasks
 
@@ -63,16 +63,6 @@ def _same_volume_two_tasks(datalist: Path, run: Path, per_case: Path) -> list[st
     return lines
 
 
-# the demo's unseen downstream task: three organs of the BTCV-like phantoms (a label_map selects them)
-DOWNSTREAM_TASK = {
-    "modalities": ["CT"],
-    "labels": ["background", "right kidney", "left kidney", "gallbladder"],
-    "short_labels": ["bg", "RKi", "LKi", "Gb"],
-    "normalization": ["ct"],
-    "label_map": {"2": 1, "3": 2, "4": 3},
-}
-
-
 def _fine_tune(out_dir: Path, bundle: Path, pretrained: Path) -> dict[str, Path]:
     """Task ``ph_kidneys`` (right / left kidney, gallbladder of BTCV-like phantoms: structures and a class count the
     pretraining never saw), fine-tuned with ``configs/demo.json`` from scratch and from ``pretrained`` at the same
@@ -82,7 +72,7 @@ def _fine_tune(out_dir: Path, bundle: Path, pretrained: Path) -> dict[str, Path]
         raw = generate_downstream_phantoms(datalist.parent / "raw", "btcv", cases=10, seed=1, spacing=[2.0, 2.0, 4.0])
         prepare(raw, "ph_kidneys", datalist, fmt="btcv", val_fraction=0.125, test_fraction=0.2)
         data = json.loads(datalist.read_text())
-        data["tasks"]["ph_kidneys"].update(DOWNSTREAM_TASK)
+        data["tasks"]["ph_kidneys"].update(DOWNSTREAM_TASKS["ph_kidneys"])
         datalist.write_text(json.dumps(data, indent=1))
     reports = {}
     for name, weights in (("from scratch", ""), ("fine-tuned", str(pretrained))):

@@ -39,6 +39,7 @@ from torch import nn
 
 from uniseg_monai.atomic import write_atomic
 from uniseg_monai.bundles import open_inference
+from uniseg_monai.errors import UsageError
 from uniseg_monai.model_files import load_into
 from uniseg_monai.networks import UniSeg
 
@@ -106,12 +107,12 @@ def export_onnx(
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     if window is None:
         if not hasattr(network, "universal_prompt"):
-            raise ValueError(f"give the window (X, Y, Z) to export a {type(network).__name__}")
+            raise UsageError(f"give the window (X, Y, Z) to export a {type(network).__name__}")
         stride = network.total_stride
         window = [int(n) * s for n, s in zip(network.universal_prompt.shape[2:], stride)]
     window = [int(n) for n in window]
     if len(window) != 3:
-        raise ValueError(f"window must be (X, Y, Z), got {window}")
+        raise UsageError(f"window must be (X, Y, Z), got {window}")
 
     net = _traceable_copy(network)
     example = _example(net, 1, in_channels, window, seed=0)

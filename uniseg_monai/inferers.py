@@ -15,20 +15,18 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
-from uniseg_monai.losses import TaskLogits
+from uniseg_monai.networks.task_ids import TaskId, TaskLogits, as_task_ids
 
 MIRROR_AXES = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]  # 8 flips incl. none
 
 
-def _task_ids(task_id: int | Sequence[int] | torch.Tensor | None, batch_size: int) -> list[int]:
+def _task_ids(
+    task_id: TaskId | None, batch_size: int, num_tasks: int | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """:func:`~uniseg_monai.networks.as_task_ids` (-> (B,) long), refusing a missing task."""
     if task_id is None:
         raise ValueError("no task given: pass task_id (from the batch) or set the inferer's task_id (bundle id `task`)")
-    ids = torch.as_tensor(task_id).long().flatten().tolist()
-    if len(ids) == 1:
-        ids = ids * batch_size
-    if len(ids) != batch_size:
-        raise ValueError(f"{len(ids)} task ids for a batch of {batch_size}")
-    return ids
+    return as_task_ids(task_id, batch_size, num_tasks, device, owner="inferer")
 
 
 def _meta_task_ids(inputs: torch.Tensor) -> Any:
@@ -54,7 +52,7 @@ class TaskTrainingInferer(SimpleInferer):
     :class:`TaskLogits` for the task-aware loss."""
 
     def __call__(self, inputs: torch.Tensor, network: Callable, task_id: torch.Tensor) -> TaskLogits:  # type: ignore[override]
-        ids = torch.as_tensor(_task_ids(task_id, inputs.shape[0]), device=inputs.device)
+        ids = _task_ids(task_id, inputs.shape[0], device=inputs.device)
         return TaskLogits(network(plain(inputs), task_id=ids), ids)
 
 
@@ -143,15 +141,10 @@ class TaskSlidingWindowInferer(MirroringSlidingWindowInferer):
         return self.mirrored(lambda window: network(window, task_id=task_id)[:, :classes])
 
     def __call__(  # type: ignore[override]
-        self, inputs: torch.Tensor, network: Callable, task_id: int | Sequence[int] | torch.Tensor | None = None
+        self, inputs: torch.Tensor, network: Callable, task_id: TaskId | None = None
     ) -> torch.Tensor:
-        for given in (task_id, _meta_task_ids(inputs), self.task_id):
-            if given is not None:
-                break
-        ids = _task_ids(given, inputs.shape[0])
-        for t in ids:
-            if not 0 <= t < len(self.classes_per_task):
-                raise ValueError(f"task id {t} unknown to this inferer ({len(self.classes_per_task)} tasks)")
+        given = next((t for t in (task_id, _meta_task_ids(inputs), self.task_id) if t is not None), None)
+        ids = _task_ids(given, inputs.shape[0], len(self.classes_per_task)).tolist()
         outputs = [self.window(inputs[b : b + 1], self.predictor(network, t)) for b, t in enumerate(ids)]
         width = max(o.shape[1] for o in outputs)
         if all(o.shape[1] == width for o in outputs):

@@ -9,6 +9,8 @@ from monai.data import MetaTensor
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 
+from uniseg_monai.networks.task_ids import TaskLogits, as_task_ids
+
 
 def deep_supervision_weights(levels: int = 5) -> list[float]:
     """nnU-Net's weights: 1/2^i, the lowest resolution set to 0, normalised (5 levels: .533 .267 .133 .067 0)."""
@@ -16,17 +18,6 @@ def deep_supervision_weights(levels: int = 5) -> list[float]:
     if levels > 1:
         raw[-1] = 0.0
     return [w / sum(raw) for w in raw]
-
-
-class TaskLogits(list):
-    """Deep-supervision logits (highest resolution first) tagged with each sample's task id (B,).
-
-    Produced by :class:`uniseg_monai.inferers.TaskTrainingInferer`, read by :class:`TaskDeepSupervisionLoss`.
-    """
-
-    def __init__(self, logits: Sequence[torch.Tensor] | torch.Tensor, task_id: torch.Tensor) -> None:
-        super().__init__([logits] if isinstance(logits, torch.Tensor) else logits)
-        self.task_id = task_id
 
 
 class TaskDeepSupervisionLoss(nn.Module):
@@ -38,8 +29,8 @@ class TaskDeepSupervisionLoss(nn.Module):
         classes_per_task: C_t (incl. background) indexed by task id.
         weights: one per output, highest resolution first (default :func:`deep_supervision_weights`).
 
-    ``forward(pred, target)``: pred a :class:`TaskLogits` (or one (B, C, X, Y, Z) tensor inside it), target
-    (B, 1, X, Y, Z) with label values in [0, C_t).
+    ``forward(pred, target)``: pred a :class:`~uniseg_monai.networks.TaskLogits` (or one (B, C, X, Y, Z) tensor
+    inside it) with task ids in [0, len(classes_per_task)), target (B, 1, X, Y, Z) with label values in [0, C_t).
     """
 
     def __init__(self, classes_per_task: Sequence[int], weights: Sequence[float] | None = None) -> None:
@@ -63,7 +54,7 @@ class TaskDeepSupervisionLoss(nn.Module):
         levels = [(w, p) for w, p in zip(weights, pred) if w != 0]
         if isinstance(target, MetaTensor):
             target = target.as_tensor()  # meta data is not needed here and slows every op
-        task_ids = torch.as_tensor(pred.task_id, device=target.device).long().flatten()
+        task_ids = as_task_ids(pred.task_id, target.shape[0], len(self.classes_per_task), target.device, "loss")
         total = target.new_zeros((), dtype=torch.float32)
         for task in task_ids.unique().tolist():
             rows = torch.nonzero(task_ids == task).flatten()

@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import CheckpointSaver
 
 from uniseg_monai.atomic import write_atomic
+from uniseg_monai.errors import UniSegError
 from uniseg_monai.networks import UniSeg, UniSegBackbone
 from uniseg_monai.official import OfficialCheckpointError, convert_state_dict, infer_network_def, strip_prefix
 from uniseg_monai.tasks import MODEL_TASKS_FILE, PAPER_UPSTREAM_TASKS, Task, TaskError, TaskRegistry, load_model_tasks
@@ -56,7 +58,7 @@ OFFICIAL_LICENCE = (
 )
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UniSegError, ValueError):
     """A model file that cannot be read, or does not fit the network or bundle it is used with."""
 
 
@@ -330,9 +332,7 @@ class Entry:
 
 def description(network: torch.nn.Module, registry: TaskRegistry) -> dict[str, Entry]:
     """``CheckpointSaver`` entries that make a checkpoint self-describing: ``tasks``, for UniSeg networks
-    ``network_def``, and for a network fine-tuned from pretrained weights their ``provenance`` (file, licence).
-    Bundles: ``"save_dict": "$dict(model=@network, **uniseg_monai.model_files.description(@network, @registry))"``.
-    """
+    ``network_def``, and for a network fine-tuned from pretrained weights their ``provenance`` (file, licence)."""
     target = network.module if hasattr(network, "module") else network
     entries = {"tasks": Entry(registry.to_json())}
     if hasattr(target, "network_def"):
@@ -340,6 +340,14 @@ def description(network: torch.nn.Module, registry: TaskRegistry) -> dict[str, E
     if getattr(target, "pretrained_provenance", None):
         entries["provenance"] = Entry(target.pretrained_provenance)
     return entries
+
+
+class ModelCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` writing self-describing model files: ``save_dict`` (which holds ``model``) plus
+    the :func:`description` of that network and the run's ``registry``; other arguments as ``CheckpointSaver``."""
+
+    def __init__(self, save_dir: str, save_dict: dict[str, Any], registry: TaskRegistry, **kwargs: Any) -> None:
+        super().__init__(save_dir, {**save_dict, **description(save_dict["model"], registry)}, **kwargs)
 
 
 class ModelLoader:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from uniseg_monai.errors import UniSegError
+
 OFFICIAL_LICENCE = (
     "Converted from the official UniSeg release (https://github.com/yeerwen/UniSeg), whose weights are licensed "
     "for non-commercial use only; that licence applies to this file whatever the licence of this bundle's code."
@@ -36,7 +38,7 @@ _KEY_RULES = [
 ]
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(UniSegError, ValueError):
     """The file is not an official UniSeg checkpoint this converter understands."""
 
 

@@ -1,7 +1,7 @@
 """``uniseg predict``: segment images with a trained UniSeg model in one command (TotalSegmentator style).
 
-Everything comes from the bundle's ``configs/inference.json`` (task registry, network, preprocessing, sliding-window
-inferer, postprocessing without its ``SaveImaged``), so the maps equal the bundle's own inference.
+Everything comes from the bundle's ``configs/inference.json`` (see :class:`Predictor`), so the maps equal the
+bundle's own inference.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from tqdm import tqdm
 
 from uniseg_monai.atomic import write_atomic, write_text_atomic
 from uniseg_monai.bundles import DEFAULT_BUNDLE, open_inference
-from uniseg_monai.model_files import load_into
+from uniseg_monai.errors import InputError, UsageError
+from uniseg_monai.model_files import ModelFile, load_into
 from uniseg_monai.tasks import Task
 from uniseg_monai.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
 
@@ -43,7 +45,7 @@ def find_cases(entries: str | Sequence[str], exclude: Path | None = None) -> dic
 
     def add(name: str, source: str | list[str], files: list[Path]) -> None:
         if name in cases:
-            raise ValueError(f"two inputs make the case {name!r} ({cases[name][0]} and {source}): rename one")
+            raise InputError(f"two inputs make the case {name!r} ({cases[name][0]} and {source}): rename one")
         cases[name] = (source, files)
 
     for entry in entries:
@@ -61,7 +63,7 @@ def find_cases(entries: str | Sequence[str], exclude: Path | None = None) -> dic
             images = [p for p in children if p.is_file() and p.name.endswith(IMAGE_SUFFIXES)]
             series = [p for p in children if p.is_dir() and not (exclude and p.resolve() == exclude.resolve())]
             if not children:
-                raise ValueError(f"input folder {path} is empty")
+                raise InputError(f"input folder {path} is empty")
             if not images and not series:  # the folder itself is one DICOM series
                 series = [path]
             for p in images:
@@ -71,22 +73,8 @@ def find_cases(entries: str | Sequence[str], exclude: Path | None = None) -> dic
         else:
             raise FileNotFoundError(f"input {entry} not found")
     if not cases:
-        raise ValueError("no input given")
+        raise UsageError("no input given")
     return cases
-
-
-def _parser(bundle: str, checkpoint: str | None, task: str, settings: dict[str, Any], progress: bool):
-    """The bundle's inference config for the model file (:func:`uniseg_monai.bundles.open_inference`), with windows
-    on the device, the volume stitched on the CPU, an all-task inferer and no ``SaveImaged`` (predict writes)."""
-    parser, model = open_inference(bundle, checkpoint, {"task": "" if task == "all" else task, **settings})
-    parser.update(
-        {"inferer#sw_device": "@device", "inferer#device": "$torch.device('cpu')", "inferer#progress": progress}
-    )
-    same = {k: v for k, v in parser["inferer"].items() if k != "task_id"}
-    parser["all_inferer"] = {**same, "_target_": "uniseg_monai.inferers.AllTaskSlidingWindowInferer"}
-    steps = parser["postprocessing#transforms"]
-    parser["postprocessing#transforms"] = [s for s in steps if not str(s.get("_target_")).endswith("SaveImaged")]
-    return parser, model
 
 
 def _takes(task: Task, modality: str) -> bool:
@@ -114,6 +102,111 @@ def merge(maps: dict[str, np.ndarray], tasks: Sequence[Task]) -> tuple[np.ndarra
                       for k in range(1, task.num_classes)})  # fmt: skip
         merged = np.where(maps[task.name] > 0, maps[task.name].astype(np.int64) + offset, merged)
     return merged.astype(np.uint8 if len(table) <= 256 else np.uint16), table
+
+
+def predict_config(
+    bundle: str, checkpoint: str | None, task: str, settings: dict[str, Any], progress: bool
+) -> tuple[ConfigParser, ModelFile]:
+    """The bundle's inference config for the model file (:func:`uniseg_monai.bundles.open_inference`) with the ids
+    ``uniseg predict`` sets: windows on the device, the volume stitched on the CPU, no ``SaveImaged``."""
+    ids = {"sw_device": "@device", "stitch_device": "$torch.device('cpu')", "progress": progress}
+    ids["save_predictions"] = False
+    return open_inference(bundle, checkpoint, {"task": "" if task == "all" else task, **settings, **ids})
+
+
+class Predictor:
+    """A bundle's inference config and model, loaded once, that segments cases (:meth:`segment`) and writes them
+    (:meth:`write`).
+
+    Everything comes from ``configs/inference.json`` (opened for the model file by
+    :func:`uniseg_monai.bundles.open_inference`): task registry, network, ``preprocessing``, ``inferer`` and
+    ``all_inferer``, ``postprocessing`` with its ``SaveImaged`` switched off (``save_predictions``), windows on the
+    device (``sw_device``) and the volume stitched on the CPU (``stitch_device``).
+    """
+
+    def __init__(
+        self, bundle: str, checkpoint: str | None, task: str, settings: dict[str, Any], progress: bool
+    ) -> None:
+        parser, self.model = predict_config(bundle, checkpoint, task, settings, progress)
+        self.all = task == "all"
+        self.registry = parser.get_parsed_content("registry")
+        self.network = parser.get_parsed_content("network_def")
+        load_into(self.network, self.model)
+        self.device = parser.get_parsed_content("device")
+        self.network.to(self.device).eval()
+        self.amp = bool(parser.get_parsed_content("amp")) and self.device.type == "cuda"
+        steps = parser.get_parsed_content("preprocessing").transforms
+        self.load = next(t for t in steps if isinstance(t, ThreadSafeLoadImaged))  # read once for all tasks
+        self.preprocess = Compose([t for t in steps if t is not self.load])
+        self.postprocess = parser.get_parsed_content("postprocessing")
+        self.inferer = parser.get_parsed_content("all_inferer" if self.all else "inferer")
+        self.sidecar = {"checkpoint": str(self.model.path.resolve()),
+                        "bundle": str(Path(parser["bundle_root"]).resolve()), "device": str(self.device)}  # fmt: skip
+        if self.model.provenance:
+            self.sidecar["weights_licence"] = self.model.provenance.get("licence", "")
+
+    def tasks(self, task: str, modality: str | None) -> list[Task]:
+        """The tasks ``task`` (a name or ``all``) means, those with a ``modality`` channel when given."""
+        tasks = sorted(self.registry.values(), key=lambda t: t.id) if task == "all" else [self.registry[task]]
+        tasks = [t for t in tasks if not modality or _takes(t, modality)]
+        if not tasks:
+            raise UsageError(
+                f"no task ({task}) of the model takes {modality} images; its tasks: {sorted(self.registry)}"
+            )
+        return tasks
+
+    def segment(
+        self, image: torch.Tensor, tasks: list[Task]
+    ) -> tuple[dict[str, np.ndarray], dict[str, dict], np.ndarray]:
+        """Image (C, X, Y, Z) on its own grid -> {task: labels (X, Y, Z) on that grid}, {task: sidecar fields},
+        affine; one sliding-window pass per group of tasks with the same spacing and normalisation."""
+        passes: dict[tuple, list[Task]] = {}
+        for t in tasks:
+            passes.setdefault((t.spacing, t.normalization), []).append(t)
+        maps, meta = {}, {}
+        for group in passes.values():
+            tic = time.perf_counter()
+            item = self.preprocess({"image": image.clone() if len(passes) > 1 else image, "task": group[0].name})
+            x = item["image"][None]  # (1, C, X', Y', Z') at the task spacing, on the CPU
+            times, tic = {"preprocess": time.perf_counter() - tic}, time.perf_counter()
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
+                if self.all:
+                    logits = self.inferer(x, self.network, [t.id for t in group])  # {id: (1, C_t, X', Y', Z')}
+                else:
+                    logits = {group[0].id: self.inferer(x, self.network)}
+            times["inference"] = time.perf_counter() - tic
+            for t in group:
+                tic = time.perf_counter()
+                with torch.no_grad():  # softmax, inverse of the preprocessing, argmax: (1, X, Y, Z)
+                    pred = self.postprocess({"image": item["image"], "pred": logits[t.id][0], "task": t.name})["pred"]
+                maps[t.name] = pred.array[0].astype(np.uint8)
+                times["postprocess"] = time.perf_counter() - tic
+                meta[t.name] = {"task_id": t.id, "labels": dict(enumerate(t.labels)), "pass": [g.name for g in group],
+                                "timings_s": dict(times)}  # fmt: skip
+        return maps, meta, pred.affine.numpy()
+
+    def write(self, out: Path, name: str, source: str | list[str], tasks: list[Task], run: dict[str, Any]) -> None:
+        """Load one case, segment it under ``tasks`` (those whose channel count fits) and write its maps and
+        sidecars (plus the merged map for ``all``); ``run``: more sidecar fields."""
+        tic = time.perf_counter()
+        image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
+        fits = [t for t in tasks if t.in_channels == image.shape[0]]
+        if not fits:
+            wanted = ", ".join(f"{t.name} takes {'+'.join(t.modalities)}" for t in tasks)
+            raise InputError(f"the image has {image.shape[0]} channel(s), but {wanted}")
+        loaded = time.perf_counter() - tic
+        maps, meta, affine = self.segment(image, fits)
+        inputs = {"case": name, "input": [source] if isinstance(source, str) else source}
+        for t in fits:
+            _write_nifti(out / f"{name}_{t.name}.nii.gz", maps[t.name], affine)
+            meta[t.name]["timings_s"]["load"] = loaded
+            sidecar = {**inputs, "task": t.name, **meta[t.name], **self.sidecar, **run}
+            write_text_atomic(out / f"{name}_{t.name}.json", json.dumps(sidecar, indent=2) + "\n")
+        if self.all:
+            merged, table = merge(maps, fits)
+            _write_nifti(out / f"{name}_all_merged.nii.gz", merged, affine)
+            sidecar = {**inputs, "task": "all", "rule": MERGE_RULE, "labels": table, **self.sidecar, **run}
+            write_text_atomic(out / f"{name}_all_merged.json", json.dumps(sidecar, indent=2) + "\n")
 
 
 def predict(
@@ -163,25 +256,21 @@ def predict(
     """
     out = Path(output)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} is a file: give a folder")
+        raise UsageError(f"output {out} is a file: give a folder")
     if not 0 <= float(overlap) < 1:
-        raise ValueError(f"--overlap must lie in [0, 1), got {overlap}")
+        raise UsageError(f"--overlap must lie in [0, 1), got {overlap}")
     if device and not (device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())):
-        raise ValueError(f"--device {device}: use cpu" + (" or cuda[:N]" if torch.cuda.is_available() else " (no GPU)"))
+        raise UsageError(f"--device {device}: use cpu" + (" or cuda[:N]" if torch.cuda.is_available() else " (no GPU)"))
     cases = find_cases(input, exclude=out)
     for _, files in cases.values():
         for f in files:
             if out.resolve() in (f.resolve().parent, f.absolute().parent.resolve()):
-                raise ValueError(f"output folder {out} holds the input {f}: choose another one")
+                raise UsageError(f"output folder {out} holds the input {f}: choose another one")
     settings = {"tta": bool(tta), "overlap": float(overlap), **overrides}
     if device:
         settings["device"] = f"$torch.device({str(device)!r})"
-    parser, model = _parser(bundle, checkpoint, task, settings, progress=len(cases) == 1)
-    registry = parser.get_parsed_content("registry")
-    tasks = sorted(registry.values(), key=lambda t: t.id) if task == "all" else [registry[task]]
-    tasks = [t for t in tasks if not modality or _takes(t, modality)]
-    if not tasks:
-        raise ValueError(f"no task ({task}) of the model takes {modality} images; its tasks: {sorted(registry)}")
+    predictor = Predictor(bundle, checkpoint, task, settings, progress=len(cases) == 1)
+    tasks = predictor.tasks(task, modality)
     names = [t.name for t in tasks] + (["all_merged"] if task == "all" else [])
     earlier = [p for c in cases for n in names for p in (out / f"{c}_{n}.nii.gz", out / f"{c}_{n}.json") if p.exists()]
     if earlier and not overwrite:
@@ -189,71 +278,10 @@ def predict(
             f"{earlier[0]} exists ({len(earlier)} output file(s) of an earlier run in {out}); pass --overwrite to "
             "replace them, or choose another output folder"
         )
-    network = parser.get_parsed_content("network_def")
-    load_into(network, model)
-    dev = parser.get_parsed_content("device")
-    network.to(dev).eval()
-    amp = bool(parser.get_parsed_content("amp")) and dev.type == "cuda"
-    steps = parser.get_parsed_content("preprocessing").transforms
-    load = next(t for t in steps if isinstance(t, ThreadSafeLoadImaged))  # a case is read once for all tasks
-    preprocess, post = Compose([t for t in steps if t is not load]), parser.get_parsed_content("postprocessing")
-    inferer = parser.get_parsed_content("all_inferer" if task == "all" else "inferer")
-    bundle_dir = Path(parser["bundle_root"]).resolve()
-    common = {"checkpoint": str(model.path.resolve()), "bundle": str(bundle_dir), "device": str(dev)}
-    if model.provenance:
-        common["weights_licence"] = model.provenance.get("licence", "")
-    common.update(tta=bool(tta), overlap=float(overlap))
-
-    def segment(image: torch.Tensor, fits: list[Task]) -> tuple[dict[str, np.ndarray], dict[str, dict], np.ndarray]:
-        """Image (C, X, Y, Z) -> {task: labels (X, Y, Z)}, {task: sidecar fields}, affine; one pass per
-        group of tasks with the same preprocessing."""
-        passes: dict[tuple, list[Task]] = {}
-        for t in fits:
-            passes.setdefault((t.spacing, t.normalization), []).append(t)
-        maps, meta = {}, {}
-        for group in passes.values():
-            tic = time.perf_counter()
-            item = preprocess({"image": image.clone() if len(passes) > 1 else image, "task": group[0].name})
-            x = item["image"][None]  # (1, C, X', Y', Z') at the task spacing, on the CPU
-            times, tic = {"preprocess": time.perf_counter() - tic}, time.perf_counter()
-            with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
-                if task == "all":
-                    logits = inferer(x, network, [t.id for t in group])  # {id: (1, C_t, X', Y', Z')}
-                else:
-                    logits = {group[0].id: inferer(x, network)}
-            times["inference"] = time.perf_counter() - tic
-            for t in group:
-                tic = time.perf_counter()
-                with torch.no_grad():  # softmax, inverse of the preprocessing, argmax: (1, X, Y, Z)
-                    pred = post({"image": item["image"], "pred": logits[t.id][0], "task": t.name})["pred"]
-                maps[t.name] = pred.array[0].astype(np.uint8)
-                times["postprocess"] = time.perf_counter() - tic
-                meta[t.name] = {"task_id": t.id, "labels": dict(enumerate(t.labels)), "pass": [g.name for g in group],
-                                "timings_s": dict(times)}  # fmt: skip
-        return maps, meta, pred.affine.numpy()
-
     failed: dict[str, str] = {}
     for name, (source, _) in tqdm(cases.items(), desc="uniseg predict", unit="case"):
         try:
-            tic = time.perf_counter()
-            image = load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
-            fits = [t for t in tasks if t.in_channels == image.shape[0]]
-            if not fits:
-                wanted = ", ".join(f"{t.name} takes {'+'.join(t.modalities)}" for t in tasks)
-                raise ValueError(f"the image has {image.shape[0]} channel(s), but {wanted}")
-            loaded = time.perf_counter() - tic
-            maps, meta, affine = segment(image, fits)
-            inputs = {"case": name, "input": [source] if isinstance(source, str) else source}
-            for t in fits:
-                _write_nifti(out / f"{name}_{t.name}.nii.gz", maps[t.name], affine)
-                meta[t.name]["timings_s"]["load"] = loaded
-                sidecar = {**inputs, "task": t.name, **meta[t.name], **common}
-                write_text_atomic(out / f"{name}_{t.name}.json", json.dumps(sidecar, indent=2) + "\n")
-            if task == "all":
-                merged, table = merge(maps, fits)
-                _write_nifti(out / f"{name}_all_merged.nii.gz", merged, affine)
-                sidecar = {**inputs, "task": "all", "rule": MERGE_RULE, "labels": table, **common}
-                write_text_atomic(out / f"{name}_all_merged.json", json.dumps(sidecar, indent=2) + "\n")
+            predictor.write(out, name, source, tasks, {"tta": bool(tta), "overlap": float(overlap)})
         except Exception as err:  # one bad case must not stop the others
             while err.__cause__ is not None:
                 err = err.__cause__

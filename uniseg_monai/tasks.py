@@ -14,22 +14,26 @@ from pathlib import Path
 from typing import Any
 
 from uniseg_monai.atomic import write_text_atomic
+from uniseg_monai.errors import UniSegError
 
 NORMALIZATIONS = ("ct", "zscore", "zscore_nonzero")
 DEFAULT_CT_WINDOW = (-325.0, 325.0)
 _ABDOMEN_CT = {"modalities": ["CT"], "spacing": [1.5, 1.5, 3.0], "normalization": ["ct"]}
+_UPSTREAM_CT = {"paper": "upstream", **_ABDOMEN_CT}
 
-# name -> task fields; the paper's upstream tasks (ids 0-10), then the two downstream tasks
+# name -> task fields; "paper" (a registry flag, not a task field) marks the paper's 11 upstream (pretraining)
+# tasks, ids 0-10, and its two downstream (transfer) tasks
 BUILTIN_TASKS: dict[str, dict[str, Any]] = {
-    "liver": {"id": 0, **_ABDOMEN_CT, "labels": ["background", "liver", "liver tumour"]},
-    "kidney": {"id": 1, **_ABDOMEN_CT, "labels": ["background", "kidney", "kidney tumour"]},
-    "hepatic_vessel": {"id": 2, **_ABDOMEN_CT, "labels": ["background", "hepatic vessel", "hepatic tumour"]},
-    "pancreas": {"id": 3, **_ABDOMEN_CT, "labels": ["background", "pancreas", "pancreas tumour"]},
-    "colon": {"id": 4, **_ABDOMEN_CT, "labels": ["background", "colon tumour"]},
-    "lung": {"id": 5, **_ABDOMEN_CT, "labels": ["background", "lung tumour"]},
-    "spleen": {"id": 6, **_ABDOMEN_CT, "labels": ["background", "spleen"]},
+    "liver": {"id": 0, **_UPSTREAM_CT, "labels": ["background", "liver", "liver tumour"]},
+    "kidney": {"id": 1, **_UPSTREAM_CT, "labels": ["background", "kidney", "kidney tumour"]},
+    "hepatic_vessel": {"id": 2, **_UPSTREAM_CT, "labels": ["background", "hepatic vessel", "hepatic tumour"]},
+    "pancreas": {"id": 3, **_UPSTREAM_CT, "labels": ["background", "pancreas", "pancreas tumour"]},
+    "colon": {"id": 4, **_UPSTREAM_CT, "labels": ["background", "colon tumour"]},
+    "lung": {"id": 5, **_UPSTREAM_CT, "labels": ["background", "lung tumour"]},
+    "spleen": {"id": 6, **_UPSTREAM_CT, "labels": ["background", "spleen"]},
     "verse20": {
         "id": 7,
+        "paper": "upstream",
         "modalities": ["CT"],
         "labels": ["background", "vertebrae"],
         "spacing": [2.0, 2.0, 4.0],
@@ -38,6 +42,7 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     },
     "prostate": {
         "id": 8,
+        "paper": "upstream",
         "modalities": ["T2"],
         "labels": ["background", "prostate"],
         "spacing": [1.5, 1.5, 3.0],
@@ -46,6 +51,7 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     },
     "brats21": {
         "id": 9,
+        "paper": "upstream",
         "modalities": ["T1", "T1ce", "T2", "FLAIR"],
         "labels": ["background", "edema", "non-enhancing/necrotic tumour", "enhancing tumour"],
         "spacing": [1.0, 1.0, 1.0],
@@ -54,6 +60,7 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     },
     "autopet": {
         "id": 10,
+        "paper": "upstream",
         "modalities": ["CT", "PET"],
         "labels": ["background", "lesion"],
         "spacing": [4.0, 4.0, 8.0],
@@ -61,6 +68,7 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     },
     "btcv": {
         "id": 11,
+        "paper": "downstream",
         **_ABDOMEN_CT,
         "labels": [
             "background",
@@ -83,6 +91,7 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     },
     "vs": {
         "id": 12,
+        "paper": "downstream",
         "modalities": ["T1ce"],
         "labels": ["background", "vestibular schwannoma"],
         "short_labels": ["bg", "VS"],
@@ -92,7 +101,7 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
 }
 
 
-class TaskError(ValueError):
+class TaskError(UniSegError, ValueError):
     """A task definition or reference that cannot be used."""
 
 
@@ -197,7 +206,7 @@ class TaskRegistry(Mapping[str, Task]):
 
     def __init__(self, tasks: Iterable[Task] | None = None) -> None:
         if tasks is None:
-            tasks = (Task.parse(n, s) for n, s in BUILTIN_TASKS.items())
+            tasks = (Task.parse(n, {k: v for k, v in s.items() if k != "paper"}) for n, s in BUILTIN_TASKS.items())
         self._tasks = {t.name: t for t in tasks}
 
     def __getitem__(self, name: str) -> Task:
@@ -294,19 +303,8 @@ class TaskRegistry(Mapping[str, Task]):
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
 
 
-PAPER_UPSTREAM_TASKS = tuple(name for name, spec in BUILTIN_TASKS.items() if spec["id"] <= 10)
+PAPER_UPSTREAM_TASKS = tuple(name for name, spec in BUILTIN_TASKS.items() if spec["paper"] == "upstream")
 MODEL_TASKS_FILE = "tasks.json"
-
-
-def channel_def(registry: TaskRegistry) -> dict[str, str]:
-    """Bundle metadata ``channel_def`` of the network output: channel k is label k of the ongoing task (the label
-    name itself for a one-task bundle; ``task: label | ...`` over the tasks otherwise)."""
-    tasks = sorted(registry.values(), key=lambda t: t.id)
-    out = {"0": "background"}
-    for k in range(1, registry.num_classes):
-        names = [(t.name, t.labels[k]) for t in tasks if k < t.num_classes]
-        out[str(k)] = names[0][1] if len(tasks) == 1 else " | ".join(f"{t}: {label}" for t, label in names)
-    return out
 
 
 def save_model_tasks(registry: TaskRegistry, ckpt_dir: str | Path) -> Path:
@@ -341,12 +339,6 @@ def load_model_tasks(ckpt_dir: str | Path) -> TaskRegistry:
     return TaskRegistry(Task.parse(name, spec) for name, spec in specs.items())
 
 
-def requested_task(choice: str | list[str]) -> str:
-    """The task a MONAI Label request chose: ``displayable_configs#task`` holds the drop-down (a list of names)
-    in the bundle files and the chosen name (a string) once a request set it; ``""`` when none was chosen."""
-    return choice if isinstance(choice, str) else ""
-
-
 def resolve_task(item: Mapping[str, Any], registry: TaskRegistry, default: str = "") -> Task:
     """The task of a data item: its own ``"task"`` (a name), else ``default``, else the registry's only task.
 
@@ -360,26 +352,3 @@ def resolve_task(item: Mapping[str, Any], registry: TaskRegistry, default: str =
     if not name:
         raise TaskError(f"{item.get('image', 'item')}: no task given; choose one of {registry.names} (key 'task')")
     return registry[name]
-
-
-def registry_for_run(datalist: str | Path, ckpt_dir: str | Path) -> TaskRegistry:
-    """The tasks of a training run: the datalist's when the file exists, else (MONAI Label hands the items over
-    without a datalist) the tasks of the model in ``ckpt_dir`` (its ``model.pt``'s table, else ``tasks.json``),
-    else the built-in tasks."""
-    from uniseg_monai.model_files import MODEL_FILE, model_tasks  # model_files builds on this module
-
-    if Path(datalist).is_file():
-        return registry_for_datalist(datalist)
-    if any((Path(ckpt_dir) / name).is_file() for name in (MODEL_FILE, MODEL_TASKS_FILE)):
-        return model_tasks(ckpt_dir)
-    return TaskRegistry()
-
-
-def registry_for_datalist(path: str | Path) -> TaskRegistry:
-    """Built-in tasks extended by the datalist's ``"tasks"``, narrowed to the tasks the datalist uses."""
-    from uniseg_monai.data.datalist import read_datalist
-
-    datalist = read_datalist(path)
-    full = TaskRegistry().extended(datalist.get("tasks", {}))
-    used = [item["task"] for section in ("training", "validation", "testing") for item in datalist.get(section, [])]
-    return full.subset(used or list(datalist.get("tasks", {})))

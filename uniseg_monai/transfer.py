@@ -1,10 +1,11 @@
 """Transfer of pretrained UniSeg weights into a downstream :class:`~uniseg_monai.networks.UniSegBackbone`.
 
 As the paper's downstream fine-tuning: every encoder/decoder tensor of the pretrained model is copied by
-name; the first transposed conv ``decoder.0.upsample.conv.weight`` — (in, out, x, y, z), with the task
-prompt as the last input channel upstream — loses the prompt's input channel(s); the universal prompt and
-FUSE have no downstream counterpart; the heads keep the downstream network's own fresh initialisation, for
-any class count and any source (an upstream UniSeg or a downstream backbone); nothing is frozen.
+name; the first transposed conv (``prompt_widened_key``: (in, out, x, y, z), with the task prompt as the last
+input channel upstream) loses the prompt's input channel(s); the universal prompt and FUSE (``UniSeg.prompt_keys``)
+have no downstream counterpart; the heads (``head_keys``) keep the downstream network's own fresh initialisation,
+for any class count and any source (an upstream UniSeg or a downstream backbone); nothing is frozen. The networks
+declare these parts as class attributes.
 
 Accepted checkpoints: every file :func:`uniseg_monai.model_files.read_model` reads (a pretrain bundle's
 ``models/model.pt`` or training checkpoint, a converted official checkpoint, a raw official ``.model`` converted
@@ -28,9 +29,7 @@ from uniseg_monai.networks import UniSeg, UniSegBackbone
 
 logger = logging.getLogger(__name__)
 
-FIRST_UPSAMPLE = "decoder.0.upsample.conv.weight"
 PRETRAINED_FILE = "models/pretrained.pt"  # a fine-tuning bundle's starting point, fetched by `uniseg weights`
-PROMPT_PREFIXES = ("universal_prompt", "fuse.")
 
 
 class PretrainedCheckpointError(ModelFileError):
@@ -70,8 +69,8 @@ def transfer_state(
 ) -> TransferReport:
     """Copy every non-head tensor of ``state`` (our key names) into ``network``, in place.
 
-    An upstream state (with ``universal_prompt``) has ``UniSeg.task_prompt_channels`` more input channels in
-    ``decoder.0.upsample.conv.weight`` — (F_bottleneck + 1, F, x, y, z) — than the backbone's
+    An upstream state (with keys under ``UniSeg.prompt_keys``) has ``UniSeg.task_prompt_channels`` more input
+    channels in ``prompt_widened_key`` — (F_bottleneck + 1, F, x, y, z) — than the backbone's
     (F_bottleneck, F, x, y, z); the last ones (the task prompt) are dropped.
 
     Raises:
@@ -79,11 +78,12 @@ def transfer_state(
             differs (e.g. a checkpoint of another width or depth); ``network`` is then left unchanged.
     """
     report = TransferReport(source)
-    extra = (UniSeg.task_prompt_channels if "universal_prompt" in state else 0) - network.task_prompt_channels
+    upstream = any(key.startswith(UniSeg.prompt_keys) for key in state)
+    extra = (UniSeg.task_prompt_channels if upstream else 0) - network.task_prompt_channels
     target = network.state_dict()
     weights: dict[str, torch.Tensor] = {}
     for key, current in target.items():
-        if key.startswith("heads."):
+        if key.startswith(network.head_keys):
             report.initialised.append(key)
             continue
         if key not in state:
@@ -92,7 +92,7 @@ def transfer_state(
                 "of this architecture"
             )
         value = state[key]
-        if key == FIRST_UPSAMPLE and extra > 0 and value.shape[0] == current.shape[0] + extra:
+        if key == network.prompt_widened_key and extra > 0 and value.shape[0] == current.shape[0] + extra:
             value = value[: current.shape[0]]
             report.adapted[key] = f"dropped the last {extra} input channel(s) (task prompt)"
         if value.shape != current.shape:
@@ -107,9 +107,9 @@ def transfer_state(
         if key not in weights:
             report.skipped[key] = (
                 "head: fresh for the downstream classes"
-                if key.startswith("heads.")
+                if key.startswith(network.head_keys)
                 else "universal prompt / FUSE: none downstream"
-                if key.startswith(PROMPT_PREFIXES)
+                if key.startswith(UniSeg.prompt_keys)
                 else "not in the downstream network"
             )
     return report

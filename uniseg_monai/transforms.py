@@ -1,13 +1,13 @@
-"""Task-aware MONAI transforms and the UniSeg pre-processing / augmentation pipelines.
+"""Task-aware MONAI transforms: every item carries ``task`` (a registry name), and the task decides target spacing,
+per-channel intensity normalisation, label mapping and the classes of foreground oversampling.
 
-Every item carries ``task`` (a registry name); the task decides target spacing, per-channel intensity
-normalisation and label mapping. :func:`preprocessing` is deterministic (cache it with CacheDataset or
-PersistentDataset); :func:`augmentation` is the random part (nnU-Net "moreDA" strengths).
+The pipelines themselves are lists of these and MONAI's transforms in the bundle configs (``train.json``:
+``train#deterministic_transforms``, ``train#sampling_transforms``, ``train#augmentation_transforms``;
+``inference.json``: ``preprocessing``), so every step and value is an id a user can override.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -17,25 +17,12 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import (
     ClassesToIndicesd,
-    CopyItemsd,
-    EnsureTyped,
     InvertibleTransform,
     LoadImaged,
     MapTransform,
-    Orientationd,
-    RandAdjustContrastd,
     RandCropByLabelClassesd,
-    RandFlipd,
-    RandGaussianNoised,
-    RandGaussianSmoothd,
     Randomizable,
-    RandRotated,
-    RandScaleIntensityd,
-    RandScaleIntensityFixedMeand,
-    RandSimulateLowResolutiond,
-    RandZoomd,
     Spacingd,
-    SpatialPadd,
     Transform,
 )
 from monai.utils import convert_to_dst_type
@@ -212,40 +199,6 @@ class ThreadSafeLoadImaged(MapTransform):
         return self._local.load(data)
 
 
-def preprocessing(
-    registry: TaskRegistry,
-    keys: Sequence[str] = ("image", "label"),
-    image_mode: str = "bilinear",
-    original_label: str | None = None,
-    default_task: str = "",
-) -> list[Transform]:
-    """Deterministic part: the item's task (:class:`ResolveTaskd`, ``default_task`` for items without one), load
-    (NIfTI/NRRD/MHA/DICOM folder; a list of files = one file per channel), channel first, RAS orientation, task
-    spacing, task intensity normalisation, task label map.
-
-    ``original_label``: also keep the label on its original grid under this key (label-mapped, not reoriented
-    or resampled), to score predictions inverted to the original geometry."""
-    keys = list(keys)
-    image_keys = [k for k in keys if k != "label"]
-    modes = [image_mode if k != "label" else "nearest" for k in keys]
-    keep = [CopyItemsd("label", names=original_label, allow_missing_keys=True)] if original_label else []
-    label_keys = [k for k in ("label", original_label) if k and "label" in keys]
-    return [
-        ResolveTaskd(registry, default_task),
-        ThreadSafeLoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True),
-        RecordTaskd(image_keys),
-        *keep,
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
-        ResampleToTaskSpacingd(keys, registry, mode=modes, allow_missing_keys=True),
-        NormalizeTaskIntensityd(image_keys, registry),
-        *([MapTaskLabelsd(label_keys, registry, allow_missing_keys=True)] if label_keys else []),
-        EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True),
-    ]
-
-
-AUGMENTATIONS = ("moreDA", "mirror", "none")
-
-
 CLASS_INDICES_KEY = "class_indices"
 
 
@@ -294,43 +247,3 @@ class RandCropByTaskClassesd(_TaskAware, Randomizable):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
         return self._crops[self.task(data).num_classes](data)
-
-
-def augmentation(
-    registry: TaskRegistry, patch_size: Sequence[int], pos_fraction: float = 0.33, preset: str = "moreDA"
-) -> list[Transform]:
-    """Random part on ``image``/``label``: pad to the patch, foreground-oversampled crop
-    (:class:`RandCropByTaskClassesd`), then
-
-    - ``preset="moreDA"`` (the paper's nnU-Net "moreDA"): rotation +-30 deg (p 0.2), scaling 0.7-1.4 (p 0.2),
-      Gaussian noise (p 0.1), Gaussian blur sigma 0.5-1 (p 0.2), brightness x0.75-1.25 (p 0.15), contrast
-      x0.75-1.25 (p 0.15), simulated low resolution x0.5-1 (p 0.25), gamma 0.7-1.5 inverted (p 0.1) and normal
-      (p 0.3), mirroring on each axis (p 0.5);
-    - ``preset="mirror"``: mirroring only; ``preset="none"``: the crop only (quick runs such as the demo, where a
-      few thousand iterations cannot profit from augmentation, and left-right mirroring would hide that the
-      liver lies on the other side than the spleen).
-    """
-    if preset not in AUGMENTATIONS:
-        raise ValueError(f"augmentation preset must be one of {AUGMENTATIONS}, got {preset!r}")
-    keys = ["image", "label"]
-    angle = math.pi / 6
-    crop = [
-        SpatialPadd(keys, spatial_size=patch_size),
-        RandCropByTaskClassesd(keys, registry, patch_size, pos_fraction),
-    ]
-    mirror = [RandFlipd(keys, spatial_axis=axis, prob=0.5) for axis in range(3)]
-    if preset != "moreDA":
-        return crop + (mirror if preset == "mirror" else [])
-    return [
-        *crop,
-        RandRotated(keys, range_x=angle, range_y=angle, range_z=angle, prob=0.2, mode=("bilinear", "nearest")),
-        RandZoomd(keys, min_zoom=0.7, max_zoom=1.4, prob=0.2, mode=("trilinear", "nearest")),
-        RandGaussianNoised("image", prob=0.1, std=0.1**0.5),
-        RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
-        RandScaleIntensityd("image", factors=0.25, prob=0.15),
-        RandScaleIntensityFixedMeand("image", factors=0.25, preserve_range=True, prob=0.15),
-        RandSimulateLowResolutiond("image", zoom_range=(0.5, 1.0), prob=0.25),
-        RandAdjustContrastd("image", gamma=(0.7, 1.5), invert_image=True, retain_stats=True, prob=0.1),
-        RandAdjustContrastd("image", gamma=(0.7, 1.5), retain_stats=True, prob=0.3),
-        *mirror,
-    ]

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from uniseg_monai.errors import UniSegError
 from uniseg_monai.tasks import TaskRegistry
 
 SECTIONS = ("training", "validation", "testing")
 
 
-class DatalistError(ValueError):
+class DatalistError(UniSegError, ValueError):
     """A datalist that cannot be read or used."""
 
 
@@ -43,7 +44,7 @@ def load_items(path: str | Path, section: str, registry: TaskRegistry, task: str
     """Items of one section with absolute paths and ``task`` (name); pre-processing adds ``task_id``
     (:class:`~uniseg_monai.transforms.ResolveTaskd`).
 
-    ``registry`` must know every task the section uses (see :func:`uniseg_monai.tasks.registry_for_datalist`); an
+    ``registry`` must know every task the section uses (see :func:`uniseg_monai.wiring.registry_for_datalist`); an
     unknown task fails here, before any image is read.
     ``task``: segment every item as this task instead of the item's own (a bundle's ``--task``).
     """

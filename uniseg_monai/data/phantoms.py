@@ -13,7 +13,8 @@ jittered around the task spacing so resampling is exercised):
 
 :func:`generate_downstream_phantoms` writes fine-tuning data in the layouts of the public releases that
 ``uniseg prepare`` reads: BTCV-like CT with the 13 BTCV organs (Synapse ``RawData/Training/img|label``) and
-VS-like contrast T1 MR with one tumour (``vs_gk_<n>/vs_gk_t1_refT1.nii.gz`` + ``vs_gk_seg_refT1.nii.gz``).
+VS-like contrast T1 MR with one tumour (``vs_gk_<n>/vs_gk_t1_refT1.nii.gz`` + ``vs_gk_seg_refT1.nii.gz``);
+:data:`DOWNSTREAM_TASKS` defines the demo's fine-tuning task on them (``ph_kidneys``: three BTCV organs).
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ TASKS = {
         "spacing": [3.0, 3.0, 6.0],
         "normalization": ["ct", "zscore"],
     },
+}
+# the demo's unseen downstream task: three organs of the BTCV-like phantoms (a label_map selects them)
+DOWNSTREAM_TASKS = {
+    "ph_kidneys": {
+        "modalities": ["CT"],
+        "labels": ["background", "right kidney", "left kidney", "gallbladder"],
+        "short_labels": ["bg", "RKi", "LKi", "Gb"],
+        "normalization": ["ct"],
+        "label_map": {"2": 1, "3": 2, "4": 3},
+    }
 }
 SPLITS = {"training": 6, "validation": 2, "testing": 2}
 FOV_MM = {

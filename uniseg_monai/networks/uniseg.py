@@ -27,14 +27,13 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from uniseg_monai.networks.blocks import DecoderStage, ModalityStems, conv_block, stage
+from uniseg_monai.networks.task_ids import TaskId, as_task_ids
 
 PAPER_FEATURES = (32, 64, 128, 256, 320, 320)
 PAPER_KERNEL_SIZES = ((3, 3, 1),) + ((3, 3, 3),) * 5
 PAPER_STRIDES = ((1, 1, 1), (2, 2, 1)) + ((2, 2, 2),) * 4
 PAPER_PATCH_SIZE = (192, 192, 64)
 PAPER_IN_CHANNELS = (1, 2, 4)
-
-TaskId = int | Sequence[int] | torch.Tensor
 
 
 def nnunet_features(base: int = 32, maximum: int = 320, num_stages: int = 6) -> tuple[int, ...]:
@@ -66,6 +65,10 @@ class UniSegBackbone(nn.Module):
     """
 
     task_prompt_channels = 0  # channels concatenated to the bottleneck before the decoder
+    # the parts by state-dict key, for weight transfer (uniseg_monai.transfer):
+    prompt_widened_key = "decoder.0.upsample.conv.weight"  # (F + task_prompt_channels, F', x, y, z), prompt last
+    head_keys: tuple[str, ...] = ("heads.",)  # prefixes of the output heads
+    prompt_keys: tuple[str, ...] = ()  # prefixes of the upstream-only parts (universal prompt, FUSE)
     __jit_unused_properties__ = ["in_channels"]  # noqa: RUF012 (TorchScript's opt-out list)
 
     def __init__(
@@ -180,11 +183,6 @@ class UniSegBackbone(nn.Module):
             return logits
         return logits[0]
 
-    def forward_all_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """All deep-supervision logits, highest resolution first, whatever the mode."""
-        skips, z = self.encode(x)
-        return self.decode(z, skips, all_heads=True)
-
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:  # noqa: UP007
         skips, z = self.encode(x)
         return self.output(self.decode(z, skips, self.training and self.deep_supervision))
@@ -200,7 +198,7 @@ class UniSeg(UniSegBackbone):
         fuse_blocks: conv blocks in FUSE (paper: 3; hidden width (F + N) // 4).
         other arguments: as :class:`UniSegBackbone`.
 
-    ``forward(x, task_id)``: x (B, C, X, Y, Z); task_id an int (whole batch), a sequence of B ints or a (B,)
+    ``forward(x, task_id)``: x (B, C, X, Y, Z); task_id one id (whole batch), a sequence of B ints or a (B,)
     tensor — every sample is decoded with its own task. Output as :class:`UniSegBackbone`.
 
     Window sizes: at ``patch_size`` the universal prompt is used as is (the official behaviour). For any other
@@ -209,6 +207,7 @@ class UniSeg(UniSegBackbone):
     """
 
     task_prompt_channels = 1
+    prompt_keys = ("universal_prompt", "fuse.")
 
     def __init__(
         self,
@@ -242,27 +241,15 @@ class UniSeg(UniSegBackbone):
         self.fuse.apply(_he_init)
 
     def task_ids(self, task_id: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """``task_id`` (int, B ints or a tensor) as a validated (B,) long tensor on the device of the prompt."""
+        """``task_id`` (one id for the batch, B ints or a tensor) as a (B,) long tensor on the prompt's device,
+        checked by :func:`~uniseg_monai.networks.task_ids.as_task_ids` in eager mode only."""
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return task_id.long().flatten().expand(batch_size)  # (1,) or (B,); checked in eager mode only
         return self._checked_task_ids(task_id, batch_size)
 
     @torch.jit.unused
     def _checked_task_ids(self, task_id: TaskId, batch_size: int) -> torch.Tensor:
-        ids = torch.as_tensor(task_id, device=self.universal_prompt.device)
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"task_id must be integer, got dtype {ids.dtype}")
-        ids = ids.long()
-        if ids.ndim == 0:
-            ids = ids.expand(batch_size)
-        ids = ids.flatten()
-        if ids.numel() != batch_size:
-            raise ValueError(f"got {ids.numel()} task ids for a batch of {batch_size} samples; give one per sample")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_tasks):
-            raise ValueError(
-                f"task ids {ids.tolist()} outside [0, {self.num_tasks}) for this {self.num_tasks}-task network"
-            )
-        return ids
+        return as_task_ids(task_id, batch_size, self.num_tasks, self.universal_prompt.device)
 
     def prompt_at(self, size: list[int]) -> torch.Tensor:
         """The universal prompt (1, N, *size): as learned at the training size, trilinearly resampled otherwise.
@@ -284,15 +271,14 @@ class UniSeg(UniSegBackbone):
         index = task_ids.to(task_prompts.device).view(-1, 1, 1, 1, 1).expand(-1, 1, size[2], size[3], size[4])
         return torch.gather(task_prompts, 1, index)
 
-    @torch.jit.export
-    def forward_all_heads(self, x: torch.Tensor, task_id: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
-        """All deep-supervision logits, highest resolution first, whatever the mode."""
-        return self._segment(x, task_id, all_heads=True)
-
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, task_id: torch.Tensor
     ) -> Union[torch.Tensor, list[torch.Tensor]]:  # noqa: UP007
-        return self.output(self._segment(x, task_id, self.training and self.deep_supervision))
+        ids = self.task_ids(task_id, x.shape[0])
+        skips, z = self.encode(x)
+        task_prompt = self.select_task_prompt(self.task_prompts(z), ids)
+        all_heads = self.training and self.deep_supervision
+        return self.output(self.decode(torch.cat([z, task_prompt], dim=1), skips, all_heads))
 
     @torch.jit.unused
     def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> torch.Tensor:
@@ -308,12 +294,6 @@ class UniSeg(UniSegBackbone):
             for i in range(ids.numel())
         ]
         return torch.stack(logits, dim=1)
-
-    def _segment(self, x: torch.Tensor, task_id: torch.Tensor, all_heads: bool) -> list[torch.Tensor]:
-        ids = self.task_ids(task_id, x.shape[0])
-        skips, z = self.encode(x)
-        task_prompt = self.select_task_prompt(self.task_prompts(z), ids)
-        return self.decode(torch.cat([z, task_prompt], dim=1), skips, all_heads)
 
 
 def _he_init(module: nn.Module) -> None:

@@ -1,0 +1,146 @@
+"""The bundles as data: the paper's pipeline values pinned to the facts file, no logic in the configs, metadata
+generated from the task tables, task wiring in one library module."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BUNDLES, shared_path
+from monai.handlers import CheckpointSaver, StatsHandler
+from monai.transforms import Rand3DElasticd
+
+from uniseg_monai.handlers import GradientClipping
+from uniseg_monai.metadata import bundle_network_data_format, sync_metadata
+from uniseg_monai.model_files import ModelLoader
+from uniseg_monai.tasks import BUILTIN_TASKS, PAPER_UPSTREAM_TASKS, TaskRegistry
+from uniseg_monai.wiring import bundle_items, default_task, rank_handlers, requested_task, task_names
+
+NAMES = ["uniseg_pretrain", "uniseg_finetune_btcv", "uniseg_finetune_vs"]
+MODEL_ZOO_IDIOMS = (
+    "torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",  # the device choice of every model-zoo bundle
+)
+
+
+def config(name: str, file: str = "train") -> dict:
+    return json.loads((BUNDLES / name / "configs" / f"{file}.json").read_text())
+
+
+def expressions(node) -> list[str]:
+    """Every ``$`` expression of a config but the imports."""
+    if isinstance(node, dict):
+        return [e for k, v in node.items() if k != "imports" for e in expressions(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in expressions(v)]
+    return [node] if isinstance(node, str) and node.startswith("$") else []
+
+
+def facts_augmentation() -> str:
+    text = shared_path("docs/uniseg_facts.md").read_text()
+    return re.search(r"Augmentation \(nnU-Net v2-style \"moreDA\"\):(.*?)\n- ", text, re.S).group(1)
+
+
+def prob(text: str, name: str) -> float:
+    return float(re.search(rf"{name}.*?\(p ([\d.]+)\)", text).group(1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_augmentation_defaults_are_the_papers(name):
+    facts = " ".join(facts_augmentation().split())
+    steps = config(name)["train"]["augmentation_transforms"]
+    by_type = {}
+    for step in steps:
+        by_type.setdefault(step["_target_"], []).append(step)
+    rotation, zoom = by_type["RandRotated"][0], by_type["RandZoomd"][0]
+    degrees = float(re.search(r"rotation ±(\d+)°", facts).group(1))
+    assert [rotation[f"range_{a}"] for a in "xyz"] == [pytest.approx(math.radians(degrees))] * 3
+    assert rotation["prob"] == prob(facts, "rotation")
+    low, high = (float(v) for v in re.search(r"scaling ([\d.]+)\W([\d.]+)", facts).groups())
+    assert (zoom["min_zoom"], zoom["max_zoom"], zoom["prob"]) == (low, high, prob(facts, "scaling"))
+    assert by_type["RandGaussianNoised"][0]["prob"] == prob(facts, "Gaussian noise")
+    assert by_type["RandGaussianSmoothd"][0]["prob"] == prob(facts, "Gaussian blur")
+    brightness = by_type["RandScaleIntensityd"][0]
+    low, high = (float(v) for v in re.search(r"brightness \W\(([\d.]+)\W([\d.]+)\)", facts).groups())
+    assert (1 - brightness["factors"], 1 + brightness["factors"]) == (low, high)
+    assert brightness["prob"] == prob(facts, "brightness")
+    assert by_type["RandScaleIntensityFixedMeand"][0]["prob"] == prob(facts, "contrast")
+    assert by_type["RandSimulateLowResolutiond"][0]["prob"] == prob(facts, "simulated low resolution")
+    inverted, normal = by_type["RandAdjustContrastd"]
+    assert inverted["invert_image"] and not normal.get("invert_image", False)
+    gamma = re.search(r"gamma \(inverted p ([\d.]+), normal p ([\d.]+)\)", facts).groups()
+    assert (inverted["prob"], normal["prob"]) == tuple(float(g) for g in gamma)
+    assert "mirroring on all 3 axes" in facts and sorted(f["spatial_axis"] for f in by_type["RandFlipd"]) == [0, 1, 2]
+    assert "no elastic" in facts and Rand3DElasticd.__name__ not in json.dumps(steps)
+    oversampling = re.search(r"foreground oversampling ([\d.]+)", shared_path("docs/uniseg_facts.md").read_text())
+    assert config(name)["foreground_fraction"] == float(oversampling.group(1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_configs_hold_wiring_and_values_not_logic(name):
+    for file in ("train", "evaluate", "inference"):
+        for expression in expressions(config(name, file)):
+            body = expression
+            for idiom in MODEL_ZOO_IDIOMS:
+                body = body.replace(idiom, "")
+            assert not re.search(r"\b(if|else|or|and|for|lambda)\b", body), f"{name}/{file}.json: {expression}"
+    assert len(expressions(config(name))) <= 17  # spleen_ct_segmentation's train.json has 17
+
+
+def test_validation_reuses_the_deterministic_training_transforms_by_macro():
+    for name in NAMES:
+        assert config(name)["validate"]["preprocessing"]["transforms"] == "%train#deterministic_transforms"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_metadata_is_the_generated_one(name):
+    assert sync_metadata(BUNDLES / name, check=True)[1] is False
+    done = subprocess.run(
+        [sys.executable, "-m", "uniseg_monai", "tasks", "--metadata", str(BUNDLES / name), "--check"],
+        capture_output=True, encoding="utf-8",
+    )  # fmt: skip
+    assert done.returncode == 0 and "up to date" in done.stdout, done.stderr
+
+
+def test_metadata_follows_the_task_table(tmp_path):
+    bundle = shutil.copytree(BUNDLES / "uniseg_finetune_vs", tmp_path / "vs")
+    table = json.loads((bundle / "models" / "tasks.json").read_text())
+    table["tasks"]["vs"].update(labels=["background", "intrameatal", "extrameatal"], short_labels=["bg", "IM", "EM"])
+    (bundle / "models" / "tasks.json").write_text(json.dumps(table))
+    path, differs = sync_metadata(bundle)
+    assert differs and path == bundle / "configs" / "metadata.json"
+    pred = json.loads(path.read_text())["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == 3 and pred["channel_def"]["2"] == "extrameatal"
+    assert sync_metadata(bundle, check=True)[1] is False
+    assert json.loads(path.read_text())["version"] == json.loads((BUNDLES / "uniseg_finetune_vs" / "configs" /
+                                                                  "metadata.json").read_text())["version"]  # fmt: skip
+
+
+def test_pretrain_metadata_lists_the_papers_upstream_tasks():
+    task_id = bundle_network_data_format(BUNDLES / "uniseg_pretrain")["inputs"]["task_id"]
+    assert task_id["value_range"] == [0, 10] and list(task_id["channel_def"].values()) == list(PAPER_UPSTREAM_TASKS)
+    assert all(BUILTIN_TASKS[n]["paper"] == "upstream" for n in PAPER_UPSTREAM_TASKS)
+    assert [n for n, s in BUILTIN_TASKS.items() if s["paper"] == "downstream"] == ["btcv", "vs"]
+
+
+def test_monai_label_cases_live_in_the_wiring(phantoms):
+    registry = TaskRegistry().subset(["liver", "spleen"])
+    assert task_names(registry) == ["liver", "spleen"] and task_names(registry, "spleen") == ["spleen"]
+    assert requested_task(["liver", "spleen"]) == "" and requested_task("spleen") == "spleen"  # drop-down / chosen
+    assert default_task("liver", "spleen") == "spleen" and default_task("liver") == "liver"
+    assert bundle_items("missing.json", "training", registry, request_task="spleen") == []  # MONAI Label's items
+
+
+def test_multi_gpu_ranks_select_handlers_by_type_not_position(tmp_path):
+    saver = CheckpointSaver(str(tmp_path), {"x": torch.nn.Linear(1, 1)}, save_final=True)
+    handlers = [StatsHandler(), GradientClipping(), saver, ModelLoader(tmp_path / "m.pt", None)]
+    for order in (handlers, handlers[::-1]):
+        assert rank_handlers(order, 0) == order
+        assert [type(h).__name__ for h in rank_handlers(order, 1)] == [
+            type(h).__name__ for h in order if isinstance(h, (GradientClipping, ModelLoader))
+        ]

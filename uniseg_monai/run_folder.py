@@ -1,0 +1,60 @@
+"""The run folder (a bundle's ``ckpt_dir``): never overwrite an earlier run, find the checkpoint to resume from."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
+PRETRAINED_NAME = "pretrained.pt"  # a fine-tuning bundle's starting point in models/, not an earlier run's output
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The ``checkpoint_epoch=N.pt`` with the highest N in ``ckpt_dir``, or None."""
+    folder = Path(ckpt_dir)
+    found = [
+        (int(m.group(1)), p) for p in folder.glob("checkpoint_epoch=*.pt") if (m := CHECKPOINT_PATTERN.match(p.name))
+    ]
+    return max(found)[1] if found else None
+
+
+def resume_checkpoint(ckpt_dir: str | Path) -> str:
+    """The checkpoint a ``--resume true`` run continues from; a clear error when there is none."""
+    found = latest_checkpoint(ckpt_dir)
+    if found is None:
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no checkpoint_epoch=N.pt to resume from; drop --resume to start a new run"
+        )
+    return str(found)
+
+
+def check_run_dir(ckpt_dir: str | Path, resume: bool, in_place: bool = False) -> bool:
+    """Refuse to start a new training run over an earlier one (its checkpoints would be overwritten).
+
+    ``in_place``: a MONAI Label training request (it continues from and replaces ``model.pt``, as MONAI Label
+    does for every bundle); the current ``model.pt`` is first copied to ``model_before_<UTC time>.pt``, which
+    MONAI Label then offers in its ``model_filename`` option. Returns True so it can sit in a bundle's
+    ``initialize`` list.
+    """
+    folder = Path(ckpt_dir)
+    if resume:
+        resume_checkpoint(folder)  # none to resume from: fail now, not after the data are cached
+    if in_place:
+        model = folder / "model.pt"
+        if model.is_file():
+            stats = (model.stat().st_mtime, model.stat().st_size)  # copy2 keeps the mtime
+            kept = [p for p in folder.glob("model_before_*.pt") if (p.stat().st_mtime, p.stat().st_size) == stats]
+            if not kept:  # once per model (MONAI Label may run `initialize` twice)
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+                shutil.copy2(model, folder / f"model_before_{stamp}.pt")
+        return True
+    if not resume and folder.is_dir():
+        earlier = sorted(p.name for p in folder.glob("*.pt") if p.name != PRETRAINED_NAME)
+        if earlier:
+            raise FileExistsError(
+                f"{folder} already holds {', '.join(earlier)} from an earlier run; pass --resume true to continue "
+                "it, or choose another --ckpt_dir (nothing was overwritten)"
+            )
+    return True

@@ -1,0 +1,110 @@
+"""Run wiring: which tasks a bundle run knows, which items it reads and under which task, for the bundle configs.
+
+Every function here is called from a bundle config as a component (``{"_target_": "uniseg_monai.wiring.<name>",
+...}``), so the configs hold wiring and values, no logic. MONAI Label's special cases live here and nowhere else:
+a MONAI Label request sets ``displayable_configs#task`` to the chosen task name (the bundle files hold the
+drop-down list there), hands the items over itself (``train#dataset#data``, without ``"task"``) and trains in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from uniseg_monai.data.datalist import SECTIONS, load_items, read_datalist, task_items
+from uniseg_monai.model_files import MODEL_FILE, model_tasks
+from uniseg_monai.run_folder import check_run_dir
+from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry, resolve_task, save_model_tasks
+
+
+def registry_for_datalist(path: str | Path) -> TaskRegistry:
+    """Built-in tasks extended by the datalist's ``"tasks"``, narrowed to the tasks the datalist uses."""
+    datalist = read_datalist(path)
+    full = TaskRegistry().extended(datalist.get("tasks", {}))
+    used = [item["task"] for section in SECTIONS for item in datalist.get(section, [])]
+    return full.subset(used or list(datalist.get("tasks", {})))
+
+
+def registry_for_run(
+    datalist: str | Path, ckpt_dir: str | Path, task: str = "", normalization: Sequence[Any] | None = None
+) -> TaskRegistry:
+    """The tasks of a training or evaluation run: the datalist's when the file exists, else (MONAI Label hands
+    the items over without a datalist) the tasks of the model in ``ckpt_dir`` (its ``model.pt``'s table, else
+    ``tasks.json``), else the built-in tasks.
+
+    ``task`` (a fine-tuning bundle's one task): only that task, its ``normalization`` replaced when given.
+    """
+    if Path(datalist).is_file():
+        registry = registry_for_datalist(datalist)
+    elif any((Path(ckpt_dir) / name).is_file() for name in (MODEL_FILE, MODEL_TASKS_FILE)):
+        registry = model_tasks(ckpt_dir)
+    else:
+        registry = TaskRegistry()
+    if not task:
+        return registry
+    if normalization is not None:
+        registry = registry.extended({task: {"normalization": list(normalization)}})
+    return registry.subset([task])
+
+
+def requested_task(choice: str | list[str]) -> str:
+    """The task a MONAI Label request chose: ``displayable_configs#task`` holds the drop-down (a list of names)
+    in the bundle files and the chosen name (a string) once a request set it; ``""`` when none was chosen."""
+    return choice if isinstance(choice, str) else ""
+
+
+def default_task(task: str, request_task: str = "") -> str:
+    """The task of items that name none: the MONAI Label request's, else the bundle's ``task`` (may be ``""``:
+    then only a one-task registry can decide, see :func:`uniseg_monai.tasks.resolve_task`)."""
+    return request_task or task
+
+
+def bundle_items(
+    datalist: str | Path, section: str, registry: TaskRegistry, task: str = "", request_task: str = ""
+) -> list[dict[str, Any]]:
+    """The items a training or evaluation run reads from ``section`` of the datalist: those of ``task`` when the
+    bundle names one (a training section without any is an error), else all; none for a MONAI Label request
+    (it supplies the items)."""
+    if request_task:
+        return []
+    if task:
+        return task_items(datalist, section, registry, task)
+    return load_items(datalist, section, registry)
+
+
+def item_task_ids(items: Sequence[Mapping[str, Any]], registry: TaskRegistry, default: str = "") -> list[int]:
+    """The network task id of every item (its own task, else ``default``): the task-uniform sampler's input."""
+    return [resolve_task(item, registry, default).id for item in items]
+
+
+def task_id(registry: TaskRegistry, task: str = "") -> int | None:
+    """The network task id of ``task``; None when no task is set (then each item's own task decides)."""
+    return registry[task].id if task else None
+
+
+def start_run(ckpt_dir: str | Path, resume: bool, registry: TaskRegistry, request_task: str = "") -> bool:
+    """Before a training run: refuse to overwrite an earlier run (:func:`uniseg_monai.run_folder.check_run_dir`; a
+    MONAI Label request trains in place) and record its tasks in ``<ckpt_dir>/tasks.json``. True, for
+    ``initialize``."""
+    check_run_dir(ckpt_dir, resume, in_place=bool(request_task))
+    save_model_tasks(registry, ckpt_dir)
+    return True
+
+
+# handler types that write logs, progress or files: one rank of a multi-GPU run does that
+RANK_ZERO_ONLY = ("StatsHandler", "TensorBoardStatsHandler", "ProgressBar", "CheckpointSaver", "EvaluationReport")
+
+
+def rank_handlers(handlers: Sequence[Any], rank: int) -> list[Any]:
+    """The handlers of one rank of a multi-GPU run: all on rank 0; on the others those that neither log nor
+    write (selected by type, so the order of the list does not matter)."""
+    if rank == 0:
+        return list(handlers)
+    return [h for h in handlers if not any(c.__name__ in RANK_ZERO_ONLY for c in type(h).__mro__)]
+
+
+def task_names(registry: TaskRegistry, task: str = "") -> list[str]:
+    """The MONAI Label drop-down (``displayable_configs#task``): the bundle's ``task`` alone when set, else every
+    task of the registry in id order."""
+    return [registry[task].name] if task else registry.names
