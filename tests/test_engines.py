@@ -178,7 +178,7 @@ def test_task_dice_and_report(tmp_path):
     assert summary["tasks"]["liver"]["per_class"] == {"liver": pytest.approx(1.0), "liver tumour": pytest.approx(1.0)}
     assert summary["hd95"]["liver"]["hd95"] == pytest.approx(0.0)
     rows = (tmp_path / "per_case.csv").read_text().splitlines()
-    assert rows[0] == "case,task,class,dice,hd95_mm" and len(rows) == 1 + 2 + 1 + 1
+    assert rows[0] == "case,task,class,dice,hd95_mm,nsd,group" and len(rows) == 1 + 2 + 1 + 1
     md = (tmp_path / "summary.md").read_text().splitlines()
     assert md[0] == "| metric | liver | spleen | mean |" and md[2].startswith("| Dice (%) | 100.00 |")
 

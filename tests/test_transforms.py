@@ -16,6 +16,7 @@ from pipelines import crop_and_augmentation, inference_preprocessing, train_prep
 from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_phantoms
 from uniseg_monai.tasks import TaskRegistry
+from uniseg_monai.transforms import class_ratios
 from uniseg_monai.wiring import registry_for_datalist
 
 REGISTRY = TaskRegistry().extended(
@@ -131,6 +132,23 @@ def test_foreground_oversampling_rate_and_class_balance():
         bool((crop({"image": label, "label": label, "task": "brats2"})[0]["label"] == 1).any()) for _ in range(400)
     )
     assert 0.06 < tiny / 400 < 0.18  # 0.33 / 3 classes
+
+
+def test_foreground_rate_stays_the_documented_one_when_classes_are_absent():
+    """A 4-class task whose case holds only class 1 (a liver case without tumour): the patch is still centred on
+    foreground with probability 0.33, as nnU-Net and the README say (MONAI's class ratios would renormalise to
+    0.14); counted over many draws from a tiny structure that a background-centred patch never reaches."""
+    label = torch.zeros(1, 100, 100, 40)
+    label[0, 10:12, 10:12, 5:7] = 1
+    crop = Compose(crop_and_augmentation(REGISTRY, [16, 16, 8])[:2])
+    crop.set_random_state(3)
+    draws = 1200
+    hits = sum(bool(crop({"image": label, "label": label, "task": "brats2"})[0]["label"].any()) for _ in range(draws))
+    assert abs(hits / draws - 0.33) < 0.045  # 3.3 standard deviations of a binomial rate at 1,200 draws
+    assert class_ratios([True, True, False, False], 0.33) == pytest.approx([0.67, 0.33, 0.0, 0.0])
+    assert class_ratios([True, True, False, True], 0.33) == pytest.approx([0.67, 0.165, 0.0, 0.165])
+    assert class_ratios([True, False, False], 0.33) == [1.0, 0.0, 0.0]  # no foreground: background
+    assert class_ratios([False, True, True], 0.33) == [0.0, 1.0, 1.0]  # no background: foreground only
 
 
 def test_preprocessing_is_thread_safe_for_one_file_per_channel(phantoms):

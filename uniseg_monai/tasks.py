@@ -8,6 +8,7 @@ prompt channel), so the paper's upstream tasks keep the paper's ids 0-10. Spacin
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,7 +135,9 @@ class Normalization:
 @dataclass(frozen=True)
 class Task:
     """One segmentation task: channels in ``modalities`` order, classes ``labels`` (incl. background);
-    ``short_labels`` optionally names the classes in table columns (e.g. the paper's "Sp", "RKi", ...)."""
+    ``short_labels`` optionally names the classes in table columns (e.g. the paper's "Sp", "RKi", ...);
+    ``nsd_tolerance`` (mm) the boundary tolerance of the normalised surface Dice (default: the task's coarsest
+    spacing, one voxel of its grid)."""
 
     name: str
     id: int
@@ -144,6 +147,12 @@ class Task:
     normalization: tuple[Normalization, ...]
     label_map: dict[int, int] = field(default_factory=dict)
     short_labels: tuple[str, ...] = ()
+    nsd_tolerance: float | None = None
+
+    @property
+    def surface_tolerance(self) -> float:
+        """The NSD tolerance in mm: ``nsd_tolerance``, else the coarsest target spacing."""
+        return self.nsd_tolerance if self.nsd_tolerance is not None else max(self.spacing)
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -161,7 +170,8 @@ class Task:
     @classmethod
     def parse(cls, name: str, spec: Mapping[str, Any]) -> Task:
         where = f"task {name!r}"
-        unknown = set(spec) - {"id", "modalities", "labels", "spacing", "normalization", "label_map", "short_labels"}
+        known = {"id", "modalities", "labels", "spacing", "normalization", "label_map", "short_labels", "nsd_tolerance"}
+        unknown = set(spec) - known
         if unknown:
             raise TaskError(f"{where}: unknown keys {sorted(unknown)}")
         missing = {"id", "modalities", "labels", "spacing"} - set(spec)
@@ -174,6 +184,10 @@ class Task:
         normalization = tuple(Normalization.parse(n, where) for n in norm_spec)
         label_map = {int(k): int(v) for k, v in (spec.get("label_map") or {}).items()}
         short_labels = tuple(str(v) for v in spec.get("short_labels") or ())
+        tolerance = spec.get("nsd_tolerance")
+        if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                      or not 0 < tolerance < math.inf):  # fmt: skip
+            raise TaskError(f"{where}: nsd_tolerance must be a positive number of mm, got {tolerance!r}")
         if not isinstance(spec["id"], int) or spec["id"] < 0:
             raise TaskError(f"{where}: id must be a non-negative integer, got {spec['id']!r}")
         if len(modalities) not in (1, 2, 4):
@@ -189,7 +203,8 @@ class Task:
             raise TaskError(f"{where}: label_map targets {bad} outside the {len(labels)} classes")
         if short_labels and len(short_labels) != len(labels):
             raise TaskError(f"{where}: {len(short_labels)} short_labels for {len(labels)} labels")
-        return cls(name, spec["id"], modalities, labels, spacing, normalization, label_map, short_labels)  # type: ignore[arg-type]
+        tolerance = None if tolerance is None else float(tolerance)
+        return cls(name, spec["id"], modalities, labels, spacing, normalization, label_map, short_labels, tolerance)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -198,6 +213,8 @@ class Task:
         out.pop("name")
         if not self.short_labels:
             out.pop("short_labels")
+        if self.nsd_tolerance is None:
+            out.pop("nsd_tolerance")
         return out
 
 

@@ -16,15 +16,17 @@ from typing import Any
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    ClassesToIndices,
     ClassesToIndicesd,
     InvertibleTransform,
     LoadImaged,
     MapTransform,
-    RandCropByLabelClassesd,
     Randomizable,
     Spacingd,
+    SpatialCrop,
     Transform,
 )
+from monai.transforms.utils import generate_label_classes_crop_centers
 from monai.utils import convert_to_dst_type
 
 from uniseg_monai.tasks import Normalization, Task, TaskRegistry, resolve_task
@@ -220,30 +222,43 @@ class TaskClassIndicesd(_TaskAware):
         return d
 
 
+def class_ratios(present: Sequence[bool], pos_fraction: float) -> list[float]:
+    """Crop-centre probabilities of the classes (background first) given which ones the label holds: background
+    1 - ``pos_fraction``, the present foreground classes ``pos_fraction`` shared equally; all on background when no
+    foreground is present, all on the foreground when no background is."""
+    foreground = [k for k, here in enumerate(present) if k and here]
+    if not foreground or not present[0]:
+        return [float(here and (k == 0 or not present[0])) for k, here in enumerate(present)]
+    return [1 - pos_fraction if k == 0 else pos_fraction / len(foreground) if k in foreground else 0.0
+            for k in range(len(present))]  # fmt: skip
+
+
 class RandCropByTaskClassesd(_TaskAware, Randomizable):
     """nnU-Net's foreground oversampling, per task: with probability ``pos_fraction`` the patch is centred on a
     voxel of one of the task's foreground classes, the class drawn uniformly among those the label holds (so a
-    small organ is sampled as often as a large one), otherwise on a background voxel. Returns a list of one item.
-    """
+    small organ is sampled as often as a large one), otherwise on a background voxel; a class absent from the case
+    changes nothing of that rate (:func:`class_ratios`). Uses the cached ``class_indices`` of
+    :class:`TaskClassIndicesd` when present. Returns a list of one item (MONAI's crop-sampler convention)."""
 
     def __init__(self, keys: KeysCollection, registry: TaskRegistry, spatial_size: Sequence[int], pos_fraction: float):
         super().__init__(keys, registry)
-        self._crops = {
-            n: RandCropByLabelClassesd(
-                keys, "label", spatial_size, ratios=[1 - pos_fraction] + [pos_fraction / (n - 1)] * (n - 1),
-                num_classes=n, num_samples=1, warn=False, indices_key=CLASS_INDICES_KEY,
-            )
-            for n in {t.num_classes for t in registry.values()}
-        }  # fmt: skip
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.pos_fraction = float(pos_fraction)
 
-    def set_random_state(self, seed: int | None = None, state: Any = None) -> RandCropByTaskClassesd:
-        super().set_random_state(seed, state)
-        for crop in self._crops.values():
-            crop.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data: Any = None) -> None:  # the chosen crop draws its own centre
+    def randomize(self, data: Any = None) -> None:  # the centre is drawn in __call__, from self.R
         pass
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
-        return self._crops[self.task(data).num_classes](data)
+        d = dict(data)
+        label = d["label"]
+        indices = d.pop(CLASS_INDICES_KEY, None)
+        if indices is None:
+            indices = ClassesToIndices(num_classes=self.task(d).num_classes)(label)
+        ratios = class_ratios([len(i) > 0 for i in indices], self.pos_fraction)
+        center = generate_label_classes_crop_centers(
+            self.spatial_size, 1, label.shape[1:], indices, ratios, self.R, warn=False
+        )[0]
+        crop = SpatialCrop(roi_center=tuple(center), roi_size=self.spatial_size)
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
+        return [d]
