@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -16,11 +17,12 @@ from conftest import BUNDLES, shared_path
 from monai.handlers import CheckpointSaver, StatsHandler
 from monai.transforms import Rand3DElasticd
 
-from uniseg_monai.handlers import GradientClipping
+from uniseg_monai.errors import UniSegError, UsageError, flag
+from uniseg_monai.handlers import GradientClipping, ResumeCheckpointLoader
 from uniseg_monai.metadata import bundle_network_data_format, sync_metadata
 from uniseg_monai.model_files import ModelLoader
 from uniseg_monai.tasks import BUILTIN_TASKS, PAPER_UPSTREAM_TASKS, TaskRegistry
-from uniseg_monai.wiring import bundle_items, default_task, rank_handlers, requested_task, task_names
+from uniseg_monai.wiring import bundle_items, default_task, rank_handlers, requested_task, start_run, task_names
 
 NAMES = ["uniseg_pretrain", "uniseg_finetune_btcv", "uniseg_finetune_vs"]
 MODEL_ZOO_IDIOMS = (
@@ -144,3 +146,50 @@ def test_multi_gpu_ranks_select_handlers_by_type_not_position(tmp_path):
         assert [type(h).__name__ for h in rank_handlers(order, 1)] == [
             type(h).__name__ for h in order if isinstance(h, (GradientClipping, ModelLoader))
         ]
+
+
+def test_boolean_ids_typed_on_the_command_line_mean_what_they_say(tmp_path):
+    assert [flag(v, "x") for v in ("false", "False", "no", "0", False)] == [False] * 5
+    assert [flag(v, "x") for v in ("true", "YES", "1", True)] == [True] * 4
+    with pytest.raises(UsageError, match="--resume takes true or false, got 'maybe'"):
+        flag("maybe", "resume")
+    (tmp_path / "checkpoint_epoch=1.pt").write_bytes(b"earlier run")
+    with pytest.raises(FileExistsError, match="--resume true"):  # `--resume false` must not resume
+        start_run(tmp_path, "false", TaskRegistry().subset(["liver"]))
+    assert not ResumeCheckpointLoader(tmp_path, "false", {"model": torch.nn.Linear(1, 1)}).resume
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "expected"),
+    [
+        ("configs/metadata.json", "{not json", "not valid JSON"),
+        ("configs/metadata.json", "[1, 2]", "must be a JSON object"),
+        ("models/tasks.json", '{"tasks": []}', '"tasks" must map task names'),
+        ("models/tasks.json", '{"tasks": {"x": {"id": "a"}}}', "tasks.json: task 'x': missing"),
+        ("configs/inference.json", '{"network_def": {"_target_": "UNet"}, "strides": "%train#strides"}', "strides"),
+        ("configs/inference.json", '{"strides": [[2, 2, 2]]}', "network_def"),
+    ],
+)
+def test_metadata_errors_name_the_file_and_change_nothing(tmp_path, file, content, expected):
+    bundle = shutil.copytree(BUNDLES / "uniseg_finetune_vs", tmp_path / "vs")
+    (bundle / file).write_text(content)
+    before = (bundle / "configs" / "metadata.json").read_bytes()
+    with pytest.raises(UniSegError, match=re.escape(expected)) as err:
+        sync_metadata(bundle)
+    assert str(bundle) in str(err.value)
+    assert (bundle / "configs" / "metadata.json").read_bytes() == before
+
+
+def test_a_read_only_metadata_file_is_refused_and_kept(tmp_path):
+    bundle = shutil.copytree(BUNDLES / "uniseg_finetune_vs", tmp_path / "vs")
+    table = json.loads((bundle / "models" / "tasks.json").read_text())
+    table["tasks"]["vs"]["labels"][1] = "tumour"
+    (bundle / "models" / "tasks.json").write_text(json.dumps(table))
+    path = bundle / "configs" / "metadata.json"
+    path.chmod(0o444)
+    before = path.read_bytes()
+    with pytest.raises(UsageError, match="read-only"):
+        sync_metadata(bundle)
+    assert path.read_bytes() == before and stat.S_IMODE(path.stat().st_mode) == 0o444
+    path.chmod(0o640)
+    assert sync_metadata(bundle)[1] and stat.S_IMODE(path.stat().st_mode) == 0o640  # updated, its mode kept

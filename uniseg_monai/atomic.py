@@ -10,7 +10,8 @@ from typing import BinaryIO
 
 
 def write_atomic(dst: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(f)`` on a binary file beside ``dst`` and rename it to ``dst``; on failure ``dst`` is untouched."""
+    """Call ``write(f)`` on a binary file beside ``dst`` and rename it to ``dst`` (keeping the mode of the file it
+    replaces, else the umask's); on failure ``dst`` is untouched."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
@@ -19,7 +20,8 @@ def write_atomic(dst: str | os.PathLike, write: Callable[[BinaryIO], object]) ->
             write(f)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written file gets the usual mode
+        mode = dst.stat().st_mode & 0o7777 if dst.exists() else 0o666 & ~umask  # a replaced file keeps its mode
+        os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from typing import Any
 import fire
 
 from uniseg_monai.bundles import DEFAULT_BUNDLE
-from uniseg_monai.errors import UniSegError, UsageError
+from uniseg_monai.errors import UniSegError, UsageError, flag
 from uniseg_monai.model_files import convert_official
 from uniseg_monai.predict import predict
 from uniseg_monai.tasks import TaskRegistry
@@ -121,6 +121,15 @@ def _check_data(datalist: str) -> None:
     print(f"{datalist}: no problems found")
 
 
+def _report(run_dir: str, out: str = "", datalist: str = "") -> None:
+    """Write RUN_DIR/report.html (or into --out) with PNGs: training curves (TensorBoard logs under RUN_DIR), per-task
+    Dice / NSD over the cases (per_case.csv) beside the paper's numbers, best / median / worst overlays per task and
+    the prompt's effect (they need RUN_DIR/predictions and --datalist)."""
+    from uniseg_monai.report import write_report
+
+    print(write_report(run_dir, out or None, datalist or None))
+
+
 def _demo(
     out: str = "demo_output",
     bundle: str = "bundles/uniseg_pretrain",
@@ -158,9 +167,6 @@ def _export(
     print(_json.dumps(report, indent=2))
 
 
-TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
-
-
 def _typed(command: Callable[..., Any]) -> Callable[..., Any]:
     """``command`` with fire's guesses undone: fire turns ``--url 123`` into an int and ``--overwrite=false`` into
     the (true) string 'false'; path arguments become strings again and flags accept only true/false/yes/no/1/0."""
@@ -168,11 +174,8 @@ def _typed(command: Callable[..., Any]) -> Callable[..., Any]:
 
     def coerce(name: str, value: Any) -> Any:
         hint = hints.get(name, "")
-        if hint == "bool" and not isinstance(value, bool):
-            text = str(value).lower()
-            if text not in TRUE + FALSE:
-                raise UsageError(f"--{name} takes true or false, got {value!r}")
-            return text in TRUE
+        if hint == "bool":
+            return flag(value, name)
         if hint.startswith("str") and value is not None and not isinstance(value, str):
             return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
         return value
@@ -202,6 +205,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
         "generate-phantoms": _generate_phantoms,
         "check-data": _check_data,
         "demo": _demo,
+        "report": _report,
         "export": _export,
         "predict": _predict,
     }.items()

@@ -14,6 +14,7 @@ from monai.bundle import ConfigWorkflow
 
 from uniseg_monai.data.phantoms import DOWNSTREAM_TASKS, generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
+from uniseg_monai.report import write_report
 from uniseg_monai.tasks import load_model_tasks
 
 
@@ -120,9 +121,16 @@ def run_demo(
         _workflow(bundle_dir, "train", ["train", "demo"], **dirs, output_dir=str(run / "logs"))
     trained = time.perf_counter()
     _workflow(
-        bundle_dir, "eval", ["train", "demo", "evaluate"], **dirs, output_dir=str(run), evaluate_section="testing"
+        bundle_dir,
+        "eval",
+        ["train", "demo", "evaluate"],
+        **dirs,
+        output_dir=str(run),
+        evaluate_section="testing",
+        write_report=False,
     )
     _workflow(bundle_dir, "infer", ["inference", "demo"], **dirs, output_dir=str(run))
+    report = write_report(run, datalist=datalist)
     done = time.perf_counter()
     reports = _fine_tune(out_dir, Path(finetune_bundle).resolve(), run / "models" / "model.pt")
     tuned = time.perf_counter()
@@ -140,4 +148,5 @@ def run_demo(
     print(f"predictions:  {run / 'predictions'}")
     print(f"TensorBoard:  tensorboard --logdir {run / 'logs'}")
     print(f"summary.json: {run / 'summary.json'}")
+    print(f"report:       {report}")
     return run / "summary.json"

@@ -1,10 +1,13 @@
-"""The project's user errors: what the ``uniseg`` command prints as one line (exit status 2) instead of a traceback.
+"""The project's user errors: what the ``uniseg`` command prints as one line (exit status 2) instead of a traceback;
+and :func:`flag`, the strict reading of a boolean the user typed.
 
 Raise a :class:`UniSegError` subclass for anything the user can fix (a file, a datalist, an option); every other
 exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class UniSegError(Exception):
@@ -17,3 +20,17 @@ class UsageError(UniSegError, ValueError):
 
 class InputError(UniSegError, ValueError):
     """An input image, folder or case that cannot be segmented."""
+
+
+TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def flag(value: Any, name: str) -> bool:
+    """A boolean id or option as given on a command line: ``monai.bundle run --resume false`` passes the string
+    'false' (fire turns only ``False`` into a bool), which would count as true; true/false/yes/no/1/0 in any case."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in TRUE + FALSE:
+        raise UsageError(f"--{name} takes true or false, got {value!r}")
+    return text in TRUE

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines import IterationEvents
 from monai.handlers import CheckpointLoader
 
+from uniseg_monai.errors import flag
 from uniseg_monai.run_folder import resume_checkpoint
 
 
@@ -41,7 +42,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
     def __init__(
         self, ckpt_dir: str | Path, resume: bool, load_dict: Mapping[str, Any], map_location: Any = None
     ) -> None:
-        self.resume = bool(resume)
+        self.resume = flag(resume, "resume")
         path = resume_checkpoint(ckpt_dir) if self.resume else str(Path(ckpt_dir) / "none")
         super().__init__(load_path=path, load_dict=dict(load_dict), map_location=map_location)
 
@@ -49,3 +50,17 @@ class ResumeCheckpointLoader(CheckpointLoader):
         if self.resume:
             self.load_dict["trainer"] = engine
             super().attach(engine)
+
+
+class LearningRateMetric:
+    """Record the learning rate of the ending epoch as the engine metric ``lr`` (the first parameter group's), so
+    ``StatsHandler`` prints it and ``TensorBoardStatsHandler`` logs it (attach it before the scheduler's handler)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        engine.state.metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])

@@ -15,6 +15,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
+from uniseg_monai.errors import flag
 from uniseg_monai.networks.task_ids import TaskId, TaskLogits, as_task_ids
 
 MIRROR_AXES = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]  # 8 flips incl. none
@@ -81,7 +82,7 @@ class MirroringSlidingWindowInferer(Inferer):
         progress: bool = False,
     ) -> None:
         super().__init__()
-        self.tta = tta
+        self.tta = flag(tta, "tta")
         self.window = SlidingWindowInferer(
             roi_size=roi_size,
             sw_batch_size=sw_batch_size,

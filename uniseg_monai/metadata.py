@@ -15,6 +15,7 @@ from typing import Any
 
 from uniseg_monai.atomic import write_text_atomic
 from uniseg_monai.bundles import INFERENCE_CONFIG, find_bundle
+from uniseg_monai.errors import UsageError
 from uniseg_monai.tasks import Task, TaskRegistry, load_model_tasks
 
 METADATA = Path("configs") / "metadata.json"
@@ -75,15 +76,38 @@ def network_data_format(registry: TaskRegistry, total_stride: list[int], task_in
     return {"inputs": inputs, "outputs": {"pred": pred}}
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found: every bundle has it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not valid JSON ({err}); fix the file") from None
+
+
+def _total_stride(strides: Any, path: Path) -> list[int]:
+    """The product of the per-stage strides per axis; ``strides``: [x, y, z] integer lists or integers."""
+    stages = [[s] * 3 if isinstance(s, int) and not isinstance(s, bool) else s for s in strides or [None]]
+    if not isinstance(strides, list) or not all(
+        isinstance(s, list) and len(s) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)
+        for s in stages
+    ):
+        raise UsageError(f'{path}: "strides" must be a list of [x, y, z] positive integers (numbers, not references), '
+                         f"got {strides!r}")  # fmt: skip
+    return [math.prod(s[axis] for s in stages) for axis in range(3)]
+
+
 def bundle_network_data_format(bundle: str | Path) -> dict[str, Any]:
     """The ``network_data_format`` of a bundle: its ``models/tasks.json`` and the strides and network class of its
     ``configs/inference.json``."""
     folder = find_bundle(bundle)
-    config = json.loads((folder / INFERENCE_CONFIG).read_text())
-    strides = [[s] * 3 if isinstance(s, int) else s for s in config["strides"]]
-    total = [math.prod(s[axis] for s in strides) for axis in range(3)]
-    task_input = config["network_def"]["_target_"].endswith(".UniSeg")
-    return network_data_format(load_model_tasks(folder / "models"), total, task_input)
+    path = folder / INFERENCE_CONFIG
+    config = _read_json(path)
+    network = config.get("network_def") if isinstance(config, dict) else None
+    if not isinstance(network, dict) or not isinstance(network.get("_target_"), str):
+        raise UsageError(f'{path}: "network_def" must be a component with a "_target_" class, got {network!r}')
+    total = _total_stride(config.get("strides"), path)
+    return network_data_format(load_model_tasks(folder / "models"), total, network["_target_"].endswith(".UniSeg"))
 
 
 def json_text(data: Any) -> str:
@@ -103,10 +127,14 @@ def sync_metadata(bundle: str | Path, check: bool = False) -> tuple[Path, bool]:
     """Write the generated ``network_data_format`` into the bundle's ``configs/metadata.json`` (other fields kept);
     with ``check`` only compare. Returns the file and whether it differed."""
     path = find_bundle(bundle) / METADATA
-    meta = json.loads(path.read_text())
+    meta = _read_json(path)
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path}: bundle metadata must be a JSON object, got {type(meta).__name__}")
     generated = bundle_network_data_format(bundle)
     differs = meta.get("network_data_format") != generated
     if differs and not check:
+        if not path.stat().st_mode & 0o222:
+            raise UsageError(f"{path} is read-only: make it writable to update it, or compare with --check")
         meta["network_data_format"] = generated
         write_text_atomic(path, json_text(meta))
     return path, differs

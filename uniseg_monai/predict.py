@@ -139,6 +139,11 @@ class Predictor:
         self.load = next(t for t in steps if isinstance(t, ThreadSafeLoadImaged))  # read once for all tasks
         self.preprocess = Compose([t for t in steps if t is not self.load])
         self.postprocess = parser.get_parsed_content("postprocessing")
+        window, per_batch = parser.get_parsed_content("patch_size"), parser.get_parsed_content("sw_batch_size")
+        if not (isinstance(window, list) and len(window) == 3 and all(isinstance(v, int) and v > 0 for v in window)):
+            raise UsageError(f"--patch_size must be [x, y, z] positive integers, got {window!r}")
+        if not isinstance(per_batch, int) or per_batch < 1:
+            raise UsageError(f"--sw_batch_size must be a positive integer, got {per_batch!r}")
         self.inferer = parser.get_parsed_content("all_inferer" if self.all else "inferer")
         self.sidecar = {"checkpoint": str(self.model.path.resolve()),
                         "bundle": str(Path(parser["bundle_root"]).resolve()), "device": str(self.device)}  # fmt: skip
@@ -257,7 +262,11 @@ def predict(
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} is a file: give a folder")
-    if not 0 <= float(overlap) < 1:
+    try:
+        overlap = float(overlap)
+    except (TypeError, ValueError):
+        raise UsageError(f"--overlap must be a number in [0, 1), got {overlap!r}") from None
+    if not 0 <= overlap < 1:
         raise UsageError(f"--overlap must lie in [0, 1), got {overlap}")
     if device and not (device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())):
         raise UsageError(f"--device {device}: use cpu" + (" or cuda[:N]" if torch.cuda.is_available() else " (no GPU)"))

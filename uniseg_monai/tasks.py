@@ -22,8 +22,8 @@ DEFAULT_CT_WINDOW = (-325.0, 325.0)
 _ABDOMEN_CT = {"modalities": ["CT"], "spacing": [1.5, 1.5, 3.0], "normalization": ["ct"]}
 _UPSTREAM_CT = {"paper": "upstream", **_ABDOMEN_CT}
 
-# name -> task fields; "paper" (a registry flag, not a task field) marks the paper's 11 upstream (pretraining)
-# tasks, ids 0-10, and its two downstream (transfer) tasks
+# name -> task fields; registry flags (not task fields): "paper" marks the paper's 11 upstream (pretraining) tasks,
+# ids 0-10, and its two downstream (transfer) tasks; "paper_dice" the paper's Dice in % where the facts file has it
 BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     "liver": {"id": 0, **_UPSTREAM_CT, "labels": ["background", "liver", "liver tumour"]},
     "kidney": {"id": 1, **_UPSTREAM_CT, "labels": ["background", "kidney", "kidney tumour"]},
@@ -70,6 +70,7 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     "btcv": {
         "id": 11,
         "paper": "downstream",
+        "paper_dice": 84.6,
         **_ABDOMEN_CT,
         "labels": [
             "background",
@@ -93,6 +94,7 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
     "vs": {
         "id": 12,
         "paper": "downstream",
+        "paper_dice": 92.9,
         "modalities": ["T1ce"],
         "labels": ["background", "vestibular schwannoma"],
         "short_labels": ["bg", "VS"],
@@ -100,6 +102,9 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
         "normalization": ["zscore"],
     },
 }
+
+
+FLAGS = ("paper", "paper_dice")  # registry flags of BUILTIN_TASKS, not task fields
 
 
 class TaskError(UniSegError, ValueError):
@@ -223,7 +228,7 @@ class TaskRegistry(Mapping[str, Task]):
 
     def __init__(self, tasks: Iterable[Task] | None = None) -> None:
         if tasks is None:
-            tasks = (Task.parse(n, {k: v for k, v in s.items() if k != "paper"}) for n, s in BUILTIN_TASKS.items())
+            tasks = (Task.parse(n, {k: v for k, v in s.items() if k not in FLAGS}) for n, s in BUILTIN_TASKS.items())
         self._tasks = {t.name: t for t in tasks}
 
     def __getitem__(self, name: str) -> Task:
@@ -321,6 +326,8 @@ class TaskRegistry(Mapping[str, Task]):
 
 
 PAPER_UPSTREAM_TASKS = tuple(name for name, spec in BUILTIN_TASKS.items() if spec["paper"] == "upstream")
+PAPER_DICE = {name: spec["paper_dice"] for name, spec in BUILTIN_TASKS.items() if "paper_dice" in spec}  # Table 3
+PAPER_UPSTREAM_MEAN_DICE = 78.2  # Table 2: mean Dice over the 11 upstream tasks (no per-task numbers in our facts)
 MODEL_TASKS_FILE = "tasks.json"
 
 
@@ -351,9 +358,14 @@ def load_model_tasks(ckpt_dir: str | Path) -> TaskRegistry:
         raise TaskError(
             f"{path} not found: a model folder needs model.pt and the tasks.json its training wrote"
         ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise TaskError(f"{path}: not a task table ({err})") from None
-    return TaskRegistry(Task.parse(name, spec) for name, spec in specs.items())
+    if not isinstance(specs, dict) or not specs:
+        raise TaskError(f'{path}: "tasks" must map task names to their fields, got {specs!r}')
+    try:
+        return TaskRegistry(Task.parse(name, spec) for name, spec in specs.items())
+    except (TaskError, TypeError, ValueError, AttributeError) as err:
+        raise TaskError(f"{path}: {err}") from None
 
 
 def resolve_task(item: Mapping[str, Any], registry: TaskRegistry, default: str = "") -> Task:

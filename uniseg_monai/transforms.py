@@ -118,7 +118,10 @@ class NormalizeTaskIntensityd(_TaskAware):
         for key in self.key_iterator(d):
             img = d[key]
             if img.shape[0] != len(norms):
-                raise ValueError(f"task {d['task']!r} expects {len(norms)} channels, image {key!r} has {img.shape[0]}")
+                source = getattr(img, "meta", {}).get("filename_or_obj", key)
+                raise ValueError(
+                    f"{source}: task {d['task']!r} expects {len(norms)} channels, the image has {img.shape[0]}"
+                )
             out = torch.stack([normalize_channel(img[c], n) for c, n in enumerate(norms)])
             d[key] = convert_to_dst_type(out, img, dtype=torch.float32)[0]
         return d

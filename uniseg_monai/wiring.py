@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from uniseg_monai.data.datalist import SECTIONS, load_items, read_datalist, task_items
+from uniseg_monai.errors import flag
 from uniseg_monai.model_files import MODEL_FILE, model_tasks
 from uniseg_monai.run_folder import check_run_dir
 from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry, resolve_task, save_model_tasks
@@ -87,13 +88,15 @@ def start_run(ckpt_dir: str | Path, resume: bool, registry: TaskRegistry, reques
     """Before a training run: refuse to overwrite an earlier run (:func:`uniseg_monai.run_folder.check_run_dir`; a
     MONAI Label request trains in place) and record its tasks in ``<ckpt_dir>/tasks.json``. True, for
     ``initialize``."""
-    check_run_dir(ckpt_dir, resume, in_place=bool(request_task))
+    check_run_dir(ckpt_dir, flag(resume, "resume"), in_place=bool(request_task))
     save_model_tasks(registry, ckpt_dir)
     return True
 
 
 # handler types that write logs, progress or files: one rank of a multi-GPU run does that
-RANK_ZERO_ONLY = ("StatsHandler", "TensorBoardStatsHandler", "ProgressBar", "CheckpointSaver", "EvaluationReport")
+RANK_ZERO_ONLY = (
+    "StatsHandler", "TensorBoardStatsHandler", "ProgressBar", "CheckpointSaver", "EvaluationReport", "ReportWriter"
+)  # fmt: skip
 
 
 def rank_handlers(handlers: Sequence[Any], rank: int) -> list[Any]:

@@ -7,6 +7,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from uniseg_monai.errors import flag
+
 
 class TaskUniformSampler(Sampler[int]):
     """Dataset indices for ``num_samples`` draws per epoch, task-uniform rather than case-uniform.
@@ -39,7 +41,7 @@ class TaskUniformSampler(Sampler[int]):
         self.members = [torch.nonzero(ids == t).flatten() for t in self.tasks]
         self.batches = num_samples // batch_size
         self.batch_size = batch_size
-        self.single_task_batches = single_task_batches
+        self.single_task_batches = flag(single_task_batches, "single_task_batches")
         self.seed, self.rank, self.epoch = seed, rank, 0
 
     def set_epoch(self, epoch: int) -> None:
