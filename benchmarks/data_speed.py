@@ -30,7 +30,7 @@ def main() -> None:
         datalist = generate_phantoms(tmp)
         registry = registry_for_datalist(datalist)
         pre = Compose(bundle_transforms(registry, "train#deterministic_transforms"))
-        random = ("train#sampling_transforms", "train#augmentation_transforms")
+        random = ("train#sampling_transforms", "augmentation_transforms")
         aug = Compose(bundle_transforms(registry, *random, patch_size=list(args.patch))[1:])  # no cached indices
         aug.set_random_state(0)
         items = load_items(datalist, "training", registry)

@@ -24,6 +24,6 @@ def inference_preprocessing(registry: TaskRegistry) -> list[Transform]:
 
 def crop_and_augmentation(registry: TaskRegistry, patch_size: list[int]) -> list[Transform]:
     """Pad, foreground-oversampled crop (``train#sampling_transforms`` without the cached class indices) and
-    ``train#augmentation_transforms`` (moreDA)."""
-    ids = ("train#sampling_transforms", "train#augmentation_transforms")
+    ``augmentation_transforms`` (moreDA)."""
+    ids = ("train#sampling_transforms", "augmentation_transforms")
     return bundle_transforms(registry, *ids, bundle=BUNDLE, patch_size=patch_size)[1:]

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import BUNDLES, shared_path
+from monai.bundle import ConfigParser
 from monai.handlers import CheckpointSaver, StatsHandler
 from monai.transforms import Rand3DElasticd
 
@@ -55,7 +56,7 @@ def prob(text: str, name: str) -> float:
 @pytest.mark.parametrize("name", NAMES)
 def test_augmentation_defaults_are_the_papers(name):
     facts = " ".join(facts_augmentation().split())
-    steps = config(name)["train"]["augmentation_transforms"]
+    steps = config(name)["augmentation_transforms"]
     by_type = {}
     for step in steps:
         by_type.setdefault(step["_target_"], []).append(step)
@@ -92,6 +93,18 @@ def test_configs_hold_wiring_and_values_not_logic(name):
                 body = body.replace(idiom, "")
             assert not re.search(r"\b(if|else|or|and|for|lambda)\b", body), f"{name}/{file}.json: {expression}"
     assert len(expressions(config(name))) <= 17  # spleen_ct_segmentation's train.json has 17
+
+
+@pytest.mark.parametrize("name", ["uniseg_pretrain", "uniseg_finetune_btcv"])
+def test_the_demo_overlay_applies_to_every_workflow(name):
+    """demo.json overlays train.json (+ evaluate.json) and inference.json alike: every id it sets exists there."""
+    for files in (["train", "demo"], ["train", "demo", "evaluate"], ["inference", "demo"]):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLES / name / "configs" / f"{f}.json") for f in files])
+        assert parser["patch_size"] == [32, 32, 16]
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / name / "configs" / f"{f}.json") for f in ("train", "demo")])
+    assert parser["augmentation_transforms"] == []  # the demo trains with the crop only
 
 
 def test_validation_reuses_the_deterministic_training_transforms_by_macro():

@@ -111,7 +111,7 @@ def bundle_transforms(
     """The transforms of the list ids ``ids`` of a bundle's ``configs/<config>.json`` built for ``registry`` (for
     scripts and notebooks), other ids set by ``settings``. E.g. the training pre-processing and the moreDA
     augmentation at a 64x64x32 patch: ``bundle_transforms(registry, "train#deterministic_transforms",
-    "train#sampling_transforms", "train#augmentation_transforms", patch_size=[64, 64, 32])``."""
+    "train#sampling_transforms", "augmentation_transforms", patch_size=[64, 64, 32])``."""
     parser = ConfigParser()
     parser.read_config(find_bundle(bundle) / "configs" / f"{config}.json")
     parser.update({"registry": registry, "default_task": "", "task": "", **settings})

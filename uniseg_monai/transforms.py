@@ -2,7 +2,7 @@
 per-channel intensity normalisation, label mapping and the classes of foreground oversampling.
 
 The pipelines themselves are lists of these and MONAI's transforms in the bundle configs (``train.json``:
-``train#deterministic_transforms``, ``train#sampling_transforms``, ``train#augmentation_transforms``;
+``train#deterministic_transforms``, ``train#sampling_transforms``, ``augmentation_transforms``;
 ``inference.json``: ``preprocessing``), so every step and value is an id a user can override.
 """
 
