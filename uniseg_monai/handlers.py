@@ -1,4 +1,5 @@
-"""Ignite handlers the bundles use beyond MONAI's: gradient clipping and resuming from the latest checkpoint."""
+"""Ignite handlers the bundles use beyond MONAI's: gradient clipping, resuming from the latest checkpoint, the
+learning rate as a metric."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from uniseg_monai.atomic import write_atomic, write_text_atomic
 from uniseg_monai.errors import UsageError, flag
 from uniseg_monai.tasks import PAPER_DICE, PAPER_UPSTREAM_MEAN_DICE, PAPER_UPSTREAM_TASKS, Task, TaskRegistry
-from uniseg_monai.transforms import image_stem
+from uniseg_monai.transforms import MapTaskLabelsd, image_stem
 
 REPORT = "report.html"
 FIGURE_DPI = 80
@@ -143,17 +143,6 @@ def _load(path: str | Sequence[str]) -> np.ndarray:
     """The first channel of an image (X, Y, Z)."""
     data = np.asanyarray(nib.load(path if isinstance(path, str) else path[0]).dataobj, dtype=np.float32)
     return data[..., 0] if data.ndim == 4 else data
-
-
-def _mapped(label: np.ndarray, task: Task) -> np.ndarray:
-    """Raw label values -> task labels (its ``label_map``)."""
-    raw = np.rint(label).astype(np.int64).clip(0)
-    if not task.label_map:
-        return raw
-    lut = np.zeros(max(int(raw.max()), max(task.label_map)) + 1, np.int64)
-    for src, dst in task.label_map.items():
-        lut[src] = dst
-    return lut[raw]
 
 
 def _slices(volume: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
@@ -276,6 +265,7 @@ def write_report(
         notes.append("no overlays: they need per_case.csv, the saved predictions (predictions/) and --datalist")
     else:
         means = case_means(rows)
+        map_labels = MapTaskLabelsd("label", registry)  # the task's label_map, as training applies it
         for task in tasks:
             ranked = sorted((d, c) for (t, c), d in means.items() if t == task and (t, c) in items)
             ranked = [(d, c) for d, c in ranked if (predictions / f"{c}_{task}_seg.nii.gz").is_file()]
@@ -286,7 +276,8 @@ def write_report(
             cases = []
             for title, (dice, case) in chosen.items():
                 item = items[(task, case)]
-                arrays = {"image": _load(item["image"]), "label": _mapped(_load(item["label"]), registry[task]),
+                label = map_labels({"label": _load(item["label"]), "task": task})["label"]
+                arrays = {"image": _load(item["image"]), "label": label,
                           "pred": _load(str(predictions / f"{case}_{task}_seg.nii.gz"))}  # fmt: skip
                 cases.append((title, case, dice, arrays))
             overlay_figure(cases, registry[task], out_dir / f"overlay_{task}.png")
