@@ -105,3 +105,13 @@ def test_a_folder_without_evaluation_gives_what_exists_with_notes(run, tmp_path,
     with pytest.raises(SystemExit) as done:
         main(["report", str(tmp_path / "missing")])
     assert done.value.code == 2 and "run folder" in capsys.readouterr().err
+    (bare / "per_case.csv").write_text("case,task,class,dice\na,liver,liver,abc\n")
+    (tmp_path / "afile").write_text("mine")
+    for args, expected in (
+        ([str(bare)], "per_case.csv: not an evaluation table"),
+        ([str(bare), "--out", str(tmp_path / "afile")], "is a file"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main(["report", *args])
+        assert done.value.code == 2 and expected in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -71,11 +71,15 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def read_cases(path: Path) -> list[dict[str, Any]]:
     """``per_case.csv`` rows with numbers as floats (NaN where empty)."""
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key in ("dice", "hd95_mm", "nsd"):
-            row[key] = float(row[key]) if row.get(key) else float("nan")
+    try:
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            for key in ("dice", "hd95_mm", "nsd"):
+                row[key] = float(row[key]) if row.get(key) else float("nan")
+            row["task"], row["case"] = str(row["task"]), str(row["case"])
+    except (ValueError, KeyError, TypeError, csv.Error, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not an evaluation table ({err}); re-run the evaluation into this folder") from None
     return rows
 
 
@@ -233,6 +237,8 @@ def write_report(
     if not run.is_dir():
         raise UsageError(f"run folder {run} not found: give the output_dir of a training or evaluation run")
     out_dir = Path(out) if out else run
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file: give a folder for report.html and its PNGs")
     if datalist and registry is None:
         from uniseg_monai.wiring import registry_for_datalist
 
@@ -249,7 +255,10 @@ def write_report(
     steps.update()
 
     summary_path, cases_path = run / "summary.json", run / "per_case.csv"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{summary_path}: not valid JSON ({err}); re-run the evaluation into this folder") from None
     rows = read_cases(cases_path) if cases_path.is_file() else []
     tasks = list(summary.get("tasks", {})) or list(dict.fromkeys(r["task"] for r in rows))
     if rows:
