@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from uniseg_monai.errors import UsageError
 from uniseg_monai.networks.blocks import DecoderStage, ModalityStems, conv_block, stage
 from uniseg_monai.networks.task_ids import TaskId, as_task_ids
 
@@ -44,7 +45,7 @@ def nnunet_features(base: int = 32, maximum: int = 320, num_stages: int = 6) -> 
 def _triple(value: Sequence[int] | int) -> tuple[int, int, int]:
     out = (value,) * 3 if isinstance(value, int) else tuple(int(v) for v in value)
     if len(out) != 3:
-        raise ValueError(f"expected 3 spatial values (x, y, z), got {value}")
+        raise UsageError(f"expected 3 spatial values (x, y, z), got {value}")
     return out  # type: ignore[return-value]
 
 
@@ -84,14 +85,14 @@ class UniSegBackbone(nn.Module):
         kernels = [_triple(k) for k in kernel_sizes]
         steps = [_triple(s) for s in strides]
         if not len(features) == len(kernels) == len(steps) or len(features) < 2:
-            raise ValueError(
+            raise UsageError(
                 f"features, kernel_sizes and strides need one entry per stage (at least 2), got "
                 f"{len(features)}, {len(kernels)} and {len(steps)}"
             )
         if steps[0] != (1, 1, 1):
-            raise ValueError(f"stage 0 cannot be strided, got strides[0]={steps[0]}")
+            raise UsageError(f"stage 0 cannot be strided, got strides[0]={steps[0]}: set --strides#0 [1, 1, 1]")
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise UsageError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
         # constructor arguments as JSON values (a model file's ``network_def``); TorchScript skips this attribute
@@ -222,16 +223,20 @@ class UniSeg(UniSegBackbone):
         deep_supervision: bool = True,
     ) -> None:
         if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+            raise UsageError(f"num_tasks must be >= 1, got {num_tasks}: the datalist names no task")
         if fuse_blocks < 1:
-            raise ValueError(f"fuse_blocks must be >= 1, got {fuse_blocks}")
+            raise UsageError(f"fuse_blocks must be >= 1, got {fuse_blocks}")
         super().__init__(num_classes, in_channels, features, kernel_sizes, strides, deep_supervision)
         self.num_tasks = num_tasks
         patch = _triple(patch_size)
         self.init_args = {"num_tasks": int(num_tasks), **self.init_args, "patch_size": list(patch)}
         self.init_args["fuse_blocks"] = int(fuse_blocks)
         if any(p % s for p, s in zip(patch, self.total_stride)):
-            raise ValueError(f"patch_size {patch} is not divisible by the total stride {self.total_stride}")
+            fit = tuple(-(-p // s) * s for p, s in zip(patch, self.total_stride))
+            raise UsageError(
+                f"patch_size {patch} is not divisible by the network's total stride {self.total_stride}: set "
+                f"--patch_size to multiples of it, e.g. {list(fit)}"
+            )
         prompt_size = tuple(p // s for p, s in zip(patch, self.total_stride))
         self.universal_prompt = nn.Parameter(torch.randn(1, num_tasks, *prompt_size))
         width = (features[-1] + num_tasks) // 4
