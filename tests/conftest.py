@@ -1,4 +1,5 @@
-"""Shared test helpers: the ../shared folder (fixtures, real samples) beside the project."""
+"""Shared test helpers: the ../shared folder (fixtures, real samples) beside the project, the phantoms and the tiny
+model ``uniseg predict`` tests share."""
 
 from __future__ import annotations
 
@@ -66,3 +67,44 @@ def tiny_bundle(official_fixture: dict, kind: str, name: str, root: Path) -> Pat
     config["patch_size"] = network_def.get("patch_size", config["patch_size"])
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     return bundle
+
+
+PREDICT_BUNDLE = BUNDLES / "uniseg_pretrain"
+PREDICT_TINY = {"patch_size": [64, 64, 32], "base_features": 4}  # the settings predict_model is trained with
+
+
+@pytest.fixture(scope="session")
+def predict_model(phantoms, tmp_path_factory) -> Path:
+    """Checkpoint of a tiny model (:data:`PREDICT_TINY`) trained through the pretrain bundle for one epoch of 2
+    iterations on the 4 phantom tasks, validated (which saves ``model.pt``) on one PET/CT case only, to save time;
+    trained once per session for every ``uniseg predict`` test."""
+    from monai.bundle import ConfigWorkflow
+
+    root = tmp_path_factory.mktemp("predict_model")
+    datalist = json.loads(phantoms.read_text())
+    datalist["validation"] = [i for i in datalist["validation"] if i["task"] == "ph_petct"][:1]
+    for item in datalist["training"] + datalist["validation"]:
+        for key in ("image", "label"):
+            item[key] = [str(phantoms.parent / f) for f in item[key]] if isinstance(item[key], list) else (
+                str(phantoms.parent / item[key]))  # fmt: skip
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    wf = ConfigWorkflow(
+        config_file=str(PREDICT_BUNDLE / "configs" / "train.json"),
+        meta_file=str(PREDICT_BUNDLE / "configs" / "metadata.json"),
+        logging_file=str(PREDICT_BUNDLE / "configs" / "logging.conf"),
+        workflow_type="train",
+        bundle_root=str(PREDICT_BUNDLE),
+        dataset_dir=str(root),
+        ckpt_dir=str(root / "models"),
+        output_dir=str(root / "eval"),
+        **PREDICT_TINY,
+        iterations_per_epoch=2,
+        epochs=1,
+        val_interval=1,
+        num_workers=0,
+        cache_rate=0.0,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return root / "models" / "model.pt"

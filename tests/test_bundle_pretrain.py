@@ -119,6 +119,7 @@ def trained(phantoms, tmp_path_factory) -> Path:
     assert trainer.state.epoch == 2
     saved = torch.load(root / "models" / "checkpoint_epoch=2.pt", weights_only=True)
     assert saved["trainer"]["iteration"] == 4 and saved["lr_scheduler"]["last_epoch"] == 2
+    assert saved["lr_scheduler"]["total_iters"] == 2  # the poly schedule stretched to the new --epochs, not lr 0
     return root
 
 
@@ -153,6 +154,11 @@ def test_evaluation_writes_the_report(trained, phantoms):
     validation = load_items(phantoms, "validation", registry_for_datalist(phantoms))
     expected_rows = sum(len(registry_for_datalist(phantoms)[i["task"]].labels) - 1 for i in validation)
     assert len(rows) == 1 + expected_rows
+    before = (report / "per_case.csv").stat().st_mtime_ns
+    with pytest.raises(RuntimeError) as refused:  # an earlier report is never replaced without --overwrite true
+        workflow("eval", configs("train", "evaluate"), **run_dirs(phantoms, trained, output_dir=str(report)))
+    assert isinstance(refused.value.__cause__, FileExistsError) and "--overwrite true" in str(refused.value.__cause__)
+    assert (report / "per_case.csv").stat().st_mtime_ns == before
 
 
 def test_inference_keeps_the_input_geometry_and_names_the_task(trained, phantoms):

@@ -109,7 +109,8 @@ def test_check_data_reports_every_problem_with_its_file(phantoms, tmp_path):
     leak = {"tasks": good["tasks"], "training": good["training"][:1], "validation": good["training"][:1]}
     duplicate_ids = {"tasks": {**good["tasks"], "ph_liver": {**good["tasks"]["ph_liver"], "id": 0}}}
     duplicate_ids["training"] = good["training"][:2]
-    for content, marker in ((leak, "the same image is in training and validation"), (duplicate_ids, "share id 0")):
+    leaked = f"{Path(good['training'][0]['image']).name}: is in both training[0] and validation[0]"
+    for content, marker in ((leak, leaked), (duplicate_ids, "share id 0")):
         datalist = tmp_path / "dl.json"
         datalist.write_text(json.dumps(content))
         assert any(marker in str(p) for p in check_datalist(datalist, progress=False))

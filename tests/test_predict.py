@@ -13,13 +13,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
-from monai.bundle import ConfigWorkflow
+from conftest import PREDICT_BUNDLE, PREDICT_TINY, shared_path
 
 from uniseg_monai.predict import find_cases, predict, predict_config
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
-TINY = {"patch_size": [64, 64, 32], "base_features": 4}
+BUNDLE, TINY = PREDICT_BUNDLE, PREDICT_TINY
 ORGANS = {"0": "background", "1": "liver", "2": "spleen"}
 
 
@@ -29,37 +27,9 @@ def image(phantoms: Path, kind: str, case: int, channel: str = "ct") -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(phantoms, tmp_path_factory) -> Path:
-    """Checkpoint of a tiny model trained through the bundle for one epoch of 2 iterations on the 4 phantom tasks,
-    validated (which saves ``model.pt``) on one PET/CT case only, to save time."""
-    root = tmp_path_factory.mktemp("predict_model")
-    datalist = json.loads(phantoms.read_text())
-    datalist["validation"] = [i for i in datalist["validation"] if i["task"] == "ph_petct"][:1]
-    for item in datalist["training"] + datalist["validation"]:
-        for key in ("image", "label"):
-            item[key] = [str(phantoms.parent / f) for f in item[key]] if isinstance(item[key], list) else (
-                str(phantoms.parent / item[key]))  # fmt: skip
-    (root / "datalist.json").write_text(json.dumps(datalist))
-    wf = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "train.json"),
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(root),
-        ckpt_dir=str(root / "models"),
-        output_dir=str(root / "eval"),
-        **TINY,
-        iterations_per_epoch=2,
-        epochs=1,
-        val_interval=1,
-        num_workers=0,
-        cache_rate=0.0,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return root / "models" / "model.pt"
+def model(predict_model) -> Path:
+    """The session's tiny trained model (conftest ``predict_model``)."""
+    return predict_model
 
 
 def run(model: Path, inputs, out: Path, task: str, **kwargs) -> int:
@@ -210,7 +180,7 @@ def test_never_overwrites_an_input_nor_leaves_partial_files(model, small, tmp_pa
 
     monkeypatch.setattr(nib.Nifti1Image, "to_bytes", interrupted)  # the output's write fails halfway
     assert run(model, str(ct), tmp_path / "out", "ph_organs") == 1
-    assert list((tmp_path / "out").iterdir()) == []  # no temporary file, no half-written output
+    assert not (tmp_path / "out").exists()  # no temporary file, no half-written output, no empty folder
 
 
 def write_dicom_series(nifti: Path, folder: Path) -> None:

@@ -45,6 +45,20 @@ def test_streams_are_reproducible_and_differ_by_epoch_and_rank():
     assert len(TaskUniformSampler(TASK_IDS, 101, batch_size=2)) == 100
 
 
+def test_state_dict_continues_the_stream_and_keeps_the_rank():
+    uninterrupted = TaskUniformSampler(TASK_IDS, 100, rank=1)
+    first = list(uninterrupted)
+    state = uninterrupted.state_dict()
+    assert state == {"epoch": 1}
+    second = list(uninterrupted)
+    resumed = TaskUniformSampler(TASK_IDS, 100, rank=1)  # the rank comes from the config, not the state
+    resumed.load_state_dict(state)
+    assert list(resumed) == second != first
+    other_rank = TaskUniformSampler(TASK_IDS, 100, rank=0)
+    other_rank.load_state_dict(state)
+    assert list(other_rank) != second
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="non-empty"):
         TaskUniformSampler([], 10)

@@ -1,33 +1,86 @@
-"""Atomic file writes: a temporary file beside the destination, then a rename — never a half-written file."""
+"""Atomic file writes: a temporary file beside the destination, then a rename — never a half-written file; and
+:func:`write_group`: several files that appear together or not at all."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+Writer = Callable[[BinaryIO], object]
 
-def write_atomic(dst: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(f)`` on a binary file beside ``dst`` and rename it to ``dst`` (keeping the mode of the file it
-    replaces, else the umask's); on failure ``dst`` is untouched."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+
+def current_umask() -> int:
+    """The process's umask, read from /proc/self/status where it can be (Linux); elsewhere set and restored, which
+    briefly changes it for every thread."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _temporary(dst: Path, write: Writer) -> Path:
+    """``write(f)`` into a new temporary file beside ``dst``, given the mode a plain ``open(dst, "w")`` would
+    leave: a replaced file's own mode, else 0o666 less the umask (mkstemp makes 0o600); removed on failure."""
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = dst.stat().st_mode & 0o7777 if dst.exists() else 0o666 & ~umask  # a replaced file keeps its mode
-        os.chmod(tmp, mode)  # mkstemp makes 0600
-        os.replace(tmp, dst)
+        mode = dst.stat().st_mode & 0o7777 if dst.exists() else 0o666 & ~current_umask()
+        os.chmod(tmp, mode)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def write_atomic(dst: str | os.PathLike, write: Writer) -> None:
+    """Call ``write(f)`` on a binary file beside ``dst`` and rename it to ``dst`` (keeping the mode of the file it
+    replaces, else the umask's, as ``open()`` would); on failure ``dst`` is untouched."""
+    write_group({dst: write})
 
 
 def write_text_atomic(dst: str | os.PathLike, text: str) -> None:
     """:func:`write_atomic` of UTF-8 text."""
     write_atomic(dst, lambda f: f.write(text.encode()))
+
+
+def write_group(files: Mapping[str | os.PathLike, Writer]) -> None:
+    """Write several files so that they appear together or not at all: each ``write(f)`` goes to a temporary file
+    beside its destination (modes as :func:`write_atomic`), and only when every one is written are they renamed.
+
+    On a failure the temporaries are removed and no destination is touched. A rename itself failing (rare: the
+    destination became a folder, the disk went away) removes the group's files renamed so far that did not exist
+    before, so none of the group is left new; files they replaced are gone, as with any overwrite.
+    """
+    targets = [Path(p) for p in files]
+    for dst in targets:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    temporaries: list[Path] = []
+    try:
+        for dst, write in zip(targets, files.values()):
+            temporaries.append(_temporary(dst, write))
+    except BaseException:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+        raise
+    existed = [dst.exists() for dst in targets]
+    renamed = 0
+    try:
+        for tmp, dst in zip(temporaries, targets):
+            os.replace(tmp, dst)
+            renamed += 1
+    except BaseException:
+        for dst, was in zip(targets[:renamed], existed):
+            if not was:
+                dst.unlink(missing_ok=True)
+        for tmp in temporaries[renamed:]:
+            tmp.unlink(missing_ok=True)
+        raise

@@ -12,7 +12,7 @@ from typing import Any
 import fire
 
 from uniseg_monai.bundles import DEFAULT_BUNDLE
-from uniseg_monai.errors import UniSegError, UsageError, flag
+from uniseg_monai.errors import UsageError, debugging, flag, one_line, user_error
 from uniseg_monai.model_files import convert_official
 from uniseg_monai.predict import predict
 from uniseg_monai.tasks import TaskRegistry
@@ -236,18 +236,9 @@ def _check_options(command: str, argv: list[str]) -> None:
             raise UsageError(f"unknown option {arg.split('=')[0]} for `uniseg {command}` (options: {options})")
 
 
-USER_ERRORS = (UniSegError, OSError)  # OSError: unreadable / read-only / full disk; the message names the path
-
-
-def user_error(err: BaseException) -> BaseException | None:
-    """The user error behind ``err`` (MONAI wraps errors raised while a config expression is evaluated), if any."""
-    while err is not None and not isinstance(err, USER_ERRORS):
-        err = err.__cause__ or err.__context__
-    return err
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Run one ``uniseg`` command; user errors print one line and exit with status 2."""
+    """Run one ``uniseg`` command; user errors print one line and exit with status 2 (``UNISEG_DEBUG=1``: the
+    traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = _long_flags(argv)
     try:
@@ -259,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         fire.Fire(COMMANDS, command=argv, name="uniseg")
     except Exception as err:
         cause = user_error(err)
-        if cause is None:
+        if cause is None or debugging():
             raise
-        print(f"uniseg: error: {cause}", file=sys.stderr)
+        print(f"uniseg: error: {one_line(cause)}", file=sys.stderr)
         sys.exit(2)

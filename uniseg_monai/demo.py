@@ -82,7 +82,13 @@ def _fine_tune(out_dir: Path, bundle: Path, pretrained: Path) -> dict[str, Path]
         if not (run / "models" / "model.pt").exists():
             _workflow(bundle, "train", ["train", "demo"], **dirs, output_dir=str(run / "logs"))
         _workflow(
-            bundle, "eval", ["train", "demo", "evaluate"], **dirs, output_dir=str(run), evaluate_section="testing"
+            bundle,
+            "eval",
+            ["train", "demo", "evaluate"],
+            **dirs,
+            output_dir=str(run),
+            evaluate_section="testing",
+            overwrite=True,  # the demo's own earlier results
         )
         reports[name] = run / "per_class.csv"
     return reports
@@ -128,6 +134,7 @@ def run_demo(
         output_dir=str(run),
         evaluate_section="testing",
         write_report=False,
+        overwrite=True,  # the demo's own earlier results
     )
     _workflow(bundle_dir, "infer", ["inference", "demo"], **dirs, output_dir=str(run))
     report = write_report(run, datalist=datalist)

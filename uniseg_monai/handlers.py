@@ -1,5 +1,5 @@
-"""Ignite handlers the bundles use beyond MONAI's: gradient clipping, resuming from the latest checkpoint, the
-learning rate as a metric."""
+"""Ignite handlers the bundles use beyond MONAI's: gradient clipping, resuming from the latest checkpoint (exactly:
+see :mod:`uniseg_monai.random_states`), the learning rate as a metric."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 from monai.engines import IterationEvents
 from monai.handlers import CheckpointLoader
 
-from uniseg_monai.errors import flag
+from uniseg_monai.errors import UsageError, flag
+from uniseg_monai.model_files import trainer_entries
 from uniseg_monai.run_folder import resume_checkpoint
 
 
@@ -38,7 +40,17 @@ class GradientClipping:
 class ResumeCheckpointLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` of the newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` when ``resume`` (a
     bundle's ``--resume true``), restoring ``load_dict`` and the engine it is attached to (``trainer``); attaches
-    nothing otherwise."""
+    nothing otherwise.
+
+    It loads when it is attached, i.e. while the trainer is built: after the DataLoaders (whose creation reseeds
+    the transforms and the torch generator) and before ``run()``, so that ignite's first line names the iteration
+    and epoch the run continues from, and nothing draws from the restored random states before the first epoch
+    does. The :func:`~uniseg_monai.model_files.trainer_entries` (AMP scaler, gradient buffers) are restored too.
+
+    Entries of ``load_dict`` that the checkpoint lacks (one written before they were saved) are skipped with a
+    warning that the resume is not exact; an object with ``set_epoch`` (the sampler) then continues at the
+    checkpoint's epoch. A checkpoint that already reached ``max_epochs`` is refused (ignite would start over).
+    """
 
     def __init__(
         self, ckpt_dir: str | Path, resume: bool, load_dict: Mapping[str, Any], map_location: Any = None
@@ -49,8 +61,57 @@ class ResumeCheckpointLoader(CheckpointLoader):
 
     def attach(self, engine: Engine) -> None:
         if self.resume:
+            if self._name is None:
+                self.logger = engine.logger
             self.load_dict["trainer"] = engine
-            super().attach(engine)
+            self(engine)
+
+    def __call__(self, engine: Engine) -> None:
+        checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
+        if not isinstance(checkpoint, Mapping) or not {"model", "trainer"} <= set(checkpoint):
+            raise UsageError(f"{self.load_path}: not a training checkpoint (no model and trainer state to resume)")
+        extras = trainer_entries(engine, self.load_dict["model"]) if "model" in self.load_dict else {}
+        entries = {**self.load_dict, **extras}
+        present = {k: v for k, v in entries.items() if k in checkpoint}
+        missing = [k for k in entries if k not in checkpoint]
+        prior_max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=present, checkpoint=checkpoint, strict=self.strict)
+        engine.state.max_epochs = prior_max_epochs
+        if prior_max_epochs is not None and engine.state.epoch >= prior_max_epochs:
+            raise UsageError(
+                f"{self.load_path}: this run already trained {engine.state.epoch} epochs and --epochs is "
+                f"{prior_max_epochs}; pass a larger --epochs to continue it (the poly schedule is stretched to it)"
+            )
+        _stretch_poly_schedule(self.load_dict.get("lr_scheduler"), prior_max_epochs, self.logger)
+        for key in missing:
+            if hasattr(entries[key], "set_epoch"):
+                entries[key].set_epoch(engine.state.epoch)
+        if missing:
+            self.logger.warning(
+                f"{self.load_path} was written before {', '.join(missing)} were saved in checkpoints: they are not "
+                "restored (a sampler continues at the checkpoint's epoch) and the resumed run will not be exactly "
+                "the uninterrupted one"
+            )
+        self.logger.info(
+            f"Restored {', '.join(present)} from {self.load_path}: iteration {engine.state.iteration}, "
+            f"epoch {engine.state.epoch}"
+        )
+
+
+def _stretch_poly_schedule(scheduler: Any, epochs: int | None, logger: Any) -> None:
+    """A resumed run with another ``--epochs``: the checkpoint's ``PolynomialLR`` would keep its old total (and a
+    run extended past it would train at learning rate 0); set the total to ``epochs`` and the learning rate to the
+    poly value at the current epoch of the new schedule."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR) or epochs is None:
+        return
+    if scheduler.total_iters == epochs:
+        return
+    old, scheduler.total_iters = scheduler.total_iters, epochs
+    factor = (1.0 - min(scheduler.last_epoch, epochs) / epochs) ** scheduler.power
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    logger.info(f"poly learning-rate schedule stretched from {old} to {epochs} epochs: lr {scheduler._last_lr[0]:.3g}")
 
 
 class LearningRateMetric:

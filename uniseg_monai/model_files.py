@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,12 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
 from uniseg_monai.atomic import write_atomic
-from uniseg_monai.errors import UniSegError
+from uniseg_monai.errors import NonFiniteError, UniSegError, UsageError
 from uniseg_monai.networks import UniSeg, UniSegBackbone
 from uniseg_monai.official import OfficialCheckpointError, convert_state_dict, infer_network_def, strip_prefix
+from uniseg_monai.run_folder import CHECKPOINT_PATTERN
 from uniseg_monai.tasks import MODEL_TASKS_FILE, PAPER_UPSTREAM_TASKS, Task, TaskError, TaskRegistry, load_model_tasks
 
 logger = logging.getLogger(__name__)
@@ -187,17 +190,44 @@ def build_network(network_def: dict[str, Any]) -> torch.nn.Module:
 
 
 def mismatch(network: torch.nn.Module, model: ModelFile, err: RuntimeError) -> str:
-    """Why ``model`` did not load into ``network``: the ``network_def`` fields that differ, else the first tensors
-    ``load_state_dict`` named (its message on one line)."""
-    ours, theirs = getattr(network, "network_def", dict)(), model.network_def or {}
-    keys = [k for k in dict.fromkeys([*ours, *theirs]) if ours and ours.get(k) != theirs.get(k)]
-    differ = "; ".join(f"{k}: file {theirs.get(k)} vs config {ours.get(k)}" for k in keys)
-    return differ or " ".join(str(err).split())[:300]
+    """Why ``model`` did not load into ``network``, in one short line with the option that fixes it: the
+    ``network_def`` fields that differ (the file's own, or for an older file without one the stage widths its
+    tensors show), else the first tensors whose shapes differ and the counts of missing / unexpected tensors."""
+    import json
+
+    from uniseg_monai.networks import nnunet_features
+
+    ours = getattr(network, "network_def", dict)()
+    theirs = dict(model.network_def or {})
+    if not theirs and ours.get("features"):  # an older file: its stage widths = the output channels of each stage
+        stages = len(ours["features"])
+        keys = [f"encoder.{s}.1.conv.weight" for s in range(stages - 1)] + ["bottleneck.1.conv.weight"]
+        if all(k in model.state and model.state[k].ndim == 5 for k in keys):
+            theirs = {"features": [int(model.state[k].shape[0]) for k in keys]}
+    differ = [k for k in dict.fromkeys([*theirs, *ours]) if k in theirs and ours.get(k) != theirs.get(k)]
+    if differ:
+        fixes = []
+        for k in differ:
+            if k == "features" and list(nnunet_features(theirs[k][0], num_stages=len(theirs[k]))) == theirs[k]:
+                fixes.append(f"--base_features {theirs[k][0]}")
+            elif k in ("features", "kernel_sizes", "strides", "patch_size"):  # ids of the bundle configs
+                fixes.append(f"--{k} {json.dumps(theirs[k], separators=(',', ':'))}")
+        text = "; ".join(f"{k}: file {theirs.get(k)} vs config {ours.get(k)}" for k in differ)
+        text = text if len(text) <= 240 else text[:237] + "..."
+        return text + (f": pass {' '.join(fixes)}" if fixes else "")
+    mine = network.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape)}" for k, v in model.state.items()
+              if k in mine and tuple(v.shape) != tuple(mine[k].shape)]  # fmt: skip
+    missing, unexpected = [k for k in mine if k not in model.state], [k for k in model.state if k not in mine]
+    parts = [f"{len(shapes)} tensor shape(s) differ, file vs config: {'; '.join(shapes[:2])}"] if shapes else []
+    parts += [f"{len(missing)} tensor(s) missing, e.g. {missing[0]}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"] if unexpected else []
+    return ("; ".join(parts) or " ".join(str(err).split()))[:300]
 
 
 def load_into(network: torch.nn.Module, source: str | os.PathLike | ModelFile) -> ModelFile:
-    """Load a model file (a path, or one read already) into ``network`` (strict); a mismatch names the file and
-    what differs."""
+    """Load a model file (a path, or one read already) into ``network`` (strict); a mismatch is one short line
+    that names the file, what differs and the option that fixes it (:func:`mismatch`)."""
     model = source if isinstance(source, ModelFile) else read_model(source)
     path = model.path
     target = network.module if hasattr(network, "module") else network
@@ -205,9 +235,9 @@ def load_into(network: torch.nn.Module, source: str | os.PathLike | ModelFile) -
         target.load_state_dict(model.state, strict=True)
     except RuntimeError as err:
         raise ModelFileError(
-            f"{path}: the weights do not fit the network of this config ({mismatch(target, model, err)}); set the "
-            "ids that differ (e.g. --features, --patch_size) or use the model's own bundle"
-        ) from err
+            f"{path}: the weights were trained with other network settings than this config "
+            f"({mismatch(target, model, err)}); or use the model's own bundle"
+        ) from None  # load_state_dict's message lists every tensor: the line above says what matters
     return model
 
 
@@ -342,12 +372,171 @@ def description(network: torch.nn.Module, registry: TaskRegistry) -> dict[str, E
     return entries
 
 
+class GradScalerState:
+    """A MONAI trainer's AMP ``GradScaler`` as a checkpoint entry (``{}`` without AMP). ``SupervisedTrainer.run``
+    makes a new scaler, so a state loaded before the run starts is applied when it starts."""
+
+    def __init__(self, trainer: Engine) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = getattr(self.trainer, "scaler", None)
+        return dict(scaler.state_dict()) if scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.trainer.add_event_handler(Events.STARTED, self._load, dict(state))
+
+    def _load(self, engine: Engine, state: dict[str, Any]) -> None:
+        if getattr(engine, "scaler", None) is not None:
+            engine.scaler.load_state_dict(state)
+        engine.remove_event_handler(self._load, Events.STARTED)
+
+
+class GradientBuffers:
+    """Which parameters of a network hold a ``.grad`` tensor, as a checkpoint entry. MONAI's trainer zeroes the
+    gradients (``zero_grad(set_to_none=False)``) instead of dropping them, so a parameter used once keeps a zero
+    gradient and SGD keeps applying momentum and weight decay to it in the iterations that do not use it (UniSeg's
+    task-specific layers); a resumed run recreates these zero gradients, else it would skip those updates."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        self.network = network.module if hasattr(network, "module") else network
+
+    def state_dict(self) -> list[str]:
+        return [name for name, p in self.network.named_parameters() if p.grad is not None]
+
+    def load_state_dict(self, names: list[str]) -> None:
+        parameters = dict(self.network.named_parameters())
+        for name in names:
+            if name in parameters and parameters[name].grad is None:
+                parameters[name].grad = torch.zeros_like(parameters[name])
+
+
+def trainer_entries(trainer: Engine, network: torch.nn.Module) -> dict[str, Any]:
+    """The checkpoint entries of a trainer's state beyond ignite's and the objects the bundle lists: its AMP
+    scaler (``grad_scaler``) and the network's gradient buffers (``gradient_buffers``). Written by
+    :class:`ModelCheckpointSaver` with every ``save_dict`` that has a ``trainer``, restored by
+    :class:`uniseg_monai.handlers.ResumeCheckpointLoader`."""
+    return {"grad_scaler": GradScalerState(trainer), "gradient_buffers": GradientBuffers(network)}
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """ignite's ``DiskSaver`` writing through :func:`save_atomic`: never a half-written file (a run killed while
+    saving keeps the previous checkpoint), mode from the umask like a plain ``open()`` (ignite's atomic writes
+    leave 0600 files), ``filename`` a fixed name when given (MONAI's ``model.pt``)."""
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        super().__init__(dirname, atomic=True, create_dir=True, require_empty=False)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        path = self.dirname / (self.filename or filename)
+        model = checkpoint.get("model", {}) if isinstance(checkpoint, Mapping) else {}
+        bad = [k for k, v in model.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+        if bad:  # never a NaN model on disk; the previous file stays
+            raise NonFiniteError(
+                f"refusing to write {path}: {len(bad)} of {len(model)} weight tensors hold NaN / Inf (first: {bad[0]});"
+                " the previous file is kept: resume from the last good checkpoint_epoch=N.pt with a lower learning rate"
+            )
+        save_atomic(checkpoint, path)
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:  # a fixed name is replaced by the next save, not deleted first
+            (self.dirname / filename).unlink(missing_ok=True)
+
+
+def prune_checkpoints(folder: str | os.PathLike, keep: int, saved: str | os.PathLike | None = None) -> list[Path]:
+    """Delete all but the ``keep`` highest-numbered ``checkpoint_epoch=N.pt`` in ``folder`` (those of earlier runs
+    a resumed run continues included), never ``saved`` (the file just written) nor any other file; returns the
+    deleted files."""
+    found = sorted(
+        (int(m.group(1)), p) for p in Path(folder).iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_file()
+    )
+    keep_names = {p.name for _, p in found[-keep:]} | ({Path(saved).name} if saved else set())
+    deleted = [p for _, p in found if p.name not in keep_names]
+    for path in deleted:
+        path.unlink(missing_ok=True)
+    return deleted
+
+
 class ModelCheckpointSaver(CheckpointSaver):
     """MONAI's ``CheckpointSaver`` writing self-describing model files: ``save_dict`` (which holds ``model``) plus
-    the :func:`description` of that network and the run's ``registry``; other arguments as ``CheckpointSaver``."""
+    the :func:`description` of that network and the run's ``registry``; other arguments as ``CheckpointSaver``.
 
-    def __init__(self, save_dir: str, save_dict: dict[str, Any], registry: TaskRegistry, **kwargs: Any) -> None:
-        super().__init__(save_dir, {**save_dict, **description(save_dict["model"], registry)}, **kwargs)
+    Files are written atomically with the umask's mode. With ``save_dict["trainer"]`` the :func:`trainer_entries`
+    are saved too.
+
+    Args:
+        keep_checkpoints: with ``save_interval``: after each interval checkpoint, delete all but the newest
+            ``keep_checkpoints`` ``checkpoint_epoch=N.pt`` of ``save_dir``, earlier runs' included (replaces
+            ``n_saved``, which knows only the files of this process). None: ``n_saved`` decides.
+
+    With ``save_key_metric`` (the best model, ``model.pt``) it has a state a resumed run needs: the best score
+    so far, which decides whether the next validation replaces the file, and the evaluator's ``best_metric`` /
+    ``best_metric_epoch``; :meth:`state_dict` / :meth:`load_state_dict` make it a checkpoint entry.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict[str, Any],
+        registry: TaskRegistry,
+        keep_checkpoints: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if keep_checkpoints is not None:
+            if int(keep_checkpoints) < 1:
+                raise UsageError(f"--keep_checkpoints must be 1 or more, got {keep_checkpoints}")
+            kwargs["n_saved"] = None
+        entries = {**save_dict, **description(save_dict["model"], registry)}
+        if "trainer" in save_dict:
+            entries.update(trainer_entries(save_dict["trainer"], save_dict["model"]))
+        super().__init__(save_dir, entries, **kwargs)
+        self.keep_checkpoints = None if keep_checkpoints is None else int(keep_checkpoints)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(save_dir, checkpoint.save_handler.filename)
+        self._engine: Engine | None = None
+        self._best: dict[str, Any] = {}
+
+    def attach(self, engine: Engine) -> None:
+        self._engine = engine
+        self._restore_best()
+        super().attach(engine)
+
+    def interval_completed(self, engine: Engine) -> None:
+        super().interval_completed(engine)
+        if self.keep_checkpoints is not None:
+            saved = self._interval_checkpoint.last_checkpoint if self._interval_checkpoint is not None else None
+            for path in prune_checkpoints(self.save_dir, self.keep_checkpoints, saved):
+                self.logger.info(f"Deleted the older checkpoint {path.name} (keep_checkpoints={self.keep_checkpoints})")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best-model tracking: ``saved`` (ignite's list of (score, name)) and the evaluator's best metric and
+        its epoch; ``{}`` for a saver without ``save_key_metric``."""
+        if self._key_metric_checkpoint is None:
+            return {}
+        state: dict[str, Any] = {"saved": [(float(p), str(f)) for p, f in self._key_metric_checkpoint._saved]}
+        engine_state = self._engine.state if self._engine is not None else None
+        if getattr(engine_state, "best_metric_epoch", None) is not None:  # a MONAI workflow's
+            state["best_metric"] = float(engine_state.best_metric)
+            state["best_metric_epoch"] = int(engine_state.best_metric_epoch)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict`'s (or, as MONAI's ``CheckpointSaver``, ignite's ``{"_saved": ...}``)."""
+        if not state_dict:
+            return
+        saved = state_dict.get("saved", state_dict.get("_saved"))
+        if saved is not None:
+            super().load_state_dict({"_saved": [tuple(item) for item in saved]})
+        self._best = {k: state_dict[k] for k in ("best_metric", "best_metric_epoch") if k in state_dict}
+        self._restore_best()
+
+    def _restore_best(self) -> None:
+        if self._engine is not None and self._best:
+            for key, value in self._best.items():
+                setattr(self._engine.state, key, value)
 
 
 class ModelLoader:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +24,11 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from uniseg_monai.atomic import write_atomic, write_text_atomic
+from uniseg_monai.atomic import Writer, write_group
 from uniseg_monai.bundles import DEFAULT_BUNDLE, open_inference
+from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.errors import InputError, UsageError
+from uniseg_monai.memory import GIB, available_memory, case_memory
 from uniseg_monai.model_files import ModelFile, load_into
 from uniseg_monai.tasks import Task
 from uniseg_monai.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
@@ -33,6 +38,7 @@ MERGE_RULE = (
     "where tasks overlap the later task wins"
 )
 Case = tuple[str | list[str], list[Path]]  # loader input (file, DICOM folder or one file per channel), files read
+NAN_POLICIES = {"refuse": "refuse an image with NaN / Inf voxels", "min": "fill them with the lowest finite value"}
 
 
 def find_cases(entries: str | Sequence[str], exclude: Path | None = None) -> dict[str, Case]:
@@ -83,12 +89,76 @@ def _takes(task: Task, modality: str) -> bool:
     return modality.upper() in names or (modality.upper() == "MR" and any(n not in ("CT", "PET") for n in names))
 
 
-def _write_nifti(path: Path, labels: np.ndarray, affine: np.ndarray) -> None:
-    """Label map (X, Y, Z) as gzipped NIfTI, qform and sform = ``affine`` (RAS), written atomically."""
+def _nifti(labels: np.ndarray, affine: np.ndarray) -> Writer:
+    """Writer of a label map (X, Y, Z) as gzipped NIfTI, qform and sform = ``affine`` (RAS)."""
     image = nib.Nifti1Image(labels, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    write_atomic(path, lambda f: f.write(gzip.compress(image.to_bytes(), compresslevel=1)))
+    return lambda f: f.write(gzip.compress(image.to_bytes(), compresslevel=1))
+
+
+def _json(content: dict[str, Any]) -> Writer:
+    """Writer of a JSON sidecar."""
+    return lambda f: f.write((json.dumps(content, indent=2) + "\n").encode())
+
+
+def _passes(tasks: Sequence[Task]) -> list[list[Task]]:
+    """Tasks grouped into sliding-window passes: one per spacing and normalisation."""
+    passes: dict[tuple, list[Task]] = {}
+    for t in tasks:
+        passes.setdefault((t.spacing, t.normalization), []).append(t)
+    return list(passes.values())
+
+
+def _gib(size: float) -> str:
+    """Bytes as GiB, two significant digits below 0.1 GiB."""
+    return f"{size / GIB:.1f}" if size >= 0.1 * GIB else f"{size / GIB:.2g}"
+
+
+def _warn(message: str) -> None:
+    tqdm.write(f"uniseg predict: warning: {message}", file=sys.stderr)
+
+
+def _writable_folder(out: Path) -> list[Path]:
+    """Create ``out`` if needed and prove it writable (a probe file written and removed) before anything is
+    loaded; returns the folders it created, deepest first. Raises :class:`UsageError` naming the folder."""
+    missing, folder = [], out.absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".uniseg_write_probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        _remove_empty(missing)
+        raise UsageError(
+            f"output folder {out} is not writable ({err.strerror or err}): fix its permissions or choose another one"
+        ) from None
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: a run that wrote nothing leaves no folder."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _complete(out: Path, case: str, tasks: Sequence[Task], merged: bool) -> bool:
+    """Whether a case's outputs all exist (a case's files are written together, :func:`write_group`): its task's
+    map and sidecar; for ``all``, the merged map and sidecar, and both or neither of each task's (a task whose
+    channel count does not fit the case has none)."""
+
+    def pair(stem: str) -> list[bool]:
+        return [(out / f"{case}_{stem}{e}").is_file() for e in (".nii.gz", ".json")]
+
+    if not merged:
+        return all(pair(tasks[0].name))
+    return all(pair("all_merged")) and all(len(set(pair(t.name))) == 1 for t in tasks)
 
 
 def merge(maps: dict[str, np.ndarray], tasks: Sequence[Task]) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
@@ -114,6 +184,43 @@ def predict_config(
     return open_inference(bundle, checkpoint, {"task": "" if task == "all" else task, **settings, **ids})
 
 
+def check_values(image: torch.Tensor, files: list[str], nan_policy: str = "refuse") -> dict[str, Any]:
+    """NaN / Inf voxels of an image (C, X, Y, Z) read from ``files`` (one per channel, or one): refused with their
+    counts per file (:class:`InputError`), or with ``nan_policy`` ``min`` filled in place with the channel's lowest
+    finite value (a warning; returns the sidecar field ``nan_policy``). Warns about a constant channel (e.g. all
+    zeros), which is still segmented."""
+
+    def file(c: int) -> str:
+        return files[c] if len(files) == image.shape[0] else " + ".join(files)
+
+    bad: dict[str, list[int]] = {}
+    filled: dict[str, dict[str, Any]] = {}
+    for c in range(image.shape[0]):
+        counts = [int(torch.isnan(image[c]).sum()), int(torch.isinf(image[c]).sum())]
+        if not any(counts):
+            continue
+        bad[file(c)] = [a + b for a, b in zip(bad.get(file(c), [0, 0]), counts)]
+        finite = image[c][torch.isfinite(image[c])]
+        if nan_policy == "min" and finite.numel():
+            low = float(finite.min())
+            image[c] = torch.nan_to_num(image[c], nan=low, posinf=low, neginf=low)
+            filled[file(c)] = {"nan": counts[0], "inf": counts[1], "filled_with": low}
+    if bad:
+        text = "; ".join(f"{f}: " + " and ".join(f"{n:,} {k}" for n, k in zip(v, ("NaN", "Inf")) if n) + " voxels"
+                         for f, v in bad.items())  # fmt: skip
+        if nan_policy != "min":
+            hint = "--nan_policy min fills them with the image's lowest value"
+            raise InputError(f"{text}; fix the export or replace them ({hint})")
+        if len(filled) < len(bad):
+            raise InputError(f"{text}: no finite voxel to fill them with; fix the export")
+        _warn(f"{text} filled with the lowest finite value (--nan_policy min)")
+    for c in range(image.shape[0]):
+        low, high = torch.aminmax(image[c])
+        if low == high:
+            _warn(f"{file(c)}: every voxel is {float(low):g} (a constant image): its map will mean nothing; check it")
+    return {"nan_policy": filled} if filled else {}
+
+
 class Predictor:
     """A bundle's inference config and model, loaded once, that segments cases (:meth:`segment`) and writes them
     (:meth:`write`).
@@ -125,8 +232,16 @@ class Predictor:
     """
 
     def __init__(
-        self, bundle: str, checkpoint: str | None, task: str, settings: dict[str, Any], progress: bool
+        self,
+        bundle: str,
+        checkpoint: str | None,
+        task: str,
+        settings: dict[str, Any],
+        progress: bool,
+        max_memory: float | None = None,
+        nan_policy: str = "refuse",
     ) -> None:
+        self.max_memory, self.nan_policy = max_memory, nan_policy  # bytes (None: the available memory per case)
         parser, self.model = predict_config(bundle, checkpoint, task, settings, progress)
         self.all = task == "all"
         self.registry = parser.get_parsed_content("registry")
@@ -145,6 +260,11 @@ class Predictor:
         if not isinstance(per_batch, int) or per_batch < 1:
             raise UsageError(f"--sw_batch_size must be a positive integer, got {per_batch!r}")
         self.inferer = parser.get_parsed_content("all_inferer" if self.all else "inferer")
+        self.window, self.windows_on_cpu = window, None  # windows on the CPU: their share of host memory
+        network_def = getattr(self.network, "network_def", dict)()
+        if self.device.type == "cpu" and {"features", "strides"} <= set(network_def):
+            self.windows_on_cpu = {"features": network_def["features"], "strides": network_def["strides"]}
+            self.windows_on_cpu["batch"] = per_batch
         self.sidecar = {"checkpoint": str(self.model.path.resolve()),
                         "bundle": str(Path(parser["bundle_root"]).resolve()), "device": str(self.device)}  # fmt: skip
         if self.model.provenance:
@@ -165,11 +285,9 @@ class Predictor:
     ) -> tuple[dict[str, np.ndarray], dict[str, dict], np.ndarray]:
         """Image (C, X, Y, Z) on its own grid -> {task: labels (X, Y, Z) on that grid}, {task: sidecar fields},
         affine; one sliding-window pass per group of tasks with the same spacing and normalisation."""
-        passes: dict[tuple, list[Task]] = {}
-        for t in tasks:
-            passes.setdefault((t.spacing, t.normalization), []).append(t)
+        passes = _passes(tasks)
         maps, meta = {}, {}
-        for group in passes.values():
+        for group in passes:
             tic = time.perf_counter()
             item = self.preprocess({"image": image.clone() if len(passes) > 1 else image, "task": group[0].name})
             x = item["image"][None]  # (1, C, X', Y', Z') at the task spacing, on the CPU
@@ -190,28 +308,62 @@ class Predictor:
                                 "timings_s": dict(times)}  # fmt: skip
         return maps, meta, pred.affine.numpy()
 
+    def check(self, image: torch.Tensor, source: str | list[str], tasks: list[Task]) -> dict[str, Any]:
+        """Refuse a loaded image (C, X, Y, Z) that cannot be segmented for ``tasks``, before any voxel is resampled
+        (:class:`InputError` naming the file): an affine or voxel size :func:`geometry_problem` refuses, NaN / Inf
+        voxels (:func:`check_values`), a case needing more host memory than the limit
+        (:func:`~uniseg_monai.memory.case_memory`). Returns sidecar fields."""
+        files = [source] if isinstance(source, str) else list(source)
+        name = " + ".join(files)
+        affine = np.asarray(getattr(image, "affine", torch.eye(4)), dtype=float)
+        for t in tasks:
+            problem = geometry_problem(affine, t)
+            if problem:
+                raise InputError(f"{name}: {problem}; fix the header (pixdim / affine) or resample the image")
+        fields = check_values(image, files, self.nan_policy)
+        limit = self.max_memory
+        if limit is None:  # the machine's available memory; the loaded image, counted in the estimate, is in use
+            free = available_memory()
+            limit = None if free is None else free + image.element_size() * image.numel()
+        passes = _passes(tasks)
+        need = case_memory(image.shape[1:], image.shape[0], affine, passes, self.window, self.windows_on_cpu)
+        if limit is not None and need > limit:
+            shape = "x".join(str(n) for n in image.shape[1:])
+            resampled = max(resampled_voxels(image.shape[1:], affine, g[0]) for g in passes)
+            given = "--max_memory" if self.max_memory is not None else "available memory"
+            raise InputError(
+                f"{name}: needs ~{_gib(need)} GiB, limit {_gib(limit)} GiB ({given}): {shape} voxels x "
+                f"{image.shape[0]} channel(s), {resampled:,} at the task spacing, {len(tasks)} task(s); pass "
+                f"--max_memory {math.ceil(need / GIB * 10) / 10:g} (GiB) to allow it, or use a coarser/cropped image"
+            )
+        return fields
+
     def write(self, out: Path, name: str, source: str | list[str], tasks: list[Task], run: dict[str, Any]) -> None:
-        """Load one case, segment it under ``tasks`` (those whose channel count fits) and write its maps and
-        sidecars (plus the merged map for ``all``); ``run``: more sidecar fields."""
+        """Load one case, check it (:meth:`check`), segment it under ``tasks`` (those whose channel count fits) and
+        write its maps and sidecars (plus the merged map for ``all``) together (:func:`write_group`: all or none of
+        them appear); ``run``: more sidecar fields."""
         tic = time.perf_counter()
         image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
         fits = [t for t in tasks if t.in_channels == image.shape[0]]
         if not fits:
             wanted = ", ".join(f"{t.name} takes {'+'.join(t.modalities)}" for t in tasks)
             raise InputError(f"the image has {image.shape[0]} channel(s), but {wanted}")
+        checked = self.check(image, source, fits)
         loaded = time.perf_counter() - tic
         maps, meta, affine = self.segment(image, fits)
-        inputs = {"case": name, "input": [source] if isinstance(source, str) else source}
+        inputs = {"case": name, "input": [source] if isinstance(source, str) else source, **checked}
+        files: dict[Path, Writer] = {}
         for t in fits:
-            _write_nifti(out / f"{name}_{t.name}.nii.gz", maps[t.name], affine)
+            files[out / f"{name}_{t.name}.nii.gz"] = _nifti(maps[t.name], affine)
             meta[t.name]["timings_s"]["load"] = loaded
             sidecar = {**inputs, "task": t.name, **meta[t.name], **self.sidecar, **run}
-            write_text_atomic(out / f"{name}_{t.name}.json", json.dumps(sidecar, indent=2) + "\n")
+            files[out / f"{name}_{t.name}.json"] = _json(sidecar)
         if self.all:
             merged, table = merge(maps, fits)
-            _write_nifti(out / f"{name}_all_merged.nii.gz", merged, affine)
+            files[out / f"{name}_all_merged.nii.gz"] = _nifti(merged, affine)
             sidecar = {**inputs, "task": "all", "rule": MERGE_RULE, "labels": table, **self.sidecar, **run}
-            write_text_atomic(out / f"{name}_all_merged.json", json.dumps(sidecar, indent=2) + "\n")
+            files[out / f"{name}_all_merged.json"] = _json(sidecar)
+        write_group(files)
 
 
 def predict(
@@ -225,6 +377,9 @@ def predict(
     device: str | None = None,
     overlap: float = 0.5,
     modality: str | None = None,
+    skip_existing: bool = False,
+    max_memory: float | None = None,
+    nan_policy: str = "refuse",
     **overrides: Any,
 ) -> int:
     """Segment images with a trained model; returns 0, or 1 if any case failed (its file and reason on stderr,
@@ -236,7 +391,9 @@ def predict(
             task's modality order: ``ct.nii.gz+pet.nii.gz``. A case is named after its (first) file or folder.
         output: folder for ``<case>_<task>.nii.gz`` (uint8 labels = the task's classes, input shape and affine,
             NIfTI whatever the input format) and ``<case>_<task>.json`` (labels, task, checkpoint, bundle, inputs,
-            timings in s). Refused if it holds an input; files appear complete (temp file, then rename).
+            timings in s). Created if needed and checked writable before the model is loaded; refused if it holds
+            an input. A case's files appear together or not at all (temporary files, renamed once all are
+            written), with the mode a plain ``open()`` gives under the umask.
         task: a task of the model (its ``tasks.json``), or ``all``: every task whose channel count fits the case,
             in one sliding-window pass per spacing/normalisation (encoder once, decoder per task), plus
             ``<case>_all_merged.nii.gz`` / ``.json``: tasks in id order, merged label = running index over their
@@ -247,17 +404,32 @@ def predict(
             and task table, so it works from anywhere), an official UniSeg ``.model`` (converted on the fly), or an
             older state dict with ``tasks.json`` beside it; never unpickled code.
         tta: average the 8 mirrorings of every window (8x time).
-        overwrite: replace outputs of an earlier run; without it, existing ``<case>_<task>`` files stop the command
-            before any inference.
+        overwrite: replace outputs of an earlier run; without it (and without ``--skip_existing``), existing
+            ``<case>_<task>`` files stop the command before any inference.
         device: ``cpu`` or ``cuda`` (default: cuda if available).
         overlap: sliding-window overlap in [0, 1).
         modality: keep only tasks with a CT, PET (CT+PET tasks), MR (any MR sequence) or e.g. T2 channel.
+        skip_existing: skip (with a note) the cases whose outputs all exist, run the others; not with
+            ``--overwrite``.
+        max_memory: host memory (GiB) a case may need; default the memory available when the case starts
+            (``MemAvailable``, else the physical memory). A case estimated to need more is refused before it is
+            resampled, with the estimate (see Memory).
+        nan_policy: ``refuse`` (default): an image with NaN / Inf voxels fails with their counts; ``min``: they are
+            filled with the image channel's lowest finite value (a warning, counts in the sidecar's ``nan_policy``).
         overrides: other ids of ``inference.json``, e.g. ``--base_features 4 --patch_size [64,64,32]``.
 
+    Refused per case (file and reason on stderr, the other cases still run): NaN / Inf voxels (see
+    ``nan_policy``); a non-finite or singular affine (e.g. a zero pixdim) or a voxel size outside the task's range
+    (its spacing / 10 to x 10); a case that needs more memory than ``max_memory``. A constant image (e.g. all
+    zeros) is segmented with a warning.
+
     Memory: only windows (sw_batch_size x C x patch) go to the device, so its memory does not grow with the
-    volume; the volume is padded and the logits stitched on the CPU: float32 x (classes of the pass, summed over
-    its tasks with ``all``, + 1 weight map) x preprocessed voxels, then float32 x classes x original voxels per
-    task for the inverse resampling of the softmax. A single ``--task`` needs less than ``all``.
+    volume; the volume is resampled, padded and the logits stitched on the CPU. Host memory per case, estimated
+    before it is resampled (:func:`uniseg_monai.memory.case_memory`): the loaded image, the resampling to the task
+    spacing (float64 grids, about 56 bytes per resampled voxel), the stitched logits + weight map (float32 x
+    classes of the pass + 1, summed over its tasks with ``all``), softmax and the inverse resampling of the
+    probabilities to the input grid (about 56 bytes per input voxel, more past 4 classes), plus the network's
+    windows when it runs on the CPU. A single ``--task`` needs less than ``all``.
     """
     out = Path(output)
     if out.exists() and not out.is_dir():
@@ -270,6 +442,18 @@ def predict(
         raise UsageError(f"--overlap must lie in [0, 1), got {overlap}")
     if device and not (device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())):
         raise UsageError(f"--device {device}: use cpu" + (" or cuda[:N]" if torch.cuda.is_available() else " (no GPU)"))
+    if overwrite and skip_existing:
+        raise UsageError("--overwrite and --skip_existing exclude each other: replace earlier outputs, or keep them")
+    if nan_policy not in NAN_POLICIES:
+        raise UsageError(f"--nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+    limit = None
+    if max_memory is not None:
+        try:
+            limit = float(max_memory) * GIB
+        except (TypeError, ValueError):
+            limit = math.nan
+        if not limit > 0 or math.isinf(limit):
+            raise UsageError(f"--max_memory must be a positive number of GiB, got {max_memory!r}")
     cases = find_cases(input, exclude=out)
     for _, files in cases.values():
         for f in files:
@@ -278,24 +462,55 @@ def predict(
     settings = {"tta": bool(tta), "overlap": float(overlap), **overrides}
     if device:
         settings["device"] = f"$torch.device({str(device)!r})"
-    predictor = Predictor(bundle, checkpoint, task, settings, progress=len(cases) == 1)
+    created = _writable_folder(out)
+    try:
+        return _predict_cases(out, cases, task, bundle, checkpoint, settings, modality, overwrite, skip_existing,
+                              limit, nan_policy)  # fmt: skip
+    finally:
+        _remove_empty(created)
+
+
+def _predict_cases(
+    out: Path,
+    cases: dict[str, Case],
+    task: str,
+    bundle: str,
+    checkpoint: str | None,
+    settings: dict[str, Any],
+    modality: str | None,
+    overwrite: bool,
+    skip_existing: bool,
+    limit: float | None,
+    nan_policy: str,
+) -> int:
+    """:func:`predict` once its options are checked and the output folder is known to be writable."""
+    predictor = Predictor(bundle, checkpoint, task, settings, len(cases) == 1, limit, nan_policy)
     tasks = predictor.tasks(task, modality)
     names = [t.name for t in tasks] + (["all_merged"] if task == "all" else [])
-    earlier = [p for c in cases for n in names for p in (out / f"{c}_{n}.nii.gz", out / f"{c}_{n}.json") if p.exists()]
+    skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all")]
+    earlier = [p for c in cases if c not in skipped for n in names
+               for p in (out / f"{c}_{n}.nii.gz", out / f"{c}_{n}.json") if p.exists()]  # fmt: skip
     if earlier and not overwrite:
+        also = "" if skip_existing else ", --skip_existing to keep the cases whose outputs all exist"
         raise FileExistsError(
             f"{earlier[0]} exists ({len(earlier)} output file(s) of an earlier run in {out}); pass --overwrite to "
-            "replace them, or choose another output folder"
+            f"replace them{also}, or choose another output folder"
         )
     failed: dict[str, str] = {}
+    run = {"tta": bool(settings["tta"]), "overlap": float(settings["overlap"])}
     for name, (source, _) in tqdm(cases.items(), desc="uniseg predict", unit="case"):
+        if name in skipped:
+            tqdm.write(f"uniseg predict: {name}: skipped, its outputs exist (--skip_existing)", file=sys.stderr)
+            continue
         try:
-            predictor.write(out, name, source, tasks, {"tta": bool(tta), "overlap": float(overlap)})
+            predictor.write(out, name, source, tasks, run)
         except Exception as err:  # one bad case must not stop the others
             while err.__cause__ is not None:
                 err = err.__cause__
             failed[name] = f"{type(err).__name__}: {str(err).strip()}"
             tqdm.write(f"uniseg predict: {name} ({source}) failed: {failed[name]}", file=sys.stderr)
-    print(f"uniseg predict: {len(cases) - len(failed)} case(s) written to {out}, {len(failed)} failed"
-          + (f": {', '.join(failed)}" if failed else ""))  # fmt: skip
+    written = len(cases) - len(failed) - len(skipped)
+    print(f"uniseg predict: {written} case(s) written to {out}"
+          + (f", {len(skipped)} skipped (outputs exist)" if skipped else "")
+          + f", {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))  # fmt: skip
     return int(bool(failed))

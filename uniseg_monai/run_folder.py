@@ -58,3 +58,19 @@ def check_run_dir(ckpt_dir: str | Path, resume: bool, in_place: bool = False) ->
                 "it, or choose another --ckpt_dir (nothing was overwritten)"
             )
     return True
+
+
+REPORT_FILES = ("per_case.csv", "summary.json", "report.html", "predictions")  # what an evaluation run writes
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> bool:
+    """Refuse to replace an earlier evaluation's report in ``output_dir`` unless ``overwrite`` (bundle id
+    ``overwrite``). True, for ``initialize``."""
+    folder = Path(output_dir)
+    earlier = [name for name in REPORT_FILES if (folder / name).exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{folder} already holds {', '.join(earlier)} of an earlier evaluation; pass --overwrite true to replace "
+            "them, or choose another --output_dir (nothing was overwritten)"
+        )
+    return True

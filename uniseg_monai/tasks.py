@@ -235,7 +235,10 @@ class TaskRegistry(Mapping[str, Task]):
         try:
             return self._tasks[name]
         except KeyError:
-            raise TaskError(f"unknown task {name!r}; known tasks: {sorted(self._tasks)}") from None
+            raise TaskError(
+                f"unknown task {name!r}; known tasks: {sorted(self._tasks)} (use one of them, or define it in the "
+                'datalist\'s "tasks")'
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._tasks

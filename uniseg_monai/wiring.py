@@ -12,10 +12,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from uniseg_monai.data.datalist import SECTIONS, load_items, read_datalist, task_items
+from uniseg_monai.data.check import check_run_items
+from uniseg_monai.data.datalist import SECTIONS, DatalistError, load_items, read_datalist, task_items
 from uniseg_monai.errors import flag
 from uniseg_monai.model_files import MODEL_FILE, model_tasks
-from uniseg_monai.run_folder import check_run_dir
+from uniseg_monai.run_folder import check_output_dir, check_run_dir
 from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry, resolve_task, save_model_tasks
 
 
@@ -71,7 +72,13 @@ def bundle_items(
         return []
     if task:
         return task_items(datalist, section, registry, task)
-    return load_items(datalist, section, registry)
+    items = load_items(datalist, section, registry)
+    if section == "training" and not items:
+        raise DatalistError(
+            f"{datalist}: no training cases (the 'training' section is missing or empty): add cases, or point "
+            "--dataset_dir to the folder of the datalist you meant"
+        )
+    return items
 
 
 def item_task_ids(items: Sequence[Mapping[str, Any]], registry: TaskRegistry, default: str = "") -> list[int]:
@@ -84,12 +91,36 @@ def task_id(registry: TaskRegistry, task: str = "") -> int | None:
     return registry[task].id if task else None
 
 
-def start_run(ckpt_dir: str | Path, resume: bool, registry: TaskRegistry, request_task: str = "") -> bool:
+def start_run(
+    ckpt_dir: str | Path,
+    resume: bool,
+    registry: TaskRegistry,
+    request_task: str = "",
+    items: Sequence[Sequence[Mapping[str, Any]]] = (),
+    default: str = "",
+) -> bool:
     """Before a training run: refuse to overwrite an earlier run (:func:`uniseg_monai.run_folder.check_run_dir`; a
-    MONAI Label request trains in place) and record its tasks in ``<ckpt_dir>/tasks.json``. True, for
-    ``initialize``."""
+    MONAI Label request trains in place), check the headers of the files of ``items`` (lists of items, e.g.
+    training and validation; :func:`uniseg_monai.data.check.check_run_items`, ``default``: the task of items that
+    name none), then record the run's tasks in ``<ckpt_dir>/tasks.json``. True, for ``initialize``."""
     check_run_dir(ckpt_dir, flag(resume, "resume"), in_place=bool(request_task))
+    check_run_items(items, registry, default)
     save_model_tasks(registry, ckpt_dir)
+    return True
+
+
+def start_evaluation(
+    output_dir: str | Path,
+    overwrite: bool,
+    items: Sequence[Mapping[str, Any]],
+    registry: TaskRegistry,
+    default: str = "",
+) -> bool:
+    """Before an evaluation run: refuse to replace an earlier report in ``output_dir`` unless ``overwrite``
+    (:func:`uniseg_monai.run_folder.check_output_dir`) and check the headers of the files of ``items``. True, for
+    ``initialize``."""
+    check_output_dir(output_dir, flag(overwrite, "overwrite"))
+    check_run_items([items], registry, default)
     return True
 
 

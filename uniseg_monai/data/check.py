@@ -1,17 +1,31 @@
-"""``uniseg check-data``: validate a datalist and its files before training (nnU-Net integrity-check style)."""
+"""Data checks before training (nnU-Net integrity-check style).
+
+``uniseg check-data`` (:func:`check_datalist`) reads every voxel; a bundle run checks the items it uses from the
+file headers only (:func:`check_run_items`, milliseconds per case) before any data is cached, so a bad file fails in
+seconds, not hours into a run. Both apply the same per-item rules (:func:`item_problems`).
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
+from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import LoadImage
 from tqdm import tqdm
 
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, read_datalist
-from uniseg_monai.tasks import Task, TaskError, TaskRegistry
+from uniseg_monai.data.geometry import geometry_problem
+from uniseg_monai.errors import InputError
+from uniseg_monai.tasks import Task, TaskError, TaskRegistry, resolve_task
+
+LABELLED = ("training", "validation")  # sections whose items need a label (training, Dice during training)
 
 
 @dataclass(frozen=True)
@@ -24,54 +38,129 @@ class Problem:
         return f"{self.where}: {self.what}\n    fix: {self.fix}"
 
 
-_load = LoadImage(image_only=True, ensure_channel_first=True)
+@dataclass(frozen=True)
+class Volume:
+    """What a check knows of one file: channels, spatial shape (X, Y, Z; other lengths are not 3D volumes),
+    affine (RAS, mm) and, when read fully, the voxels (C, X, Y, Z)."""
+
+    path: str
+    channels: int
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    data: torch.Tensor | None = None
 
 
-def _read(path: str, problems: list[Problem]) -> torch.Tensor | None:
+_NIFTI = (".nii", ".nii.gz")
+
+
+@functools.cache
+def _loader() -> LoadImage:
+    return LoadImage(image_only=True, ensure_channel_first=True)  # built on first use: MONAI's readers log at creation
+
+
+def read_volume(path: str) -> Volume:
+    """Every voxel of ``path`` (as the bundles load it)."""
+    img = _loader()(path)
+    return Volume(path, int(img.shape[0]), tuple(img.shape[1:]), np.asarray(img.affine), img)
+
+
+def read_header(path: str) -> Volume:
+    """Channels, shape and affine of ``path`` from its header (NIfTI via nibabel, other formats via ITK); no voxels."""
+    if path.endswith(_NIFTI):
+        img = correct_nifti_header_if_necessary(nib.load(path))  # as MONAI's NibabelReader does
+        shape = tuple(int(s) for s in img.shape)
+        channels = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+        return Volume(path, channels, shape[:3] if len(shape) > 3 else shape, np.asarray(img.affine))
+    import itk
+
+    io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise OSError(f"no reader for {path}")
+    io.SetFileName(path)
+    io.ReadImageInformation()
+    n = io.GetNumberOfDimensions()
+    shape = tuple(int(io.GetDimensions(i)) for i in range(n))
+    direction = np.array([io.GetDirection(i) for i in range(n)], dtype=float).T[:3, :3] if n >= 3 else np.eye(3)
+    spacing = np.array([io.GetSpacing(i) for i in range(min(n, 3))], dtype=float)
+    affine = np.eye(4)
+    if n >= 3:  # ITK is LPS: flip x and y to RAS
+        affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ direction * spacing
+        affine[:3, 3] = np.diag([-1.0, -1.0, 1.0]) @ np.array([io.GetOrigin(i) for i in range(3)])
+    return Volume(path, int(io.GetNumberOfComponents()), shape, affine)
+
+
+def _read(path: str, read: Callable[[str], Volume], problems: list[Problem]) -> Volume | None:
     if not Path(path).exists():
         problems.append(Problem(path, "file not found", "correct the path (relative paths start at the datalist)"))
         return None
     try:
-        return _load(path)
+        return read(path)
     except Exception as err:  # any reader failure means the file cannot be used
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         problems.append(Problem(path, f"unreadable or corrupt ({first[:200]})", "re-export or replace the file"))
         return None
 
 
-def _check_image(path: str, img: torch.Tensor, problems: list[Problem]) -> bool:
-    if img.ndim != 4:
-        problems.append(Problem(path, f"not a 3D volume (shape {tuple(img.shape)})", "provide 3D images"))
+def _check_image(img: Volume, task: Task, problems: list[Problem]) -> bool:
+    if len(img.shape) != 3:
+        problems.append(Problem(img.path, f"not a 3D volume (shape {img.shape})", "provide 3D images"))
         return False
-    arr = img.float()
-    if not torch.isfinite(arr).all():
-        problems.append(Problem(path, "contains NaN or Inf intensities", "fix the export or replace the voxels"))
-    elif arr.numel() == 0 or arr.max() == arr.min():
-        problems.append(Problem(path, "empty or constant image", "check the export; a constant image is unusable"))
+    geometry = geometry_problem(img.affine, task)
+    if geometry:
+        problems.append(
+            Problem(img.path, geometry, "correct the header's voxel size / orientation (mm), or resample the file")
+        )
+        return False
+    if img.data is not None:
+        arr = img.data.float()
+        if not torch.isfinite(arr).all():
+            problems.append(
+                Problem(img.path, "contains NaN or Inf intensities", "re-export the image, or replace those voxels")
+            )
+        elif arr.numel() == 0 or arr.max() == arr.min():
+            problems.append(
+                Problem(img.path, "empty or constant image", "check the export; a constant image is unusable")
+            )
     return True
 
 
-def _same_grid(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return tuple(a.shape[1:]) == tuple(b.shape[1:]) and np.allclose(
-        np.asarray(a.affine), np.asarray(b.affine), atol=1e-3
-    )
+def _same_grid(a: Volume, b: Volume) -> bool:
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3)
 
 
-def _check_item(item: dict, task: Task, root: Path, problems: list[Problem]) -> None:
-    paths = item["image"] if isinstance(item["image"], list) else [item["image"]]
-    paths = [str((root / p).resolve()) for p in paths]
-    images = []
-    for path in paths:
-        img = _read(path, problems)
-        if img is not None and _check_image(path, img, problems):
-            images.append((path, img))
-    if len(images) != len(paths):
-        return
-    ref_path, ref = images[0]
-    for path, img in images[1:]:
+def _paths(value: Any) -> list[str] | None:
+    """The file(s) of an item's ``image`` (a path or a list, one per channel) or ``label``; None if malformed."""
+    paths = value if isinstance(value, list) else [value]
+    return [str(p) for p in paths] if paths and all(isinstance(p, str) and p for p in paths) else None
+
+
+def item_problems(
+    item: Mapping[str, Any], task: Task, where: str, labelled: bool, read: Callable[[str], Volume] = read_volume
+) -> list[Problem]:
+    """Every problem of one item (absolute paths) of ``task``; ``where`` names the entry, ``labelled``: it needs a
+    label; ``read``: :func:`read_volume` (voxel checks too) or :func:`read_header` (header checks only)."""
+    problems: list[Problem] = []
+    paths = _paths(item.get("image"))
+    if paths is None:
+        fix = "give 'image' as a file path, or a list of paths in the task's modality order"
+        return [Problem(where, f"'image' must be a file path or a list of paths, got {item.get('image')!r}", fix)]
+    label_path = _paths(item["label"]) if "label" in item else None
+    if "label" in item and (label_path is None or len(label_path) != 1):
+        return [Problem(where, f"'label' must be one file path, got {item['label']!r}", "give one label file")]
+    if label_path is None and labelled:
+        fix = "add the case's 'label' file, or move the case to 'testing'"
+        problems.append(Problem(where, f"no 'label' (image {paths[0]}); training and validation cases need one", fix))
+    if label_path and label_path[0] in paths:
+        fix = "point 'label' to the segmentation, not the image"
+        return [*problems, Problem(where, f"the same file {label_path[0]} is the image and the label", fix)]
+    images = [img for img in (_read(p, read, problems) for p in paths) if img is not None]
+    if len(images) != len(paths) or not all(_check_image(img, task, problems) for img in images):
+        return problems
+    ref = images[0]
+    for img in images[1:]:
         if not _same_grid(img, ref):
-            problems.append(Problem(path, f"channel file does not match {ref_path} in shape or affine", "resample"))
-    channels = sum(img.shape[0] for _, img in images)
+            problems.append(Problem(img.path, f"channel file does not match {ref.path} in shape or affine", "resample"))
+    channels = sum(img.channels for img in images)
     if channels != task.in_channels:
         problems.append(
             Problem(
@@ -80,26 +169,31 @@ def _check_item(item: dict, task: Task, root: Path, problems: list[Problem]) -> 
                 "list one file per modality in the task's order, or use the right task",
             )
         )
-    if "label" not in item:
-        return
-    label_path = str((root / item["label"]).resolve())
-    label = _read(label_path, problems)
-    if label is None:
-        return
-    if label.ndim != 4 or label.shape[0] != 1:
-        problems.append(Problem(label_path, f"label must be one 3D volume, got shape {tuple(label.shape)}", "fix"))
+    if label_path:
+        label = _read(label_path[0], read, problems)
+        if label is not None:
+            _check_label(label, ref, task, problems)
+    return problems
+
+
+def _check_label(label: Volume, ref: Volume, task: Task, problems: list[Problem]) -> None:
+    if len(label.shape) != 3 or label.channels != 1:
+        fix = "save the label as one 3D volume (X, Y, Z) of integer classes"
+        problems.append(Problem(label.path, f"label must be one 3D volume, got {label.channels} x {label.shape}", fix))
         return
     if not _same_grid(label, ref):
         problems.append(
             Problem(
-                label_path,
-                f"shape {tuple(label.shape[1:])} / affine differ from image {ref_path} {tuple(ref.shape[1:])}",
+                label.path,
+                f"shape {label.shape} / affine differ from image {ref.path} {ref.shape}",
                 "resample the label onto the image grid (nearest neighbour)",
             )
         )
-    values = torch.unique(label.float())
+    if label.data is None:
+        return
+    values = torch.unique(label.data.float())
     if not torch.equal(values, values.round()) or values.min() < 0:
-        problems.append(Problem(label_path, "label has non-integer or negative values", "save integer labels"))
+        problems.append(Problem(label.path, "label has non-integer or negative values", "save integer labels"))
         return
     raw = [int(v) for v in values]
     mapped = sorted({task.label_map.get(v, 0) for v in raw}) if task.label_map else raw
@@ -107,11 +201,20 @@ def _check_item(item: dict, task: Task, root: Path, problems: list[Problem]) -> 
     if outside:
         problems.append(
             Problem(
-                label_path,
+                label.path,
                 f"label values {outside} outside task {task.name!r}'s {task.num_classes} classes {list(task.labels)}",
                 "add a 'label_map' to the task or fix the label file",
             )
         )
+
+
+def _absolute(value: Any, root: Path) -> Any:
+    """An item's path(s) made absolute against the datalist folder; malformed values are returned as they are."""
+    if isinstance(value, str) and value:
+        return str((root / value).resolve())
+    if isinstance(value, list):
+        return [_absolute(v, root) for v in value]
+    return value
 
 
 def check_datalist(path: str | Path, progress: bool = True) -> list[Problem]:
@@ -121,9 +224,14 @@ def check_datalist(path: str | Path, progress: bool = True) -> list[Problem]:
         datalist = read_datalist(path)
         registry = TaskRegistry().extended(datalist.get("tasks", {}))
     except (DatalistError, TaskError) as err:
-        return [Problem(str(path), str(err), "fix the datalist")]
+        message = str(err).removeprefix(f"{path}: ")
+        fix = "edit the datalist as the message says (format: README, 'Datalist format')"
+        return [Problem(str(path), message, fix)]
     root = path.resolve().parent
     problems: list[Problem] = []
+    if not datalist.get("training"):
+        fix = 'add a "training" list of {"image", "label", "task"} cases (README: "Datalist format")'
+        problems.append(Problem(str(path), "no training cases: the 'training' section is missing or empty", fix))
     used = [(s, i, item) for s in SECTIONS for i, item in enumerate(datalist.get(s, []))]
     known = [item["task"] for _, _, item in used if item["task"] in registry]
     try:
@@ -137,12 +245,27 @@ def check_datalist(path: str | Path, progress: bool = True) -> list[Problem]:
             fix = 'add the task to the datalist\'s "tasks" or correct the name'
             problems.append(Problem(where, f"unknown task {item['task']!r}", fix))
             continue
-        images = item["image"] if isinstance(item["image"], list) else [item["image"]]
-        key = tuple(sorted(str((root / p).resolve()) for p in images))
-        first = seen.setdefault(key, section)
-        if (first == "training") != (section == "training"):
-            problems.append(
-                Problem(where, f"the same image is in {first} and {section}", "keep each case in one split only")
-            )
-        _check_item(item, registry[item["task"]], root, problems)
+        item = {**item, **{k: _absolute(item[k], root) for k in ("image", "label") if k in item}}
+        images = _paths(item["image"])
+        if images:
+            first = seen.setdefault(tuple(sorted(images)), f"{section}[{i}]")
+            if first != f"{section}[{i}]" and (first.startswith("training")) != (section == "training"):
+                fix = "keep each case in one split only"
+                problems.append(Problem(images[0], f"is in both {first} and {section}[{i}] of {path}", fix))
+        problems += item_problems(item, registry[item["task"]], where, labelled=section in LABELLED)
     return problems
+
+
+def check_run_items(groups: Sequence[Sequence[Mapping[str, Any]]], registry: TaskRegistry, default: str = "") -> None:
+    """Header-level :func:`item_problems` of the items a bundle run reads (lists of items with absolute paths and
+    labels, e.g. training and validation; ``default``: the task of items that name none); an
+    :class:`~uniseg_monai.errors.InputError` naming the first problem and how many there are."""
+    items = [item for group in groups for item in group]
+    problems: list[Problem] = []
+    for i, item in enumerate(tqdm(items, desc="checking files", unit="case", disable=len(items) < 500)):
+        where = f"case {i} ({item.get('image')})"
+        problems += item_problems(item, resolve_task(item, registry, default), where, True, read_header)
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s); `uniseg check-data DATALIST` lists them all)"
+        raise InputError(f"{first.where}: {first.what}; fix: {first.fix}" + (more if len(problems) > 1 else ""))

@@ -22,7 +22,9 @@ def read_datalist(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DatalistError(f"{path}: datalist not found") from None
+        raise DatalistError(
+            f"{path}: datalist not found; check the path (bundles: --dataset_dir is the folder holding datalist.json)"
+        ) from None
     except json.JSONDecodeError as err:
         raise DatalistError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not any(s in data for s in (*SECTIONS, "tasks")):
@@ -31,7 +33,19 @@ def read_datalist(path: str | Path) -> dict[str, Any]:
         for i, item in enumerate(data.get(section, [])):
             if not isinstance(item, dict) or "image" not in item or "task" not in item:
                 raise DatalistError(f"{path}: {section}[{i}] needs 'image' and 'task' (got {item!r})")
+            image, label = item["image"], item.get("label", "")
+            if not (_is_path(image) or (isinstance(image, list) and image and all(map(_is_path, image)))):
+                raise DatalistError(
+                    f"{path}: {section}[{i}]: 'image' must be a file path or a list of paths (one per channel), got "
+                    f"{image!r}"
+                )
+            if "label" in item and not _is_path(label):
+                raise DatalistError(f"{path}: {section}[{i}]: 'label' must be one file path, got {label!r}")
     return data
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
 
 
 def _absolute(value: str | list[str], root: Path) -> str | list[str]:

@@ -21,6 +21,9 @@ class TaskUniformSampler(Sampler[int]):
         seed, rank: the stream is seeded by (seed, epoch, rank), so ranks of a distributed run differ and
             every rank is still task-uniform. Every pass over the sampler advances the epoch by one (engines need
             no hook); :meth:`set_epoch` sets the epoch of the next pass.
+
+    A resumed run continues the stream: :meth:`state_dict` (the epoch of the next pass; not the seed or rank, which
+    come from the config) is saved in training checkpoints and :meth:`load_state_dict` restores it.
     """
 
     def __init__(
@@ -46,6 +49,12 @@ class TaskUniformSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.set_epoch(int(state["epoch"]))
 
     def __len__(self) -> int:
         return self.batches * self.batch_size

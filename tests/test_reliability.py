@@ -1,0 +1,255 @@
+"""What the project refuses and how it says so (issue 15): check-data's bad datalists and geometries, the header
+checks a bundle run makes before caching anything, the non-finite guard of training, and one-line errors for the
+most common bundle mistakes (each ≤ 5 lines on stderr, naming the file or id and the fix)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import monai.bundle
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from uniseg_monai.data.check import check_datalist, check_run_items
+from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
+from uniseg_monai.errors import InputError, NonFiniteError
+from uniseg_monai.guards import NonFiniteGuard
+from uniseg_monai.model_files import _AtomicDiskSaver
+from uniseg_monai.wiring import registry_for_datalist
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
+
+
+def absolute(phantoms: Path, item: dict) -> dict:
+    return {k: str(phantoms.parent / v) if k in ("image", "label") else v for k, v in item.items()}
+
+
+@pytest.fixture(scope="module")
+def cases(phantoms) -> dict:
+    """The phantom datalist's tasks, one ph_organs training case and one validation case (absolute paths)."""
+    datalist = json.loads(phantoms.read_text())
+    organs = [absolute(phantoms, i) for i in datalist["training"] if i["task"] == "ph_organs"]
+    tasks = {"ph_organs": datalist["tasks"]["ph_organs"]}
+    return {"tasks": tasks, "train": organs[0], "other": organs[1], "val": organs[2]}
+
+
+def write(path: Path, content: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content))
+    return path
+
+
+def nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), path)
+    return str(path)
+
+
+def problems(datalist: Path) -> list[str]:
+    return [str(p) for p in check_datalist(datalist, progress=False)]
+
+
+def test_check_data_refuses_what_training_would_fail_on(cases, tmp_path):
+    ct = nib.load(cases["train"]["image"])
+    coarse = ct.affine.copy()
+    coarse[:3, :3] *= 100 / np.linalg.norm(coarse[:3, 0])
+    data = ct.get_fdata()
+    four_d = nifti(tmp_path / "label4d.nii.gz", np.zeros((*ct.shape, 2)), ct.affine)
+    cm = nifti(tmp_path / "cm.nii.gz", data, coarse)
+    good, label = cases["train"]["image"], cases["train"]["label"]
+    expected = {
+        "no_training": ({"validation": [cases["val"]]}, "no training cases: the 'training' section is missing"),
+        "no_label": ({"training": [{"image": good, "task": "ph_organs"}]}, "no 'label'"),
+        "same_file": (
+            {"training": [{"image": good, "label": good, "task": "ph_organs"}]},
+            "is the image and the label",
+        ),
+        "number": ({"training": [{"image": 3, "label": label, "task": "ph_organs"}]}, "'image' must be a file path"),
+        "label_4d": ({"training": [{"image": good, "label": four_d, "task": "ph_organs"}]}, "label must be one 3D"),
+        "100mm": ({"training": [{"image": cm, "label": label, "task": "ph_organs"}]}, "is outside 0.3-40 mm"),
+    }
+    for name, (content, marker) in expected.items():
+        found = problems(write(tmp_path / f"{name}.json", {"tasks": cases["tasks"], **content}))
+        assert any(marker in p for p in found), (name, found)
+        assert all("fix:" in p and "fix: fix" not in p for p in found), found
+    leak = {"tasks": cases["tasks"], "training": [cases["train"]], "validation": [cases["other"], cases["train"]]}
+    found = problems(write(tmp_path / "leak.json", leak))
+    assert any(p.startswith(f"{good}: is in both training[0] and validation[1]") for p in found), found
+
+
+def test_geometry_refuses_singular_affines_and_absurd_spacings(phantoms):
+    task = registry_for_datalist(phantoms)["ph_organs"]  # target spacing 3 x 3 x 4 mm
+    assert geometry_problem(np.diag([1.0, 1.0, 1.0, 1.0]), task) is None
+    assert "singular affine" in geometry_problem(np.diag([1.0, 1.0, 0.0, 1.0]), task)  # a zero pixdim
+    assert "singular affine" in geometry_problem(
+        np.array([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1.0]]), task
+    )
+    assert "not a finite" in geometry_problem(np.diag([np.nan, 1.0, 1.0, 1.0]), task)
+    assert "outside 0.3-40 mm, the range for task 'ph_organs'" in geometry_problem(np.diag([100.0, 1, 1, 1]), task)
+    assert "outside 0.3-40 mm" in geometry_problem(np.diag([0.01, 1, 1, 1]), task)
+    assert resampled_voxels((100, 100, 10), np.diag([3.0, 3.0, 8.0, 1.0]), task) == 100 * 100 * 20
+
+
+def test_a_run_checks_the_headers_of_its_files_first(cases, phantoms, tmp_path):
+    registry = registry_for_datalist(phantoms)
+    check_run_items([[cases["train"]], [cases["val"]]], registry)  # good items pass
+    small = nifti(tmp_path / "small.nii.gz", np.zeros((10, 10, 10)), nib.load(cases["train"]["image"]).affine)
+    bad = [
+        ({**cases["train"], "image": str(tmp_path / "gone.nii.gz")}, "gone.nii.gz: file not found"),
+        ({**cases["train"], "label": small}, "resample the label onto the image grid"),
+        ({k: v for k, v in cases["train"].items() if k != "label"}, "no 'label'"),
+    ]
+    for item, marker in bad:
+        with pytest.raises(InputError, match=marker):
+            check_run_items([[cases["val"]], [item, item]], registry)
+    with pytest.raises(InputError, match=r"\(and 1 more problem\(s\); `uniseg check-data DATALIST`"):
+        check_run_items([[bad[0][0], bad[0][0]]], registry)
+
+
+def engine(loss: float, amp: bool = False, iteration: int = 1, grad: float = 1.0) -> SimpleNamespace:
+    """The parts of a SupervisedTrainer the guard reads, after a backward pass with gradient ``grad``."""
+    network = torch.nn.Linear(2, 1)
+    for p in network.parameters():
+        p.grad = torch.full_like(p, grad)
+    image = torch.zeros(2, 1, 4, 4, 4)
+    batch = {"image": image, "task": ["ph_organs", "ph_organs"]}
+    state = SimpleNamespace(epoch=1, iteration=iteration, batch=batch, output={"loss": torch.tensor(loss)})
+    return SimpleNamespace(state=state, network=network, amp=amp, scaler=object() if amp else None)
+
+
+def test_non_finite_guard_stops_before_the_weights_change():
+    guard = NonFiniteGuard()
+    ok = engine(0.5)
+    guard.check_inputs(ok), guard.check_loss(ok), guard.check_gradients(ok)
+    nan_input = engine(0.5)
+    nan_input.state.batch["image"][0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"1 NaN / Inf voxels in the input batch at epoch 1, iteration 1 "):
+        guard.check_inputs(nan_input)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at epoch 1.*task\(s\) ph_organs"):
+        guard.check_loss(engine(float("nan")))
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient.*the weights were not updated"):
+        guard.check_gradients(engine(0.5, grad=float("inf")))
+
+
+def test_under_amp_only_consecutive_skipped_steps_stop_the_run():
+    guard = NonFiniteGuard(max_skipped_steps=3)
+    for i, loss in enumerate([float("inf"), float("inf"), 0.5, float("inf"), float("nan")], start=1):
+        step = engine(loss, amp=True, iteration=i)
+        guard.check_loss(step)  # the scaler skips these steps: no error yet
+        guard.count_skipped(step)
+    assert guard.skipped == 2  # the finite step reset the count
+    last = engine(float("inf"), amp=True, iteration=6)
+    guard.check_loss(last)
+    with pytest.raises(NonFiniteError, match="3 consecutive steps with non-finite loss or gradients under AMP"):
+        guard.count_skipped(last)
+
+
+TINY_IDS = {"patch_size": [64, 64, 32], "base_features": 4, "iterations_per_epoch": 1, "epochs": 1, "num_workers": 0,
+            "cache_rate": 0}  # fmt: skip
+
+
+def stderr_of_failed_run(configs: str, capsys, **ids) -> str:
+    """Run the bundle in this process as `python -m monai.bundle run` does; the stderr it ends with (the hook the
+    bundle's ``initialize`` installed formats the uncaught error)."""
+    capsys.readouterr()
+    files = [str(BUNDLE / "configs" / f"{f}.json") for f in configs.split("+")]
+    with pytest.raises(Exception) as failed:
+        monai.bundle.run(config_file=files, bundle_root=str(BUNDLE), **{**TINY_IDS, **ids})
+    sys.excepthook(failed.type, failed.value, failed.tb)
+    return capsys.readouterr().err
+
+
+@pytest.fixture()
+def one_line_hook(monkeypatch):
+    """The bundle's hook, undone after the test."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(logging, "_logRecordFactory", logging.getLogRecordFactory())
+    monkeypatch.delenv("UNISEG_DEBUG", raising=False)
+
+
+def test_common_bundle_mistakes_end_in_one_line_naming_the_fix(cases, tmp_path, capsys, one_line_hook):
+    """The most common mistakes of a bundle run: each ends in one line naming the file or id and the fix, before
+    anything is written into the run folder."""
+    data = tmp_path / "data"
+    good = {"tasks": cases["tasks"], "training": [cases["train"]], "validation": [cases["val"]]}
+    write(data / "datalist.json", good)
+    bad = {
+        "missing_file": {**good, "training": [{**cases["train"], "image": str(tmp_path / "gone.nii.gz")}]},
+        "label_grid": {**good, "training": [{**cases["train"], "label": cases["other"]["label"]}]},
+    }
+    for name, content in bad.items():
+        write(tmp_path / name / "datalist.json", content)
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "datalist.json").write_text('{"training": [')
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "checkpoint_epoch=3.pt").write_bytes(b"an earlier run")
+    mistakes = {
+        "datalist not JSON": ({"dataset_dir": tmp_path / "json"}, ["json/datalist.json: not valid JSON"]),
+        "earlier run": ({"ckpt_dir": earlier}, ["checkpoint_epoch=3.pt from an earlier run", "--resume true"]),
+        "nothing to resume": ({"resume": "true"}, ["no checkpoint_epoch=N.pt to resume", "drop --resume"]),
+        "bad boolean": ({"resume": "maybe"}, ["--resume takes true or false"]),
+        "patch size": ({"patch_size": [30, 30, 16]}, ["patch_size (30, 30, 16)", "set --patch_size"]),
+        "unknown task": ({"task": "spleen"}, ["unknown task 'spleen'", "define it in the datalist"]),
+        "missing file": (
+            {"dataset_dir": tmp_path / "missing_file"},
+            ["gone.nii.gz: file not found", "correct the path"],
+        ),
+        "label grid": ({"dataset_dir": tmp_path / "label_grid"}, ["differ from image", "resample the label"]),
+    }
+    for i, (name, (ids, markers)) in enumerate(mistakes.items()):
+        ids = {"dataset_dir": data, "ckpt_dir": tmp_path / f"run{i}", **ids}
+        err = stderr_of_failed_run("train", capsys, **{k: str(v) if isinstance(v, Path) else v for k, v in ids.items()})
+        assert len(err.strip().splitlines()) <= 2 and err.startswith("uniseg: error: "), (name, err)
+        assert all(marker in err for marker in markers), (name, err)
+        if name in ("nothing to resume", "bad boolean", "missing file", "label grid"):  # stopped before start_run wrote
+            assert not Path(ids["ckpt_dir"]).exists() or not any(Path(ids["ckpt_dir"]).iterdir()), name
+    assert sorted(p.name for p in earlier.iterdir()) == ["checkpoint_epoch=3.pt"]  # untouched
+    err = stderr_of_failed_run("train+evaluate", capsys, dataset_dir=str(data), ckpt_dir=str(tmp_path / "empty"))
+    assert "empty: no model with a task table" in err and "uniseg weights" in err
+
+
+def bundle_command(dataset_dir: Path, ckpt_dir: Path) -> list[str]:
+    ids = [str(v) for k, value in TINY_IDS.items() for v in (f"--{k}", json.dumps(value))]
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "train.json"),
+            "--bundle_root", str(BUNDLE), "--dataset_dir", str(dataset_dir), "--ckpt_dir", str(ckpt_dir),
+            "--output_dir", str(ckpt_dir / "eval"), *ids]  # fmt: skip
+
+
+def test_a_real_bundle_run_stops_at_nan_images_in_a_few_lines(cases, tmp_path):
+    """End to end, as a user runs it: NaN voxels stop training at the first batch (≤ 5 lines on stderr, no model
+    written); a missing datalist is one line, and UNISEG_DEBUG=1 brings the traceback back."""
+    ct = nib.load(cases["train"]["image"])
+    voxels = ct.get_fdata()
+    voxels[::7] = np.nan
+    nan_file = nifti(tmp_path / "nan_ct.nii.gz", voxels, ct.affine)
+    write(
+        tmp_path / "nan" / "datalist.json",
+        {"tasks": cases["tasks"], "training": [{**cases["train"], "image": nan_file}]},
+    )
+    env = {k: v for k, v in os.environ.items() if k != "UNISEG_DEBUG"}
+    run = subprocess.run(bundle_command(tmp_path / "nan", tmp_path / "run"), capture_output=True, text=True, env=env)
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) <= 5, run.stderr
+    assert "NaN / Inf voxels in the input batch at epoch 1, iteration 1" in run.stderr and nan_file in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout and not list((tmp_path / "run").glob("*.pt"))
+    debug = subprocess.run(
+        bundle_command(tmp_path / "nowhere", tmp_path / "run2"), capture_output=True, text=True,
+        env={**env, "UNISEG_DEBUG": "1"},
+    )  # fmt: skip
+    assert "Traceback" in debug.stderr and "nowhere/datalist.json: datalist not found" in debug.stderr
+
+
+def test_a_non_finite_model_is_never_written(tmp_path):
+    saver = _AtomicDiskSaver(tmp_path, "model.pt")
+    saver({"model": {"w": torch.ones(2)}}, "ignored.pt")
+    good = (tmp_path / "model.pt").read_bytes()
+    with pytest.raises(NonFiniteError, match=r"refusing to write .*model.pt: 1 of 2 weight tensors hold NaN / Inf"):
+        saver({"model": {"w": torch.ones(2), "b": torch.tensor([float("nan")])}}, "ignored.pt")
+    assert (tmp_path / "model.pt").read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

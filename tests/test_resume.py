@@ -1,0 +1,300 @@
+"""A resumed training run ends with exactly the weights of an uninterrupted one (issue 15): the sampler's epoch, the
+random states (torch, numpy, python, every random transform's) and the best-model tracking travel in the
+checkpoint; a run killed with SIGKILL mid-epoch restarts from the previous epoch's end. Also: the first log line of
+a resumed run, old checkpoints, keep_checkpoints, file modes. The uniseg_pretrain bundle with tiny settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.bundle import ConfigWorkflow
+from monai.transforms import Compose, RandFlipd, RandZoomd
+
+from uniseg_monai.errors import UsageError, user_error
+from uniseg_monai.model_files import ModelCheckpointSaver, prune_checkpoints, trainer_entries
+from uniseg_monai.random_states import RandomStates
+from uniseg_monai.tasks import TaskRegistry
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
+CONFIGS = BUNDLE / "configs"
+TINY = {"patch_size": [64, 64, 32], "base_features": 4, "iterations_per_epoch": 2, "val_interval": 1,
+        "sw_batch_size": 2, "cache_rate": 0.0}  # fmt: skip
+TRAINER_LOGGER = "ignite.engine.engine.SupervisedTrainer"
+
+
+def settings(phantoms: Path, root: Path, **extra) -> dict:
+    """The workflow arguments of a tiny training run in ``root`` (its models/ and eval/ folders)."""
+    return {
+        "config_file": [str(CONFIGS / "train.json")],
+        "meta_file": str(CONFIGS / "metadata.json"),
+        "logging_file": str(CONFIGS / "logging.conf"),
+        "workflow_type": "train",
+        "bundle_root": str(BUNDLE),
+        "dataset_dir": str(phantoms.parent),
+        "ckpt_dir": str(root / "models"),
+        "output_dir": str(root / "eval"),
+        **TINY,
+        **extra,
+    }
+
+
+class Lines(logging.Handler):
+    """The trainer's log messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def build(wf: ConfigWorkflow) -> None:
+    """Build the run's objects in the order its ``run`` expression does (saver, then trainer): the network's
+    initialisation and the DataLoaders' seeding of the transforms draw from one generator, so the order matters."""
+    wf.parser.get_parsed_content("train#checkpoint_saver")
+
+
+def train(phantoms: Path, root: Path, stop_after: int = 0, built=None, **extra) -> tuple[ConfigWorkflow, list[str]]:
+    """Run the training workflow (``stop_after`` N: interrupted at the end of epoch N, once its checkpoint is
+    written; ``built``: called with the workflow once its objects are built, before the run); returns it and the
+    trainer's log messages from its construction on."""
+    wf = ConfigWorkflow(**settings(phantoms, root, **extra))
+    lines = Lines()
+    logger = logging.getLogger(TRAINER_LOGGER)
+    logger.addHandler(lines)
+    try:
+        wf.initialize()
+        build(wf)
+        if built is not None:
+            built(wf)
+        if stop_after:
+            trainer = wf.parser.get_parsed_content("train#trainer")
+            trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda engine: engine.terminate())
+        wf.run()
+        wf.finalize()
+    finally:
+        logger.removeHandler(lines)
+    return wf, lines.messages
+
+
+def checkpoints(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "models").glob("checkpoint_epoch=*.pt"))
+
+
+def max_abs_diff(a: Path, b: Path, entry: str = "model") -> float:
+    """The largest absolute difference between the tensors of ``entry`` in two files (same keys and shapes)."""
+    x, y = (torch.load(p, weights_only=True)[entry] for p in (a, b))
+    x, y = (dict(_tensors(v)) for v in (x, y))
+    assert x.keys() == y.keys() and x
+    return max(float((x[k].double() - y[k].double()).abs().max()) if x[k].numel() else 0.0 for k in x)
+
+
+def _tensors(obj, prefix=""):
+    """(path, tensor) of every tensor in a nested state dict (an optimizer's state included)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def assert_same_run(root: Path, reference: Path, epoch: int = 3) -> None:
+    final = f"checkpoint_epoch={epoch}.pt"
+    for name, entry in ((final, "model"), (final, "optimizer"), ("model.pt", "model")):
+        diff = max_abs_diff(root / "models" / name, reference / "models" / name, entry)
+        assert diff == 0, f"{name} {entry}: max abs difference {diff}"
+    ours, theirs = (torch.load(r / "models" / final, weights_only=True) for r in (root, reference))
+    assert ours["best_model"] == theirs["best_model"] and ours["sampler"] == theirs["sampler"] == {"epoch": epoch}
+
+
+@pytest.fixture(scope="module")
+def reference(phantoms, tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run (in-process, num_workers 0)."""
+    root = tmp_path_factory.mktemp("reference")
+    train(phantoms, root, epochs=3, num_workers=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_epoch(phantoms, tmp_path_factory) -> Path:
+    """The same run interrupted after its first epoch, to be resumed by copies (num_workers 0). Not a 1-epoch run:
+    the learning rate schedule depends on ``epochs``."""
+    root = tmp_path_factory.mktemp("first_epoch")
+    train(phantoms, root, stop_after=1, epochs=3, num_workers=0)
+    assert checkpoints(root) == ["checkpoint_epoch=1.pt"]
+    return root
+
+
+@pytest.fixture(scope="module")
+def resumed(phantoms, first_epoch, tmp_path_factory) -> tuple[Path, list[str], dict]:
+    """The first epoch resumed to 3 epochs under umask 022; returns the run folder, the trainer's log and the
+    best-model tracking (model.pt's saver) as it was when the run started."""
+    root = tmp_path_factory.mktemp("resumed") / "run"
+    shutil.copytree(first_epoch, root)
+    best = {}
+
+    def record_best(wf: ConfigWorkflow) -> None:
+        best.update(wf.parser.get_parsed_content("validate#model_saver").state_dict())
+
+    umask = os.umask(0o022)
+    try:
+        _, lines = train(phantoms, root, epochs=3, num_workers=0, resume=True, built=record_best)
+    finally:
+        os.umask(umask)
+    return root, lines, best
+
+
+def test_resume_at_an_epoch_end_gives_the_uninterrupted_weights(resumed, reference, first_epoch):
+    assert_same_run(resumed[0], reference)
+    # the best score so far decides whether a validation replaces model.pt: restored, not restarted
+    saved = torch.load(first_epoch / "models" / "checkpoint_epoch=1.pt", weights_only=True)["best_model"]
+    assert resumed[2] == saved and saved["best_metric_epoch"] == 1 and len(saved["saved"]) == 1
+
+
+def test_a_resumed_run_keeps_the_last_checkpoints_only(resumed, reference):
+    # the resumed run also deletes checkpoint_epoch=1.pt, which the first run wrote
+    assert checkpoints(resumed[0]) == checkpoints(reference) == ["checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt"]
+    assert sorted(p.name for p in (resumed[0] / "models").iterdir()) == [
+        "checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt", "model.pt", "tasks.json"]  # fmt: skip
+
+
+def test_the_log_of_a_resumed_run_names_where_it_continues(resumed):
+    lines = resumed[1]
+    restored = "model, optimizer, lr_scheduler, sampler, random_states, best_model, trainer, grad_scaler, gradient"
+    assert lines[0].startswith(f"Restored {restored}_buffers from ")
+    assert lines[0].endswith("checkpoint_epoch=1.pt: iteration 2, epoch 1")
+    engine_run = next(m for m in lines if m.startswith("Engine run"))
+    assert engine_run == "Engine run resuming from iteration 2, epoch 1 until 3 epochs"  # was "iteration 0, epoch 0"
+
+
+def test_checkpoints_follow_the_umask(resumed):
+    for name in ("checkpoint_epoch=3.pt", "model.pt"):
+        assert stat.S_IMODE((resumed[0] / "models" / name).stat().st_mode) == 0o644, name
+
+
+def test_an_old_checkpoint_still_resumes_inexactly_with_a_warning(phantoms, first_epoch, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(first_epoch, root)
+    path = root / "models" / "checkpoint_epoch=1.pt"
+    old = torch.load(path, weights_only=True)
+    for key in ("sampler", "random_states", "best_model", "grad_scaler", "gradient_buffers"):
+        del old[key]
+    torch.save(old, path)
+    wf, lines = train(phantoms, root, epochs=2, num_workers=0, resume=True)
+    warning = next(m for m in lines if "not be exactly" in m)
+    assert "sampler, random_states, best_model, grad_scaler, gradient_buffers were saved" in warning
+    assert wf.parser.get_parsed_content("train#sampler").epoch == 2  # continued at epoch 1, did not replay epoch 0
+    assert checkpoints(root) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
+
+
+def test_resuming_a_finished_run_is_refused(phantoms, first_epoch, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(first_epoch, root)
+    with pytest.raises(Exception) as refused:
+        train(phantoms, root, epochs=1, num_workers=0, resume=True)
+    assert "already trained 1 epochs and --epochs is 1" in str(user_error(refused.value))
+    assert checkpoints(root) == ["checkpoint_epoch=1.pt"]
+
+
+KILLED_RUN = """
+import json, os, signal, sys
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+torch.set_num_threads(1)  # as the tests' process: the same arithmetic
+args = json.loads(sys.argv[1])
+wf = ConfigWorkflow(**args["workflow"])
+wf.initialize()
+wf.parser.get_parsed_content("train#checkpoint_saver")  # the order of the run expression, as train() in the tests
+trainer = wf.parser.get_parsed_content("train#trainer")
+trainer.add_event_handler(
+    Events.ITERATION_COMPLETED(once=args["kill_at"]), lambda engine: os.kill(os.getpid(), signal.SIGKILL)
+)
+wf.run()
+"""
+
+
+def test_kill_9_mid_epoch_with_workers_then_resume_gives_the_uninterrupted_weights(phantoms, tmp_path):
+    """num_workers 2: the workers' transforms are seeded from the torch generator when each epoch starts."""
+    reference = tmp_path / "reference"
+    train(phantoms, reference, epochs=3, num_workers=2)
+
+    root = tmp_path / "killed"
+    args = {"workflow": settings(phantoms, root, epochs=3, num_workers=2), "kill_at": 3}  # 1st iteration of epoch 2
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:  # a file, not a pipe: orphaned workers would hold a pipe open
+        command = [sys.executable, "-c", KILLED_RUN, json.dumps(args)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=300)
+    assert done.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert checkpoints(root) == ["checkpoint_epoch=1.pt"]  # killed inside epoch 2, before its checkpoint
+
+    _, lines = train(phantoms, root, epochs=3, num_workers=2, resume=True)
+    assert next(m for m in lines if m.startswith("Engine run")).startswith("Engine run resuming from iteration 2, ")
+    assert_same_run(root, reference)
+
+
+def test_random_states_round_trip_through_a_weights_only_file(tmp_path):
+    transform = Compose([RandFlipd("image", prob=0.5), RandZoomd("image", prob=0.5, min_zoom=0.7, max_zoom=1.4)])
+    transform.set_random_state(seed=3)
+    states = RandomStates(transform)
+    assert [type(t).__name__ for t in states.transforms()] == ["Compose", "RandFlipd", "RandZoomd", "RandZoom"]
+    torch.save(states.state_dict(), tmp_path / "states.pt")
+
+    def draws() -> list:
+        global_numpy = np.random.rand(3).tolist()  # noqa: NPY002 - the global generator is what is saved
+        return [torch.rand(3).tolist(), global_numpy, random.random(), [t.R.rand() for t in states.transforms()]]
+
+    expected = draws()
+    states.load_state_dict(torch.load(tmp_path / "states.pt", weights_only=True))
+    assert draws() == expected
+
+
+def test_grad_scaler_state_is_restored_when_the_run_starts():
+    saved = Engine(lambda engine, batch: None)
+    saved.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    state = trainer_entries(saved, torch.nn.Linear(1, 1))["grad_scaler"].state_dict()
+    resumed = Engine(lambda engine, batch: None)
+    trainer_entries(resumed, torch.nn.Linear(1, 1))["grad_scaler"].load_state_dict(state)
+    resumed.scaler = torch.amp.GradScaler("cpu")  # SupervisedTrainer.run makes a new one before the run starts
+    resumed.run([0])
+    assert resumed.scaler.get_scale() == 8.0
+
+
+def test_gradient_buffers_are_recreated_as_zeros():
+    network = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    network[0].weight.grad = torch.ones(2, 2)
+    names = trainer_entries(Engine(lambda e, b: None), network)["gradient_buffers"].state_dict()
+    assert names == ["0.weight"]
+    fresh = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    trainer_entries(Engine(lambda e, b: None), fresh)["gradient_buffers"].load_state_dict(names)
+    assert torch.equal(fresh[0].weight.grad, torch.zeros(2, 2)) and fresh[0].bias.grad is None
+
+
+def test_prune_keeps_the_newest_checkpoints_and_nothing_else(tmp_path):
+    names = [f"checkpoint_epoch={n}.pt" for n in (1, 2, 10, 9)] + ["model.pt", "pretrained.pt", "checkpoint_epoch=x.pt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    deleted = prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in deleted) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    with pytest.raises(UsageError, match="keep_checkpoints"):
+        ModelCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, TaskRegistry(), keep_checkpoints=0)
