@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lint test demo bench bundles
+.PHONY: setup lint test demo ablate bench bundles
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: setup
 	test -f demo_output/data/datalist.json || $(BIN)/uniseg generate-phantoms --out demo_output/data
 	$(BIN)/uniseg check-data demo_output/data/datalist.json
 	$(BIN)/uniseg demo --out demo_output --bundle bundles/uniseg_pretrain
+
+ablate: setup
+	$(BIN)/uniseg ablate --out ablation_output
 
 bundles: setup
 	$(BIN)/uniseg pack-bundles --out dist

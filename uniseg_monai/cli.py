@@ -142,6 +142,29 @@ def _demo(
     run_demo(out, bundle, finetune_bundle)
 
 
+def _ablate(
+    out: str = "ablation_output",
+    variants: str | list[str] = "",
+    epochs: int = 30,
+    iterations: int = 40,
+    bundle: str = "bundles/uniseg_pretrain",
+) -> None:
+    """Train the paper's ablations and universal baselines side by side on the phantoms (same budget and seed: the
+    demo network and optimiser) and write OUT/ablation.md: per-task Dice, mean, label-2 Dice of the two tasks that
+    share CT volumes, the prompt effect (voxels that change when the task id is switched) and the time of each run.
+
+    Args:
+        out: output folder (phantoms, one run folder per variant, ablation.md / .json); finished runs are reused.
+        variants: comma-separated names (default: uniseg, fixed_prompt, multiple_prompts, uniseg_t, dodnet,
+            task_blind); any overlay in BUNDLE/configs/variants, e.g. fuse_2 or prompt_4n.
+        epochs, iterations: the budget, epochs x iterations per epoch (batch 2).
+    """
+    from uniseg_monai.ablation import VARIANTS, ablate
+
+    names = [v for v in (variants.split(",") if isinstance(variants, str) else variants) if v] or list(VARIANTS)
+    ablate(out, names, int(epochs), int(iterations), bundle)
+
+
 def _export(
     bundle: str = DEFAULT_BUNDLE,
     onnx: str = "",
@@ -205,6 +228,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
         "generate-phantoms": _generate_phantoms,
         "check-data": _check_data,
         "demo": _demo,
+        "ablate": _ablate,
         "report": _report,
         "export": _export,
         "predict": _predict,

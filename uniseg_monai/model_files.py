@@ -35,7 +35,8 @@ from monai.handlers import CheckpointSaver
 
 from uniseg_monai.atomic import write_atomic
 from uniseg_monai.errors import NonFiniteError, UniSegError, UsageError
-from uniseg_monai.networks import UniSeg, UniSegBackbone
+from uniseg_monai.networks import CLIPDoDNet, DoDNet, TaskBlindUniSeg, UniSeg, UniSegBackbone
+from uniseg_monai.networks.uniseg import PROMPTS
 from uniseg_monai.official import OfficialCheckpointError, convert_state_dict, infer_network_def, strip_prefix
 from uniseg_monai.run_folder import CHECKPOINT_PATTERN
 from uniseg_monai.tasks import MODEL_TASKS_FILE, PAPER_UPSTREAM_TASKS, Task, TaskError, TaskRegistry, load_model_tasks
@@ -54,7 +55,10 @@ NUMPY_SAFE_GLOBALS: list = [
     type(np.dtype(np.float32)),
 ]
 MODEL_FILE = "model.pt"
-NETWORK_CLASSES = {f"uniseg_monai.networks.{c.__name__}": c for c in (UniSeg, UniSegBackbone)}
+NETWORK_CLASSES = {
+    f"uniseg_monai.networks.{c.__name__}": c for c in (UniSeg, UniSegBackbone, DoDNet, CLIPDoDNet, TaskBlindUniSeg)
+}
+WORDS = {"prompt": PROMPTS, "prompt_at": ("start", "end")}  # the only string arguments a network_def may hold
 OFFICIAL_LICENCE = (
     "UniSeg weights by Ye et al. (https://github.com/yeerwen/UniSeg), released for non-commercial use only; that "
     "licence applies to these weights and to files converted from them, whatever the licence of this code (Apache-2.0)"
@@ -169,13 +173,15 @@ def checked_network_def(network_def: Any, label: str) -> dict[str, Any]:
     """A model file's ``network_def`` if it names one of :data:`NETWORK_CLASSES` with plain numbers (or lists of
     them) as arguments; anything else (e.g. MONAI config code such as ``$`` expressions) is refused unevaluated."""
 
-    def plain(value: Any) -> bool:
+    def plain(key: str, value: Any) -> bool:
         if isinstance(value, list):
-            return all(plain(v) for v in value)
+            return all(plain(key, v) for v in value)
+        if isinstance(value, str):
+            return value in WORDS.get(key, ())
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     target = network_def.get("_target_") if isinstance(network_def, dict) else None
-    if target not in NETWORK_CLASSES or not all(plain(v) for k, v in network_def.items() if k != "_target_"):
+    if target not in NETWORK_CLASSES or not all(plain(k, v) for k, v in network_def.items() if k != "_target_"):
         raise ModelFileError(
             f"{label}: its network_def is not a UniSeg network with plain numeric arguments (refused unevaluated): "
             f"{str(network_def)[:200]}"

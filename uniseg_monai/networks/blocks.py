@@ -7,6 +7,7 @@ stats) -> LeakyReLU(0.01). Spatial axes are MONAI's (x, y, z).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from monai.networks.blocks import ADN, Convolution
@@ -73,9 +74,10 @@ class ModalityStems(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """Transposed conv (kernel = stride, no bias) -> concat with the encoder skip -> two conv blocks.
+    """Transposed conv (kernel = stride, no bias) -> concat with the encoder skip (and ``extra`` channels, e.g. a
+    task prompt injected here) -> two conv blocks.
 
-    (B, Cin, s) and skip (B, C, s * stride) -> (B, C, s * stride).
+    (B, Cin, s), skip (B, C, s * stride) and extra (B, E, s * stride) -> (B, C, s * stride).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class DecoderStage(nn.Module):
         out_channels: int,
         kernel_size: Sequence[int] | int,
         upsample_factor: Sequence[int] | int,
+        extra_channels: int = 0,
     ) -> None:
         super().__init__()
         self.upsample = Convolution(
@@ -99,9 +102,11 @@ class DecoderStage(nn.Module):
             bias=False,
         )
         self.blocks = nn.Sequential(
-            conv_block(2 * out_channels, out_channels, kernel_size),
+            conv_block(2 * out_channels + extra_channels, out_channels, kernel_size),
             conv_block(out_channels, out_channels, kernel_size),
         )
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.blocks(torch.cat([self.upsample(x), skip], dim=1))
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
+        if extra is None:
+            return self.blocks(torch.cat([self.upsample(x), skip], dim=1))
+        return self.blocks(torch.cat([self.upsample(x), skip, extra], dim=1))

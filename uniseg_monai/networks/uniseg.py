@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ PAPER_KERNEL_SIZES = ((3, 3, 1),) + ((3, 3, 3),) * 5
 PAPER_STRIDES = ((1, 1, 1), (2, 2, 1)) + ((2, 2, 2),) * 4
 PAPER_PATCH_SIZE = (192, 192, 64)
 PAPER_IN_CHANNELS = (1, 2, 4)
+PROMPTS = ("universal", "fixed", "multiple")  # the paper's UniSeg, and its Table 4 ablations Fixed / Multiple Prompts
+PAPER_VARIANT = {"prompt": "universal", "prompt_channels": 0, "prompt_at": "start"}
 
 
 def nnunet_features(base: int = 32, maximum: int = 320, num_stages: int = 6) -> tuple[int, ...]:
@@ -66,6 +68,7 @@ class UniSegBackbone(nn.Module):
     """
 
     task_prompt_channels = 0  # channels concatenated to the bottleneck before the decoder
+    end_prompt_channels = 0  # channels concatenated to the last decoder stage's input (UniSeg-T)
     # the parts by state-dict key, for weight transfer (uniseg_monai.transfer):
     prompt_widened_key = "decoder.0.upsample.conv.weight"  # (F + task_prompt_channels, F', x, y, z), prompt last
     head_keys: tuple[str, ...] = ("heads.",)  # prefixes of the output heads
@@ -117,6 +120,7 @@ class UniSegBackbone(nn.Module):
                 features[s],
                 kernels[s + 1],  # as nnU-Net: the decoder stage that upsamples stage s+1 uses its kernel
                 steps[s + 1],
+                self.end_prompt_channels if s == 0 else 0,
             )
             for s in reversed(range(len(features) - 1))
         )
@@ -168,12 +172,25 @@ class UniSegBackbone(nn.Module):
             skips.append(x)
         return skips, self.bottleneck(x)
 
-    def decode(self, z: torch.Tensor, skips: list[torch.Tensor], all_heads: bool) -> list[torch.Tensor]:
-        """Decoder input z -> logits, highest resolution first (all heads, or only the full-resolution one)."""
+    def decode(
+        self,
+        z: torch.Tensor,
+        skips: list[torch.Tensor],
+        all_heads: bool,
+        end_prompt: Optional[torch.Tensor] = None,  # noqa: UP045
+    ) -> list[torch.Tensor]:
+        """Decoder input z -> logits, highest resolution first (all heads, or only the full-resolution one).
+        ``end_prompt`` (B, E, *s): resampled (trilinear) to the last stage's resolution and concatenated to its
+        input (UniSeg-T)."""
         logits: list[torch.Tensor] = []
         last = len(self.decoder) - 1
         for i, (dec_stage, head) in enumerate(zip(self.decoder, self.heads)):
-            z = dec_stage(z, skips[last - i])
+            skip = skips[last - i]
+            if i == last and end_prompt is not None:
+                extra = F.interpolate(end_prompt, size=skip.shape[2:], mode="trilinear", align_corners=False)
+                z = dec_stage(z, skip, extra)
+            else:
+                z = dec_stage(z, skip)
             if all_heads or i == last:
                 logits.insert(0, head(z))
         return logits
@@ -196,7 +213,15 @@ class UniSeg(UniSegBackbone):
         num_tasks: N, the number of tasks (universal prompt channels and FUSE outputs).
         num_classes: output channels (max classes over tasks, incl. background).
         patch_size: training window (X, Y, Z); the universal prompt has size patch_size / total stride.
-        fuse_blocks: conv blocks in FUSE (paper: 3; hidden width (F + N) // 4).
+        fuse_blocks: conv blocks in FUSE (paper: 3; hidden width (F + U) // 4), 1-4 in the paper's Table 8.
+        prompt: ``"universal"`` (the paper: a learned universal prompt, FUSE), ``"fixed"`` (Fixed Prompt: the
+            universal prompt is zeros and not learned, a buffer; FUSE kept) or ``"multiple"`` (Multiple Prompts: the
+            N channels of the learned prompt tensor are the task prompts themselves; no FUSE).
+        prompt_channels: U, the universal prompt's channels (0: N, the paper's; Table 8 tries N, 2N, 4N, C = the
+            bottleneck's channels). FUSE maps cat(bottleneck, prompt) with F + U channels to N task prompts.
+        prompt_at: ``"start"`` (the paper: the task prompt is concatenated to the bottleneck, the decoder's input)
+            or ``"end"`` (UniSeg-T: the decoder runs on the bottleneck alone and the task prompt, resampled to full
+            resolution, joins the input of the last decoder stage, so only that stage and its head see the task).
         other arguments: as :class:`UniSegBackbone`.
 
     ``forward(x, task_id)``: x (B, C, X, Y, Z); task_id one id (whole batch), a sequence of B ints or a (B,)
@@ -221,16 +246,32 @@ class UniSeg(UniSegBackbone):
         strides: Sequence[Sequence[int] | int] = PAPER_STRIDES,
         fuse_blocks: int = 3,
         deep_supervision: bool = True,
+        prompt: str = "universal",
+        prompt_channels: int = 0,
+        prompt_at: str = "start",
     ) -> None:
         if num_tasks < 1:
             raise UsageError(f"num_tasks must be >= 1, got {num_tasks}: the datalist names no task")
         if fuse_blocks < 1:
             raise UsageError(f"fuse_blocks must be >= 1, got {fuse_blocks}")
+        if prompt not in PROMPTS or prompt_at not in ("start", "end") or prompt_channels < 0:
+            raise UsageError(
+                f"prompt must be one of {PROMPTS}, prompt_at 'start' or 'end' and prompt_channels >= 0 (0: the "
+                f"number of tasks); got {prompt!r}, {prompt_at!r}, {prompt_channels}"
+            )
+        width = prompt_channels or num_tasks
+        if prompt == "multiple" and width != num_tasks:
+            raise UsageError(f"prompt 'multiple' has one prompt per task: prompt_channels must be 0, got {width}")
+        self.task_prompt_channels = 1 if prompt_at == "start" else 0
+        self.end_prompt_channels = 1 - self.task_prompt_channels
         super().__init__(num_classes, in_channels, features, kernel_sizes, strides, deep_supervision)
         self.num_tasks = num_tasks
+        self.prompt, self.prompt_position = prompt, prompt_at
         patch = _triple(patch_size)
         self.init_args = {"num_tasks": int(num_tasks), **self.init_args, "patch_size": list(patch)}
         self.init_args["fuse_blocks"] = int(fuse_blocks)
+        variant = {"prompt": prompt, "prompt_channels": int(prompt_channels), "prompt_at": prompt_at}
+        self.init_args.update({k: v for k, v in variant.items() if v != PAPER_VARIANT[k]})  # the paper's: no keys
         if any(p % s for p, s in zip(patch, self.total_stride)):
             fit = tuple(-(-p // s) * s for p, s in zip(patch, self.total_stride))
             raise UsageError(
@@ -238,11 +279,15 @@ class UniSeg(UniSegBackbone):
                 f"--patch_size to multiples of it, e.g. {list(fit)}"
             )
         prompt_size = tuple(p // s for p, s in zip(patch, self.total_stride))
-        self.universal_prompt = nn.Parameter(torch.randn(1, num_tasks, *prompt_size))
-        width = (features[-1] + num_tasks) // 4
-        ins = [features[-1] + num_tasks] + [width] * (fuse_blocks - 1)
-        outs = [width] * (fuse_blocks - 1) + [num_tasks]
-        self.fuse = nn.Sequential(*(conv_block(i, o, 3) for i, o in zip(ins, outs)))
+        if prompt == "fixed":
+            self.register_buffer("universal_prompt", torch.zeros(1, width, *prompt_size))
+        else:
+            self.universal_prompt = nn.Parameter(torch.randn(1, width, *prompt_size))
+        hidden = (features[-1] + width) // 4
+        ins = [features[-1] + width] + [hidden] * (fuse_blocks - 1)
+        outs = [hidden] * (fuse_blocks - 1) + [num_tasks]
+        blocks = [conv_block(i, o, 3) for i, o in zip(ins, outs)] if prompt != "multiple" else [nn.Identity()]
+        self.fuse = nn.Sequential(*blocks)
         self.fuse.apply(_he_init)
 
     def task_ids(self, task_id: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -265,9 +310,20 @@ class UniSeg(UniSegBackbone):
         return F.interpolate(self.universal_prompt, size=list(size), mode="trilinear", align_corners=False)
 
     def task_prompts(self, z: torch.Tensor) -> torch.Tensor:
-        """FUSE: bottleneck features (B, F, *s) -> task prompts (B, N, *s); independent of the task."""
+        """FUSE: bottleneck features (B, F, *s) -> task prompts (B, N, *s); independent of the task. Multiple
+        Prompts: the learned per-task prompts themselves."""
         prompt = self.prompt_at(z.shape[2:]).expand(z.shape[0], -1, -1, -1, -1)
+        if self.prompt == "multiple":
+            return prompt
         return self.fuse(torch.cat([z, prompt], dim=1))
+
+    def decode_task(
+        self, z: torch.Tensor, skips: list[torch.Tensor], task_prompt: torch.Tensor, all_heads: bool
+    ) -> list[torch.Tensor]:
+        """The decoder driven by each sample's task prompt (B, 1, *s), entering where ``prompt_at`` says."""
+        if self.prompt_position == "start":
+            return self.decode(torch.cat([z, task_prompt], dim=1), skips, all_heads)
+        return self.decode(z, skips, all_heads, task_prompt)
 
     @staticmethod
     def select_task_prompt(task_prompts: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -282,8 +338,7 @@ class UniSeg(UniSegBackbone):
         ids = self.task_ids(task_id, x.shape[0])
         skips, z = self.encode(x)
         task_prompt = self.select_task_prompt(self.task_prompts(z), ids)
-        all_heads = self.training and self.deep_supervision
-        return self.output(self.decode(torch.cat([z, task_prompt], dim=1), skips, all_heads))
+        return self.output(self.decode_task(z, skips, task_prompt, self.training and self.deep_supervision))
 
     @torch.jit.unused
     def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> torch.Tensor:
@@ -294,10 +349,7 @@ class UniSeg(UniSegBackbone):
         ids = self._checked_task_ids(list(task_ids), len(task_ids))
         skips, z = self.encode(x)
         prompts = self.task_prompts(z).index_select(1, ids)  # (B, T, *s)
-        logits = [
-            self.decode(torch.cat([z, prompts[:, i : i + 1]], dim=1), skips, all_heads=False)[0]
-            for i in range(ids.numel())
-        ]
+        logits = [self.decode_task(z, skips, prompts[:, i : i + 1], all_heads=False)[0] for i in range(ids.numel())]
         return torch.stack(logits, dim=1)
 
 
