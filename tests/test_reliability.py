@@ -20,9 +20,10 @@ import torch
 
 from uniseg_monai.data.check import check_datalist, check_run_items
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
-from uniseg_monai.errors import InputError, NonFiniteError
+from uniseg_monai.errors import InputError, NonFiniteError, UsageError
 from uniseg_monai.guards import NonFiniteGuard
-from uniseg_monai.model_files import _AtomicDiskSaver
+from uniseg_monai.handlers import ResumeCheckpointLoader
+from uniseg_monai.model_files import ModelFileError, _AtomicDiskSaver, load_weights_only
 from uniseg_monai.wiring import registry_for_datalist
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
@@ -253,3 +254,21 @@ def test_a_non_finite_model_is_never_written(tmp_path):
     with pytest.raises(NonFiniteError, match=r"refusing to write .*model.pt: 1 of 2 weight tensors hold NaN / Inf"):
         saver({"model": {"w": torch.ones(2), "b": torch.tensor([float("nan")])}}, "ignored.pt")
     assert (tmp_path / "model.pt").read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_red_team_follow_ups_end_in_one_line(tmp_path):
+    """generate-phantoms never replaces a datalist; a model file of garbage bytes and an unreadable latest
+    checkpoint are one-line errors naming the file and what to do."""
+    (tmp_path / "datalist.json").write_text('{"training": []}')
+    command = [sys.executable, "-m", "uniseg_monai", "generate-phantoms", "--out", str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 2 and "--overwrite true" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "datalist.json").read_text() == '{"training": []}'
+    for garbage in ("hello\n", "abc"):
+        (tmp_path / "model.pt").write_text(garbage)
+        with pytest.raises(ModelFileError, match=r"model\.pt: not a readable PyTorch file"):
+            load_weights_only(tmp_path / "model.pt")
+    (tmp_path / "checkpoint_epoch=2.pt").write_bytes(b"PK\x03\x04 truncated")
+    loader = ResumeCheckpointLoader(tmp_path, True, {"model": torch.nn.Linear(1, 1)})
+    with pytest.raises(UsageError, match=r"checkpoint_epoch=2.pt: cannot be read .*previous checkpoint_epoch=N.pt"):
+        loader(None)

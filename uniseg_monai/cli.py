@@ -101,10 +101,18 @@ def _prepare(
     print(f"{out}: task {task!r}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
 
 
-def _generate_phantoms(out: str, seed: int = 0) -> None:
-    """Write the deterministic synthetic multi-task data set (the demo's default data) and its datalist."""
+def _generate_phantoms(out: str, seed: int = 0, overwrite: bool = False) -> None:
+    """Write the deterministic synthetic multi-task data set (the demo's default data) and its datalist; an existing
+    OUT/datalist.json is never replaced without --overwrite."""
+    from pathlib import Path
+
     from uniseg_monai.data.phantoms import generate_phantoms
 
+    if (Path(out) / "datalist.json").exists() and not overwrite:
+        raise FileExistsError(
+            f"{Path(out) / 'datalist.json'} exists (nothing was changed): choose another --out, or pass --overwrite "
+            "true to replace it and the phantom files"
+        )
     print(generate_phantoms(out, seed=seed))
 
 

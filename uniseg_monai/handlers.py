@@ -67,7 +67,13 @@ class ResumeCheckpointLoader(CheckpointLoader):
             self(engine)
 
     def __call__(self, engine: Engine) -> None:
-        checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
+        try:
+            checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
+        except Exception as err:  # a truncated or foreign file: the earlier checkpoints are still there
+            raise UsageError(
+                f"{self.load_path}: cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                "move it away to resume from the previous checkpoint_epoch=N.pt"
+            ) from None
         if not isinstance(checkpoint, Mapping) or not {"model", "trainer"} <= set(checkpoint):
             raise UsageError(f"{self.load_path}: not a training checkpoint (no model and trainer state to resume)")
         extras = trainer_entries(engine, self.load_dict["model"]) if "model" in self.load_dict else {}
@@ -75,7 +81,16 @@ class ResumeCheckpointLoader(CheckpointLoader):
         present = {k: v for k, v in entries.items() if k in checkpoint}
         missing = [k for k in entries if k not in checkpoint]
         prior_max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=present, checkpoint=checkpoint, strict=self.strict)
+        try:
+            Checkpoint.load_objects(to_load=present, checkpoint=checkpoint, strict=self.strict)
+        except RuntimeError as err:  # a size mismatch: the run is resumed with other network settings
+            saved = checkpoint.get("network_def", {})
+            ours = getattr(self.load_dict.get("model"), "network_def", dict)()
+            differ = sorted(k for k in {*saved, *ours} if saved.get(k) != ours.get(k)) or ["the network's shapes"]
+            raise UsageError(
+                f"{self.load_path}: was trained with other settings ({', '.join(differ)} differ); resume with the ids "
+                "of that run (e.g. --patch_size, --base_features), or start a new run in another --ckpt_dir"
+            ) from err
         engine.state.max_epochs = prior_max_epochs
         if prior_max_epochs is not None and engine.state.epoch >= prior_max_epochs:
             raise UsageError(

@@ -109,7 +109,7 @@ def load_weights_only(path: str | os.PathLike, error: type[Exception] = ModelFil
             f"{label}: refused to load: unpickling it would call {', '.join(refused) or 'objects'} (not plain weights; "
             "weights_only=True refused it). Re-save only its state_dict with torch.save, or get the file again."
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as err:  # garbage bytes: any of them
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise error(f"{label}: not a readable PyTorch file ({reason}); download or save it again") from err
 
