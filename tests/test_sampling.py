@@ -62,5 +62,5 @@ def test_state_dict_continues_the_stream_and_keeps_the_rank():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="non-empty"):
         TaskUniformSampler([], 10)
-    with pytest.raises(ValueError, match="num_samples >= batch_size"):
+    with pytest.raises(ValueError, match="--batch_size must be a positive integer"):
         TaskUniformSampler([0], 1, batch_size=2)

@@ -491,7 +491,7 @@ class ModelCheckpointSaver(CheckpointSaver):
         **kwargs: Any,
     ) -> None:
         if keep_checkpoints is not None:
-            if int(keep_checkpoints) < 1:
+            if not str(keep_checkpoints).isdigit() or int(keep_checkpoints) < 1:
                 raise UsageError(f"--keep_checkpoints must be 1 or more, got {keep_checkpoints}")
             kwargs["n_saved"] = None
         entries = {**save_dict, **description(save_dict["model"], registry)}

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from uniseg_monai.errors import flag
+from uniseg_monai.errors import UsageError, flag
 
 
 class TaskUniformSampler(Sampler[int]):
@@ -37,8 +37,11 @@ class TaskUniformSampler(Sampler[int]):
     ) -> None:
         if not task_ids:
             raise ValueError("TaskUniformSampler needs a non-empty dataset")
-        if batch_size < 1 or num_samples < batch_size:
-            raise ValueError(f"need num_samples >= batch_size >= 1, got {num_samples} and {batch_size}")
+        if not isinstance(batch_size, int) or not isinstance(num_samples, int) or not num_samples >= batch_size >= 1:
+            raise UsageError(
+                f"--batch_size must be a positive integer and --iterations_per_epoch at least 1 (samples per epoch "
+                f"{num_samples!r} >= batch size {batch_size!r})"
+            )
         ids = torch.as_tensor(list(task_ids))
         self.tasks = sorted(set(ids.tolist()))
         self.members = [torch.nonzero(ids == t).flatten() for t in self.tasks]
