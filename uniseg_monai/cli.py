@@ -173,6 +173,45 @@ def _ablate(
     ablate(out, names, int(epochs), int(iterations), bundle)
 
 
+def _add_task(
+    datalist: str = "",
+    task: str = "",
+    bundle: str = DEFAULT_BUNDLE,
+    mode: str = "prompt",
+    out: str = "",
+    checkpoint: str = "",
+    configs: str | list[str] = "",
+    install: bool = False,
+    rehearse: bool = True,
+    **ids: Any,
+) -> None:
+    """Add a task to a trained UniSeg: the model grows one task slot (old tasks keep their outputs bit for bit) and
+    trains on the datalist's cases of TASK; the new model lists N + 1 tasks and works with predict, --task all,
+    MONAI Label and export as it is.
+
+    Args:
+        datalist: datalist whose "tasks" define TASK (modalities, labels, spacing, ...) and that holds its cases.
+        task: the task to add (a name the model does not have).
+        bundle: the bundle (folder or name) whose models/model.pt and configs/train.json are used.
+        mode: prompt (only parts no old task reads: old tasks stay bit-identical), decoder (also the decoder and
+            heads) or full (everything).
+        out: folder of the new model (default BUNDLE/models_TASK); the base model is never written.
+        checkpoint: the base model file instead of BUNDLE/models/model.pt.
+        configs: extra config overlays of the bundle, comma-separated (e.g. demo for the demo network's settings).
+        install: then make the new model the bundle's models/model.pt (the old one kept as model_before_<time>.pt).
+        rehearse: decoder / full mode also train and validate on the datalist's cases of the old tasks (limits how
+            much they change); false: the new task's cases only.
+        ids: other bundle ids, e.g. --epochs 50 --iterations_per_epoch 250 --learning_rate 0.005.
+    """
+    from uniseg_monai.add_task import add_task
+
+    if not datalist:
+        raise UsageError("give the datalist that defines the task and holds its cases: --datalist FILE")
+    names = [c for c in (configs.split(",") if isinstance(configs, str) else configs) if c]
+    result = add_task(datalist, task, bundle, mode, out, checkpoint, names, install, rehearse, **ids)
+    print(_json.dumps(result, indent=2))
+
+
 def _export(
     bundle: str = DEFAULT_BUNDLE,
     onnx: str = "",
@@ -238,6 +277,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
         "demo": _demo,
         "ablate": _ablate,
         "report": _report,
+        "add-task": _add_task,
         "export": _export,
         "predict": _predict,
     }.items()

@@ -17,6 +17,7 @@ Also read, so that files of earlier versions and of the official release keep wo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -270,6 +271,22 @@ def model_tasks(ckpt_dir: str | os.PathLike) -> TaskRegistry:
         f"{ckpt_dir}: no model with a task table ({MODEL_FILE} carrying its tasks, or {MODEL_TASKS_FILE}): "
         "get weights with `uniseg weights --bundle BUNDLE` or train the bundle"
     )
+
+
+def saved_setting(ckpt_dir: str | os.PathLike, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of the network that ``<ckpt_dir>/model.pt`` describes, else ``default``: the bundle ids of
+    what only the model file knows (``added_tasks`` and ``class_groups`` of a model that ``uniseg add-task`` grew),
+    so that every config of the bundle builds the network the file holds."""
+    path = Path(ckpt_dir) / MODEL_FILE
+    if not path.is_file():
+        return default
+    return (_saved_network_def(str(path), path.stat().st_mtime_ns) or {}).get(name, default)
+
+
+@functools.lru_cache(maxsize=4)
+def _saved_network_def(path: str, mtime_ns: int) -> dict[str, Any] | None:
+    """The ``network_def`` of a model file, read once per version of the file."""
+    return read_model(path).network_def
 
 
 def save_atomic(obj: Any, dst: str | os.PathLike) -> None:

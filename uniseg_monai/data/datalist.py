@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +55,24 @@ def _absolute(value: str | list[str], root: Path) -> str | list[str]:
     return str((root / value).resolve())
 
 
-def load_items(path: str | Path, section: str, registry: TaskRegistry, task: str | None = None) -> list[dict[str, Any]]:
+def load_items(
+    path: str | Path, section: str, registry: TaskRegistry, task: str | None = None, only: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """Items of one section with absolute paths and ``task`` (name); pre-processing adds ``task_id``
     (:class:`~uniseg_monai.transforms.ResolveTaskd`).
 
     ``registry`` must know every task the section uses (see :func:`uniseg_monai.wiring.registry_for_datalist`); an
     unknown task fails here, before any image is read.
     ``task``: segment every item as this task instead of the item's own (a bundle's ``--task``).
+    ``only``: the items of these tasks only (others are not checked).
     """
     if section not in SECTIONS:
         raise DatalistError(f"section must be one of {SECTIONS}, got {section!r}")
     root = Path(path).resolve().parent
     items = []
     for item in read_datalist(path).get(section, []):
+        if only is not None and item["task"] not in only:
+            continue
         out = dict(item)
         for key in ("image", "label"):
             if key in out:

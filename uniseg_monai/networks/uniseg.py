@@ -98,6 +98,7 @@ class UniSegBackbone(nn.Module):
             raise UsageError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
+        self.class_groups: list[int] = []  # UniSeg's added classes (see there); empty: each head is one convolution
         # constructor arguments as JSON values (a model file's ``network_def``); TorchScript skips this attribute
         self.init_args: dict = {
             "num_classes": int(num_classes),
@@ -192,8 +193,17 @@ class UniSegBackbone(nn.Module):
             else:
                 z = dec_stage(z, skip)
             if all_heads or i == last:
-                logits.insert(0, head(z))
+                logits.insert(0, head(z) if len(self.class_groups) < 2 else self.grouped_head(head.conv.weight, z))
         return logits
+
+    def grouped_head(self, weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """A head (1x1x1 conv ``weight`` (K, C, 1, 1, 1), no bias) on z (B, C, *s) -> (B, K, *s), each group of
+        :attr:`class_groups` by its own convolution: the numbers an earlier model with fewer classes computed."""
+        start, out = 0, []
+        for size in self.class_groups:
+            out.append(F.conv3d(z, weight[start : start + size]))
+            start += size
+        return torch.cat(out, dim=1)
 
     def output(self, logits: list[torch.Tensor]) -> Union[torch.Tensor, list[torch.Tensor]]:  # noqa: UP007
         """The forward result: all deep-supervision logits when training with it, else the full-resolution one."""
@@ -222,6 +232,13 @@ class UniSeg(UniSegBackbone):
         prompt_at: ``"start"`` (the paper: the task prompt is concatenated to the bottleneck, the decoder's input)
             or ``"end"`` (UniSeg-T: the decoder runs on the bottleneck alone and the task prompt, resampled to full
             resolution, joins the input of the last decoder stage, so only that stage and its head see the task).
+        added_tasks: A, how many of the ``num_tasks`` were added to a trained model (``uniseg add-task``; 0 for the
+            paper's). The first N - A tasks keep the trained FUSE, which reads the first U - A prompt channels;
+            added task a gets its own prompt channel U - A + a and FUSE filter ``task_extensions[a]`` (a conv block
+            over the input of FUSE's last block and that channel); Multiple Prompts: its own prompt channel.
+        class_groups: the heads' output channels as groups computed by separate convolutions (sizes summing to
+            ``num_classes``, e.g. [4, 2] after a task with 6 classes was added to a 4-class model; [] one group).
+            Together with ``added_tasks`` this keeps every earlier task's numbers bit-identical.
         other arguments: as :class:`UniSegBackbone`.
 
     ``forward(x, task_id)``: x (B, C, X, Y, Z); task_id one id (whole batch), a sequence of B ints or a (B,)
@@ -233,7 +250,7 @@ class UniSeg(UniSegBackbone):
     """
 
     task_prompt_channels = 1
-    prompt_keys = ("universal_prompt", "fuse.")
+    prompt_keys = ("universal_prompt", "fuse.", "task_extensions.")
 
     def __init__(
         self,
@@ -249,6 +266,8 @@ class UniSeg(UniSegBackbone):
         prompt: str = "universal",
         prompt_channels: int = 0,
         prompt_at: str = "start",
+        added_tasks: int = 0,
+        class_groups: Sequence[int] = (),
     ) -> None:
         if num_tasks < 1:
             raise UsageError(f"num_tasks must be >= 1, got {num_tasks}: the datalist names no task")
@@ -259,8 +278,15 @@ class UniSeg(UniSegBackbone):
                 f"prompt must be one of {PROMPTS}, prompt_at 'start' or 'end' and prompt_channels >= 0 (0: the "
                 f"number of tasks); got {prompt!r}, {prompt_at!r}, {prompt_channels}"
             )
-        width = prompt_channels or num_tasks
-        if prompt == "multiple" and width != num_tasks:
+        groups_ok = not class_groups or (sum(class_groups) == num_classes and min(class_groups) >= 1)
+        if not 0 <= added_tasks < num_tasks or not groups_ok:
+            raise UsageError(
+                f"added_tasks must be in [0, num_tasks) and class_groups positive sizes summing to num_classes; got "
+                f"{added_tasks} of {num_tasks} tasks and {list(class_groups)} for {num_classes} classes"
+            )
+        trained_tasks = num_tasks - added_tasks
+        width = prompt_channels or trained_tasks  # the trained FUSE's prompt channels
+        if prompt == "multiple" and width != trained_tasks:
             raise UsageError(f"prompt 'multiple' has one prompt per task: prompt_channels must be 0, got {width}")
         self.task_prompt_channels = 1 if prompt_at == "start" else 0
         self.end_prompt_channels = 1 - self.task_prompt_channels
@@ -272,6 +298,12 @@ class UniSeg(UniSegBackbone):
         self.init_args["fuse_blocks"] = int(fuse_blocks)
         variant = {"prompt": prompt, "prompt_channels": int(prompt_channels), "prompt_at": prompt_at}
         self.init_args.update({k: v for k, v in variant.items() if v != PAPER_VARIANT[k]})  # the paper's: no keys
+        if added_tasks:
+            self.init_args["added_tasks"] = int(added_tasks)
+        if class_groups:
+            self.init_args["class_groups"] = [int(c) for c in class_groups]
+        self.class_groups = [int(c) for c in class_groups]
+        self.fuse_prompt_channels = width
         if any(p % s for p, s in zip(patch, self.total_stride)):
             fit = tuple(-(-p // s) * s for p, s in zip(patch, self.total_stride))
             raise UsageError(
@@ -280,15 +312,18 @@ class UniSeg(UniSegBackbone):
             )
         prompt_size = tuple(p // s for p, s in zip(patch, self.total_stride))
         if prompt == "fixed":
-            self.register_buffer("universal_prompt", torch.zeros(1, width, *prompt_size))
+            self.register_buffer("universal_prompt", torch.zeros(1, width + added_tasks, *prompt_size))
         else:
-            self.universal_prompt = nn.Parameter(torch.randn(1, width, *prompt_size))
+            self.universal_prompt = nn.Parameter(torch.randn(1, width + added_tasks, *prompt_size))
         hidden = (features[-1] + width) // 4
         ins = [features[-1] + width] + [hidden] * (fuse_blocks - 1)
-        outs = [hidden] * (fuse_blocks - 1) + [num_tasks]
+        outs = [hidden] * (fuse_blocks - 1) + [trained_tasks]
         blocks = [conv_block(i, o, 3) for i, o in zip(ins, outs)] if prompt != "multiple" else [nn.Identity()]
         self.fuse = nn.Sequential(*blocks)
+        extensions = [conv_block(ins[-1] + 1, 1, 3) for _ in range(added_tasks)] if prompt != "multiple" else []
+        self.task_extensions = nn.ModuleList(extensions)
         self.fuse.apply(_he_init)
+        self.task_extensions.apply(_he_init)
 
     def task_ids(self, task_id: torch.Tensor, batch_size: int) -> torch.Tensor:
         """``task_id`` (one id for the batch, B ints or a tensor) as a (B,) long tensor on the prompt's device,
@@ -307,7 +342,10 @@ class UniSeg(UniSegBackbone):
         graph serves every window size."""
         if list(size) == list(self.universal_prompt.shape[2:]) and not torch.jit.is_tracing():
             return self.universal_prompt
-        return F.interpolate(self.universal_prompt, size=list(size), mode="trilinear", align_corners=False)
+        if len(self.task_extensions) == 0:
+            return F.interpolate(self.universal_prompt, size=list(size), mode="trilinear", align_corners=False)
+        parts = self.universal_prompt.split([self.fuse_prompt_channels, len(self.task_extensions)], dim=1)
+        return torch.cat([F.interpolate(p, size=list(size), mode="trilinear", align_corners=False) for p in parts], 1)
 
     def task_prompts(self, z: torch.Tensor) -> torch.Tensor:
         """FUSE: bottleneck features (B, F, *s) -> task prompts (B, N, *s); independent of the task. Multiple
@@ -315,7 +353,20 @@ class UniSeg(UniSegBackbone):
         prompt = self.prompt_at(z.shape[2:]).expand(z.shape[0], -1, -1, -1, -1)
         if self.prompt == "multiple":
             return prompt
-        return self.fuse(torch.cat([z, prompt], dim=1))
+        width = self.fuse_prompt_channels
+        x = torch.cat([z, prompt[:, :width]], dim=1)
+        if len(self.task_extensions) == 0:
+            return self.fuse(x)
+        last = len(self.fuse) - 1
+        prompts: list[torch.Tensor] = []
+        for i, block in enumerate(self.fuse):
+            if i < last:
+                x = block(x)
+            else:
+                prompts.append(block(x))  # x: the last block's input, which the added filters read too
+        for a, extension in enumerate(self.task_extensions):
+            prompts.append(extension(torch.cat([x, prompt[:, width + a : width + a + 1]], dim=1)))
+        return torch.cat(prompts, dim=1)
 
     def decode_task(
         self, z: torch.Tensor, skips: list[torch.Tensor], task_prompt: torch.Tensor, all_heads: bool
