@@ -64,7 +64,7 @@ def grow_network(base: UniSeg, num_classes: int) -> UniSeg:
     network_def["added_tasks"] = network_def.get("added_tasks", 0) + 1
     if num_classes > base.num_classes:
         network_def["num_classes"] = num_classes
-        network_def["class_groups"] = [*(base.class_groups or [base.num_classes]), num_classes - base.num_classes]
+        network_def["class_groups"] = [*base.class_groups, num_classes - base.num_classes]
     grown = build_network(network_def)
     grown.deep_supervision = base.deep_supervision
     state = grown.state_dict()

@@ -98,7 +98,7 @@ class UniSegBackbone(nn.Module):
             raise UsageError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
-        self.class_groups: list[int] = []  # UniSeg's added classes (see there); empty: each head is one convolution
+        self.class_groups = [int(num_classes)]  # UniSeg's added classes (see there); one group: one convolution
         # constructor arguments as JSON values (a model file's ``network_def``); TorchScript skips this attribute
         self.init_args: dict = {
             "num_classes": int(num_classes),
@@ -302,7 +302,7 @@ class UniSeg(UniSegBackbone):
             self.init_args["added_tasks"] = int(added_tasks)
         if class_groups:
             self.init_args["class_groups"] = [int(c) for c in class_groups]
-        self.class_groups = [int(c) for c in class_groups]
+        self.class_groups = [int(c) for c in class_groups] or [int(num_classes)]
         self.fuse_prompt_channels = width
         if any(p % s for p, s in zip(patch, self.total_stride)):
             fit = tuple(-(-p // s) * s for p, s in zip(patch, self.total_stride))
