@@ -96,7 +96,7 @@ def sha(path: Path) -> str:
 
 def run_add(predict_model: Path, datalist: Path, out: Path, mode: str, iterations: int = 2, **kwargs) -> dict:
     ids = {"epochs": 1, "iterations_per_epoch": iterations, "val_interval": 1, "num_workers": 0, "cache_rate": 0.0}
-    return add_task(str(datalist), NEW, str(PREDICT_BUNDLE), mode, str(out), str(predict_model), **ids, **kwargs)
+    return add_task(str(datalist), NEW, str(PREDICT_BUNDLE), mode, str(out), str(predict_model), **{**ids, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_prompt_mode_trains_only_new_parts_and_old_tasks_stay_bit_identical(pred
     grown, grown_file = network_from_file(out / "model.pt")
     assert grown_file.tasks.names == [*base_file.tasks.names, NEW] and grown_file.tasks[NEW].id == 4
     assert json.loads((out / "tasks.json").read_text())["tasks"][NEW]["id"] == 4
-    assert grown_file.provenance["added_task"] == NEW and grown_file.provenance["add_mode"] == "prompt"
+    assert grown_file.provenance["added_tasks"] == [{"task": NEW, "mode": "prompt", "base_model_sha256": before}]
     assert report["old_tasks_max_abs_logit_change"] == {name: 0.0 for name in base_file.tasks.names}
     assert report["trained_on"] == [NEW]  # prompt mode: old tasks' cases cannot change what it trains
     # what trained: the new FUSE filter, the new prompt channel and the new head rows, nothing else
@@ -148,7 +148,9 @@ def test_the_grown_model_works_with_evaluate_predict_all_and_export(prompt_run, 
 
 @pytest.mark.parametrize(("mode", "rehearse"), [("decoder", False), ("full", True)])
 def test_decoder_and_full_modes_train_what_they_say(predict_model, new_task_datalist, tmp_path, mode, rehearse):
-    report = run_add(predict_model, new_task_datalist, tmp_path / "models", mode, iterations=1, rehearse=rehearse)
+    # decoder: --val_interval above --epochs, so no validation picks a model: model.pt holds the final weights
+    extra = {"rehearse": rehearse} if rehearse else {"rehearse": rehearse, "val_interval": 2}
+    report = run_add(predict_model, new_task_datalist, tmp_path / "models", mode, iterations=1, **extra)
     old = ["ph_organs", "ph_liver", "ph_brain", "ph_petct"]
     assert report["trained_on"] == [NEW, *old] if rehearse else [NEW]  # rehearsal: the old tasks' cases too
     base = network_from_file(predict_model)[0].state_dict()
@@ -190,6 +192,8 @@ NEW_CT = {"modalities": ["CT"], "labels": ["bg", "x"], "spacing": [1, 1, 1]}
         ({"ct_new": NEW_CT}, "ct_new", ["ct_a"], "no training cases of task 'ct_new'"),
         ({"pet_ct": {**NEW_CT, "modalities": ["CT", "PET"]}}, "pet_ct", ["pet_ct"], "has modality stems for [1]"),
         ({"bad": {**NEW_CT, "spacing": [1, 1]}}, "bad", ["bad"], "spacing must be 3 positive numbers"),
+        ({"all": NEW_CT}, "all", ["all"], "task name 'all': use letters"),
+        ({"../up": NEW_CT}, "../up", ["../up"], "task name '../up': use letters"),
     ],
 )
 def test_bad_tasks_are_one_clear_error_and_the_base_is_untouched(base_file, tmp_path, tasks, task, training, message):
@@ -202,7 +206,7 @@ def test_bad_tasks_are_one_clear_error_and_the_base_is_untouched(base_file, tmp_
 
 def test_refused_settings(base_file, tmp_path, capsys):
     datalist = datalist_with(tmp_path, {"ct_new": NEW_CT}, ["ct_new"])
-    with pytest.raises(UsageError, match="--add_mode must be one of"):
+    with pytest.raises(UsageError, match=r"--mode \(bundle id add_mode\) must be one of"):
         TaskExtension(base_file, datalist, "ct_new", "prompts", str(tmp_path / "new"))
     with pytest.raises(UsageError, match=r"holds the base model model\.pt"):
         TaskExtension(base_file, datalist, "ct_new", "prompt", str(base_file.parent))
@@ -217,7 +221,7 @@ def test_refused_settings(base_file, tmp_path, capsys):
         }
     )
     save_model(backbone, net.state_dict(), net.network_def(), read_model(base_file).tasks)
-    with pytest.raises(UsageError, match="tasks can be added to a UniSeg model only"):
+    with pytest.raises(UsageError, match="tasks can be added to a UniSeg model with its network_def only"):
         TaskExtension(backbone, datalist, "ct_new", "prompt", str(tmp_path / "new"))
     with pytest.raises(SystemExit) as exit_info:  # the command line: one line, exit 2, before anything is written
         main(["add-task", "--datalist", str(datalist), "--task", "ct_new", "--bundle", str(PREDICT_BUNDLE),
@@ -225,6 +229,15 @@ def test_refused_settings(base_file, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("uniseg: error: unknown bundle setting(s) ['epoch']") and len(err.splitlines()) == 1
+    for option, message in (("--patch_size=[64,64,32]", "--patch_size: the network is the base model's"),
+                            ("--ckpt_dir=x", "--ckpt_dir: set by uniseg add-task (--out"),
+                            ("--epochs=0", "--epochs must be a whole number >= 1, got 0")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["add-task", "--datalist", str(datalist), "--task", "ct_new", "--bundle", str(PREDICT_BUNDLE),
+                  "--checkpoint", str(base_file), "--out", str(tmp_path / "new"), option])  # fmt: skip
+        assert message in capsys.readouterr().err
+    with pytest.raises(UsageError, match="is a folder: pass the model file"):
+        add_task(str(datalist), "ct_new", str(PREDICT_BUNDLE), checkpoint=str(base_file.parent))
     assert not (tmp_path / "new").exists()
 
 

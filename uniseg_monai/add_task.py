@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -45,7 +46,15 @@ from uniseg_monai.atomic import write_group, write_text_atomic
 from uniseg_monai.bundles import find_bundle
 from uniseg_monai.data.datalist import load_items, read_datalist
 from uniseg_monai.errors import UsageError, flag
-from uniseg_monai.model_files import MODEL_FILE, ModelFile, build_network, network_from_file, read_model
+from uniseg_monai.model_files import (
+    MODEL_FILE,
+    ModelFile,
+    build_network,
+    network_from_file,
+    read_model,
+    save_model,
+    sha256,
+)
 from uniseg_monai.networks import UniSeg
 from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry
 
@@ -54,6 +63,12 @@ logger = logging.getLogger(__name__)
 MODES = ("prompt", "decoder", "full")
 TRAINED_WHOLE = {"prompt": (), "decoder": ("decoder.", "heads."), "full": ("",)}  # key prefixes, per mode
 REPORT_FILE = "add_task.json"
+OWN_IDS = {  # bundle ids uniseg add-task sets itself (or that would contradict the base model): what to use instead
+    **{k: "set by uniseg add-task (--out, --datalist, --checkpoint, --task, --mode, --rehearse)" for k in
+       ("ckpt_dir", "dataset_dir", "datalist", "base_model", "add_task", "add_mode", "add_rehearse", "bundle_root")},
+    **{k: "the network is the base model's, grown; it cannot change" for k in
+       ("network_def", "patch_size", "features", "base_features", "kernel_sizes", "strides", "registry")},
+}  # fmt: skip
 
 
 def grow_network(base: UniSeg, num_classes: int) -> UniSeg:
@@ -92,6 +107,11 @@ def added_task_registry(model: ModelFile, datalist: str | os.PathLike, task: str
         raise UsageError(f"{model.path}: the model carries no task table (tasks.json), so no task can be added to it")
     if not task:
         raise UsageError('name the task to add: --task NAME, defined in the datalist\'s "tasks"')
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", task) or task == "all":
+        raise UsageError(
+            f"task name {task!r}: use letters, digits, '_', '.' and '-' (it names files and folders; 'all' is "
+            "reserved for every task)"
+        )
     if task in model.tasks:
         raise UsageError(
             f"{task!r} is already task {model.tasks[task].id} of {model.path} (tasks: {', '.join(model.tasks.names)});"
@@ -140,6 +160,33 @@ def old_task_change(network: UniSeg, base: UniSeg, tasks: TaskRegistry, size: Se
     return change
 
 
+def _warn_about(
+    data: dict,
+    datalist: str | os.PathLike,
+    registry: TaskRegistry,
+    task: str,
+    mode: str,
+    rehearsed: list,
+    rehearse: bool,
+) -> None:
+    """Log what an add-task run will do that the user may not expect: no validation cases of the new task, nothing
+    to rehearse in decoder / full mode, old tasks the datalist defines otherwise than the model (the model's wins)."""
+    if not any(item["task"] == task for item in data.get("validation", [])):
+        logger.warning("%s: no validation cases of %r: the best model is not chosen by its Dice", datalist, task)
+    if mode != "prompt" and rehearse and not rehearsed:
+        logger.warning(
+            "%s holds no cases of the model's old tasks: %s mode will change them unchecked (add their cases to "
+            "rehearse them, or use --mode prompt)", datalist, mode,
+        )  # fmt: skip
+    for name, spec in data.get("tasks", {}).items():
+        if name != task and name in registry and isinstance(spec, dict):
+            ours = registry[name].to_json()
+            differ = sorted(k for k, v in spec.items() if k != "id" and k in ours and v != ours[k])
+            if differ:
+                logger.warning("%s: task %r differs from the model's in %s; the model's definition is used",
+                               datalist, name, differ)  # fmt: skip
+
+
 class TaskExtension:
     """An add-task run's network, task table and patch size, built from the base model file; attached to the trainer
     (in ``train#handlers``) it keeps the old rows fixed and, when training ends, writes ``<ckpt_dir>/add_task.json``
@@ -171,25 +218,30 @@ class TaskExtension:
         rehearse: bool = True,
     ) -> None:
         if mode not in MODES:
-            raise UsageError(f"--add_mode must be one of {list(MODES)}, got {mode!r}")
+            raise UsageError(f"--mode (bundle id add_mode) must be one of {list(MODES)}, got {mode!r}")
         path = Path(base_model)
         if path.resolve().parent == Path(ckpt_dir).resolve():
             raise UsageError(
-                f"--ckpt_dir {ckpt_dir} holds the base model {path.name}: the new model goes to another folder (the "
-                "base model is never replaced)"
+                f"{ckpt_dir} holds the base model {path.name}: the new model goes to another folder (--out; bundle id "
+                "ckpt_dir); the base model is never replaced"
             )
         model = read_model(path)
         if (model.network_def or {}).get("_target_") != "uniseg_monai.networks.UniSeg":
             target = (model.network_def or {}).get("_target_", "an unknown network")
-            raise UsageError(f"{path}: tasks can be added to a UniSeg model only, this one is {target}")
+            raise UsageError(
+                f"{path}: tasks can be added to a UniSeg model with its network_def only (a pretrain bundle's model.pt "
+                f"or checkpoint, a converted official upstream model); this one is {target}"
+            )
         self.registry = added_task_registry(model, datalist, task)
         base = build_network(model.network_def)
         base.load_state_dict(model.state)
         self.base, self.old_tasks, self.task, self.mode = base, model.tasks, task, mode
         self.ckpt_dir, self.datalist = Path(ckpt_dir), datalist
-        cases = {item["task"] for item in read_datalist(datalist).get("training", [])}
+        data = read_datalist(datalist)
+        cases = {item["task"] for item in data.get("training", [])}
         rehearsed = [name for name in model.tasks.names if name in cases] if flag(rehearse, "rehearse") else []
         self.trained_tasks = [task] + (rehearsed if mode != "prompt" else [])
+        _warn_about(data, datalist, self.registry, task, mode, rehearsed, flag(rehearse, "rehearse"))
         self.network = grow_network(base, self.registry[task].num_classes)
         self.patch_size = list(model.network_def["patch_size"])
         self.frozen: dict[str, tuple[tuple[slice, ...], torch.Tensor]] = {}  # partly trained: (old region, values)
@@ -203,11 +255,12 @@ class TaskExtension:
                 param.requires_grad_(False)
             else:
                 self.frozen[key] = (region, param.detach()[region].clone())
+        earlier = (model.provenance or {}).get("added_tasks", [])
         self.network.pretrained_provenance = {
             **(model.provenance or {}),
             "base_model": str(path.resolve()),
-            "added_task": task,
-            "add_mode": mode,
+            "base_model_sha256": sha256(path),
+            "added_tasks": [*earlier, {"task": task, "mode": mode, "base_model_sha256": sha256(path)}],
         }
 
     def items(self, section: str) -> list[dict[str, Any]]:
@@ -247,18 +300,20 @@ class TaskExtension:
     def report(self, engine: Engine | None = None) -> dict[str, Any]:
         """Write and log ``add_task.json``: the tasks, the mode, the trainable parameters and the old tasks' change."""
         saved = self.ckpt_dir / MODEL_FILE
-        network = network_from_file(saved)[0].to(next(self.network.parameters()).device) if saved.is_file() else None
+        if not saved.is_file():  # no validation ran (no validation cases, or --val_interval above --epochs)
+            logger.warning("no validation chose a best model: %s holds the final weights", saved)
+            provenance = self.network.pretrained_provenance
+            save_model(saved, self.network.state_dict(), self.network.network_def(), self.registry, provenance)
+        network = network_from_file(saved)[0].to(next(self.network.parameters()).device)
         result = {
             "base_model": self.network.pretrained_provenance["base_model"],
-            "model": str(saved) if network is not None else "final weights (no model.pt was written)",
+            "model": str(saved),
             "task": self.task,
             "task_id": self.registry[self.task].id,
             "mode": self.mode,
             "trained_on": self.trained_tasks,
             "trainable_parameters": self.trainable_parameters(),
-            "old_tasks_max_abs_logit_change": old_task_change(
-                network or self.network, self.base, self.old_tasks, self.patch_size
-            ),
+            "old_tasks_max_abs_logit_change": old_task_change(network, self.base, self.old_tasks, self.patch_size),
             "probe": f"one seeded standard-normal image of the patch size {self.patch_size} per old task, eval mode",
         }
         write_text_atomic(self.ckpt_dir / REPORT_FILE, json.dumps(result, indent=2) + "\n")
@@ -270,6 +325,9 @@ def install(model_dir: str | os.PathLike, bundle_models: str | os.PathLike) -> l
     """Make the model in ``model_dir`` the bundle's: ``bundle_models``/model.pt and tasks.json replaced together
     (:func:`~uniseg_monai.atomic.write_group`) after the current ones are copied to ``*_before_<UTC time>.*`` beside
     them. Returns the backups."""
+    missing = [str(Path(model_dir) / n) for n in (MODEL_FILE, MODEL_TASKS_FILE) if not (Path(model_dir) / n).is_file()]
+    if missing:
+        raise UsageError(f"nothing installed: {', '.join(missing)} missing")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     folder, kept = Path(bundle_models), []
     for name in (MODEL_FILE, MODEL_TASKS_FILE):
@@ -300,12 +358,28 @@ def add_task(
     :class:`TaskExtension`. ``ids``: other bundle ids (``epochs``, ``iterations_per_epoch``, ``learning_rate``,
     ...). Returns the run's report."""
     folder = find_bundle(bundle)
+    if not (folder / "configs" / "add_task.json").is_file():
+        raise UsageError(
+            f"{folder} has no configs/add_task.json: tasks are added with a pretrain bundle (uniseg_pretrain)"
+        )
     base = Path(checkpoint) if checkpoint else folder / "models" / MODEL_FILE
+    if checkpoint and base.is_dir():
+        raise UsageError(f"--checkpoint {base} is a folder: pass the model file, e.g. {base / MODEL_FILE}")
+    if checkpoint and not base.exists():
+        raise UsageError(f"--checkpoint {base}: file not found")
     if not base.is_file():
         raise UsageError(
             f"{base}: no trained model to add a task to: train the bundle, fetch weights (`uniseg weights --bundle "
             f"{bundle}`) or pass --checkpoint FILE"
         )
+    if not Path(datalist).is_file():
+        raise UsageError(f"--datalist {datalist}: not a file (the datalist JSON that defines {task!r})")
+    taken = {k: OWN_IDS[k] for k in ids if k in OWN_IDS}
+    if taken:
+        raise UsageError("; ".join(f"--{k}: {why}" for k, why in taken.items()))
+    for key in ("epochs", "iterations_per_epoch", "val_interval"):
+        if key in ids and (isinstance(ids[key], bool) or not isinstance(ids[key], int) or ids[key] < 1):
+            raise UsageError(f"--{key} must be a whole number >= 1, got {ids[key]!r}")
     files = [folder / "configs" / f"{name}.json" for name in ("train", *configs, "add_task")]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

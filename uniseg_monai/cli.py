@@ -199,8 +199,8 @@ def _add_task(
         checkpoint: the base model file instead of BUNDLE/models/model.pt.
         configs: extra config overlays of the bundle, comma-separated (e.g. demo for the demo network's settings).
         install: then make the new model the bundle's models/model.pt (the old one kept as model_before_<time>.pt).
-        rehearse: decoder / full mode also train and validate on the datalist's cases of the old tasks (limits how
-            much they change); false: the new task's cases only.
+        rehearse: in decoder / full mode also train and validate on the datalist's cases of the old tasks, which
+            limits how much they change (with false, on the new task's cases only).
         ids: other bundle ids, e.g. --epochs 50 --iterations_per_epoch 250 --learning_rate 0.005.
     """
     from uniseg_monai.add_task import add_task
@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 _check_options(argv[0], argv[1:])
         fire.Fire(COMMANDS, command=argv, name="uniseg")
+    except KeyboardInterrupt:
+        print("uniseg: interrupted (a training run continues with the same command and --resume true)", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         cause = user_error(err)
         if cause is None or debugging():
