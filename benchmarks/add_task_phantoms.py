@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 from uniseg_monai.add_task import REPORT_FILE, add_task
-from uniseg_monai.data.phantoms import DOWNSTREAM_TASKS, generate_downstream_phantoms, generate_phantoms
-from uniseg_monai.data.prepare import prepare
-from uniseg_monai.demo import _workflow
+from uniseg_monai.data.phantoms import generate_phantoms
+from uniseg_monai.demo import _workflow, kidneys_datalist
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
 OLD = ("ph_organs", "ph_brain", "ph_petct")
@@ -79,18 +78,6 @@ def extend(
         (out / "train_seconds.json").write_text(json.dumps(time.perf_counter() - tic))
     report = json.loads((out / REPORT_FILE).read_text())
     return {**report, "seconds": json.loads((out / "train_seconds.json").read_text())}
-
-
-def kidneys_datalist(out: Path) -> Path:
-    """The demo's BTCV-like phantoms as a ph_kidneys datalist (as ``make demo`` fine-tunes on)."""
-    datalist = out / "data_btcv" / "datalist.json"
-    if not datalist.exists():
-        raw = generate_downstream_phantoms(datalist.parent / "raw", "btcv", cases=10, seed=1, spacing=[2.0, 2.0, 4.0])
-        prepare(raw, "ph_kidneys", datalist, fmt="btcv", val_fraction=0.125, test_fraction=0.2)
-        data = json.loads(datalist.read_text())
-        data["tasks"]["ph_kidneys"].update(DOWNSTREAM_TASKS["ph_kidneys"])
-        datalist.write_text(json.dumps(data, indent=1))
-    return datalist
 
 
 def main(out: Path, epochs: int, add_epochs: int, iterations: int) -> None:

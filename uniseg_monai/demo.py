@@ -64,10 +64,9 @@ def _same_volume_two_tasks(datalist: Path, run: Path, per_case: Path) -> list[st
     return lines
 
 
-def _fine_tune(out_dir: Path, bundle: Path, pretrained: Path) -> dict[str, Path]:
-    """Task ``ph_kidneys`` (right / left kidney, gallbladder of BTCV-like phantoms: structures and a class count the
-    pretraining never saw), fine-tuned with ``configs/demo.json`` from scratch and from ``pretrained`` at the same
-    budget; returns {run: per_class.csv}."""
+def kidneys_datalist(out_dir: Path) -> Path:
+    """``<out_dir>/data_btcv/datalist.json``: task ``ph_kidneys`` (right / left kidney, gallbladder of BTCV-like
+    phantoms: structures and a class count the pretraining never saw), generated once."""
     datalist = out_dir / "data_btcv" / "datalist.json"
     if not datalist.exists():
         raw = generate_downstream_phantoms(datalist.parent / "raw", "btcv", cases=10, seed=1, spacing=[2.0, 2.0, 4.0])
@@ -75,6 +74,13 @@ def _fine_tune(out_dir: Path, bundle: Path, pretrained: Path) -> dict[str, Path]
         data = json.loads(datalist.read_text())
         data["tasks"]["ph_kidneys"].update(DOWNSTREAM_TASKS["ph_kidneys"])
         datalist.write_text(json.dumps(data, indent=1))
+    return datalist
+
+
+def _fine_tune(out_dir: Path, bundle: Path, pretrained: Path) -> dict[str, Path]:
+    """:func:`kidneys_datalist`'s task fine-tuned with ``configs/demo.json`` from scratch and from ``pretrained`` at
+    the same budget; returns {run: per_class.csv}."""
+    datalist = kidneys_datalist(out_dir)
     reports = {}
     for name, weights in (("from scratch", ""), ("fine-tuned", str(pretrained))):
         run = out_dir / "finetune" / name.replace(" ", "_").replace("-", "_")
