@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lint test demo ablate bench bundles
+.PHONY: setup lint test demo ablate bench bundles gpu-wheels
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ test: lint
 
 bench: setup
 	$(BIN)/python benchmarks/network_speed.py
+	$(BIN)/python benchmarks/trainer_overhead.py
 	$(BIN)/python benchmarks/data_speed.py
+
+# the pure-Python wheels benchmarks/gpu_check.sh installs on a GPU machine without internet (Python 3.12, torch there)
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --only-binary=:all: --no-deps --python-version 3.12 -d benchmarks/wheels \
+		monai==1.6.1 nibabel==5.4.2 pytorch-ignite==0.5.5 fire==0.7.1 termcolor==3.3.0 tqdm==4.70.1
+	du -sh benchmarks/wheels
 
 demo: setup
 	test -f demo_output/data/datalist.json || $(BIN)/uniseg generate-phantoms --out demo_output/data

@@ -206,3 +206,24 @@ def test_a_read_only_metadata_file_is_refused_and_kept(tmp_path):
     assert path.read_bytes() == before and stat.S_IMODE(path.stat().st_mode) == 0o444
     path.chmod(0o640)
     assert sync_metadata(bundle)[1] and stat.S_IMODE(path.stat().st_mode) == 0o640  # updated, its mode kept
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compile_and_amp_dtype_are_ids_of_every_workflow(name):
+    for file in ("train", "inference"):
+        ids = config(name, file)
+        assert ids["compile"] == ids["amp"] == {"_target_": "torch.cuda.is_available"}  # on for CUDA, off for CPU
+        assert ids["amp_dtype"] == "bfloat16"
+    for file in ("train", "evaluate", "inference", "multi_gpu_train", "multi_gpu_evaluate"):
+        text = json.dumps(config(name, file))
+        assert "network_def" not in text or "uniseg_monai.networks.compiled(" in text, file
+
+
+def test_compile_and_amp_dtype_reach_the_network_and_the_engines(phantoms):
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / "uniseg_pretrain" / "configs" / f"{f}.json") for f in ("train", "demo")])
+    parser.update({"dataset_dir": str(phantoms.parent), "compile": "true", "amp_dtype": "float16"})
+    network = parser.get_parsed_content("network")
+    assert network._compiled_call_impl is not None and not any(k.startswith("_orig_mod") for k in network.state_dict())
+    for engine in ("train#trainer", "validate#evaluator"):
+        assert parser.get_parsed_content(f"{engine}#amp_kwargs") == {"dtype": torch.float16}

@@ -7,7 +7,9 @@ import torch
 from network_outputs import all_heads
 from torch import nn
 
-from uniseg_monai.networks import UniSeg, UniSegBackbone, nnunet_features
+from uniseg_monai.model_files import network_from_file, save_model
+from uniseg_monai.networks import UniSeg, UniSegBackbone, compiled, nnunet_features
+from uniseg_monai.tasks import TaskRegistry
 
 TINY = {"features": nnunet_features(8, 32), "patch_size": (64, 64, 16)}
 
@@ -153,3 +155,36 @@ def test_downstream_backbone(num_classes):
     outs = net.train()(torch.randn(1, 1, 64, 64, 16))
     assert len(outs) == 5 and outs[0].shape == (1, num_classes, 64, 64, 16)
     assert net.eval()(torch.randn(1, 4, 64, 32, 16)).shape == (1, num_classes, 64, 32, 16)
+
+
+COMPILE_TINY = {
+    "num_tasks": 3,
+    "num_classes": 3,
+    "features": (4, 8, 16),
+    "kernel_sizes": ((3, 3, 1), (3, 3, 3), (3, 3, 3)),
+    "strides": ((1, 1, 1), (2, 2, 1), (2, 2, 2)),
+    "patch_size": (16, 16, 8),
+    "fuse_blocks": 1,
+}  # the smallest UniSeg: inductor's compile time grows with the number of ops, not with the tensors
+
+
+def test_forward_compiles_without_graph_breaks_to_the_eager_outputs_and_plain_weights(tmp_path):
+    torch.manual_seed(0)
+    net, eager = UniSeg(**COMPILE_TINY), UniSeg(**COMPILE_TINY)
+    eager.load_state_dict(net.state_dict())
+    x, ids = torch.randn(2, 1, 16, 16, 8), torch.tensor([0, 2])
+    for mode in (True, False):  # training (deep supervision) and inference
+        explanation = torch._dynamo.explain(net.train(mode))(x, ids)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert compiled(net, "true") is net and net._compiled_call_impl is not None  # in place (the bundles' `compile`)
+    with torch.no_grad():
+        expected = eager.eval()(x, ids)
+        torch.testing.assert_close(net.eval()(x, ids), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert list(net.state_dict()) == list(eager.state_dict())  # no `_orig_mod.` prefix
+    save_model(tmp_path / "model.pt", net.state_dict(), net.network_def(), TaskRegistry().subset(["liver"]))
+    plain, _ = network_from_file(tmp_path / "model.pt")  # a model trained compiled loads into a plain network
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x, ids), expected)
+    with pytest.raises(ValueError, match="--compile takes true or false"):
+        compiled(eager, "maybe")
+    torch._dynamo.reset()

@@ -24,6 +24,7 @@ from uniseg_monai.errors import InputError, NonFiniteError, UsageError
 from uniseg_monai.guards import NonFiniteGuard
 from uniseg_monai.handlers import ResumeCheckpointLoader
 from uniseg_monai.model_files import ModelFileError, _AtomicDiskSaver, load_weights_only
+from uniseg_monai.precision import LossScaling, autocast_kwargs
 from uniseg_monai.wiring import registry_for_datalist
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
@@ -122,7 +123,8 @@ def engine(loss: float, amp: bool = False, iteration: int = 1, grad: float = 1.0
     image = torch.zeros(2, 1, 4, 4, 4)
     batch = {"image": image, "task": ["ph_organs", "ph_organs"]}
     state = SimpleNamespace(epoch=1, iteration=iteration, batch=batch, output={"loss": torch.tensor(loss)})
-    return SimpleNamespace(state=state, network=network, amp=amp, scaler=object() if amp else None)
+    scaler = torch.amp.GradScaler("cpu") if amp else None  # float16 AMP: MONAI's trainer makes an enabled scaler
+    return SimpleNamespace(state=state, network=network, amp=amp, scaler=scaler, amp_kwargs=autocast_kwargs("float16"))
 
 
 def test_non_finite_guard_stops_before_the_weights_change():
@@ -148,8 +150,22 @@ def test_under_amp_only_consecutive_skipped_steps_stop_the_run():
     assert guard.skipped == 2  # the finite step reset the count
     last = engine(float("inf"), amp=True, iteration=6)
     guard.check_loss(last)
-    with pytest.raises(NonFiniteError, match="3 consecutive steps with non-finite loss or gradients under AMP"):
+    with pytest.raises(NonFiniteError, match="3 consecutive steps with non-finite loss or gradients under float16"):
         guard.count_skipped(last)
+
+
+def test_bfloat16_amp_trains_without_loss_scaling_and_stops_at_the_first_non_finite_loss():
+    step = engine(float("inf"), amp=True)
+    step.amp_kwargs = autocast_kwargs("bfloat16")
+    LossScaling()(step)  # when the run starts
+    assert not step.scaler.is_enabled() and step.scaler.scale(torch.tensor(2.0)) == 2.0  # no scaling
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(inf\)"):
+        NonFiniteGuard().check_loss(step)
+    fp16 = engine(0.5, amp=True)
+    LossScaling()(fp16)
+    assert fp16.scaler.is_enabled()
+    with pytest.raises(UsageError, match=r"--amp_dtype must be one of \['bfloat16', 'float16'\], got 'fp8'"):
+        autocast_kwargs("fp8")
 
 
 TINY_IDS = {"patch_size": [64, 64, 32], "base_features": 4, "iterations_per_epoch": 1, "epochs": 1, "num_workers": 0,
@@ -197,6 +213,8 @@ def test_common_bundle_mistakes_end_in_one_line_naming_the_fix(cases, tmp_path, 
         "earlier run": ({"ckpt_dir": earlier}, ["checkpoint_epoch=3.pt from an earlier run", "--resume true"]),
         "nothing to resume": ({"resume": "true"}, ["no checkpoint_epoch=N.pt to resume", "drop --resume"]),
         "bad boolean": ({"resume": "maybe"}, ["--resume takes true or false"]),
+        "bad compile": ({"compile": "maybe"}, ["--compile takes true or false"]),
+        "bad AMP dtype": ({"amp_dtype": "fp8"}, ["--amp_dtype must be one of ['bfloat16', 'float16'], got 'fp8'"]),
         "patch size": ({"patch_size": [30, 30, 16]}, ["patch_size (30, 30, 16)", "set --patch_size"]),
         "unknown task": ({"task": "spleen"}, ["unknown task 'spleen'", "define it in the datalist"]),
         "missing file": (

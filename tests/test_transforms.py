@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import ThreadPoolExecutor
 
 import itk
@@ -10,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import shared_path
+from monai.bundle import ConfigParser
 from monai.transforms import Compose
-from pipelines import crop_and_augmentation, inference_preprocessing, train_preprocessing
+from monai.utils import TraceKeys
+from pipelines import BUNDLE, crop_and_augmentation, inference_preprocessing, train_preprocessing
 
 from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_phantoms
+from uniseg_monai.guards import _names
 from uniseg_monai.tasks import TaskRegistry
 from uniseg_monai.transforms import class_ratios
 from uniseg_monai.wiring import registry_for_datalist
@@ -159,3 +163,30 @@ def test_preprocessing_is_thread_safe_for_one_file_per_channel(phantoms):
     with ThreadPoolExecutor(4) as pool:
         channels = list(pool.map(lambda item: (item["task"], pre(dict(item))["image"].shape[0]), items))
     assert all(n == registry[task].in_channels for task, n in channels)
+
+
+def test_training_data_is_served_without_copies_and_batches_carry_only_what_training_reads(phantoms):
+    """``copy_cache`` false (no deep copy of every cached volume per sample) is safe: the crop copies its patch, and
+    the paper's augmentation after it leaves the cached arrays, meta data and transform records as they were. The
+    batches carry the file names (for error messages) and affines only: 5 tensors for a worker to send, not 92."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.update({"dataset_dir": str(phantoms.parent), "patch_size": [32, 32, 16], "task": "ph_organs"})
+    parser.update({"num_workers": 0, "batch_size": 2})
+    dataset = parser.get_parsed_content("train#dataset")
+    assert dataset.copy_cache is False
+    before = copy.deepcopy(dataset._cache)
+    for _ in range(3):
+        samples = [dataset[i][0] for i in range(len(dataset))]
+    assert all(s["image"].untyped_storage().data_ptr() != c["image"].untyped_storage().data_ptr()
+               for s, c in zip(samples, dataset._cache))  # fmt: skip
+    for old, new in zip(before, dataset._cache):
+        for key in ("image", "label"):
+            assert torch.equal(old[key], new[key]) and old[key].meta.keys() == new[key].meta.keys()
+            assert old[key].applied_operations == new[key].applied_operations
+        assert all(torch.equal(a, b) for a, b in zip(old["class_indices"], new["class_indices"]))
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    for key in ("image", "label"):
+        assert {str(k) for k in batch[key].meta} <= {"affine", "filename_or_obj", "space"}  # space: MetaTensor's own
+        assert batch[key].applied_operations == [TraceKeys.NONE] * 2  # collated empty records
+    assert "files " + ", ".join(batch["image"].meta["filename_or_obj"]) in _names(batch)

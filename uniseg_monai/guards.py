@@ -10,6 +10,7 @@ from ignite.engine import Engine, Events
 from monai.engines import IterationEvents
 
 from uniseg_monai.errors import NonFiniteError
+from uniseg_monai.precision import scaler_enabled
 
 FIX = (
     "the weights were not updated, so the last checkpoint_epoch=N.pt is the last good state (continue with --resume "
@@ -34,8 +35,10 @@ class NonFiniteGuard:
     - input batch holding NaN / Inf voxels (when the iteration starts),
     - non-finite loss (before the backward pass) or gradient (before the optimiser step),
     so the weights stay finite and the last checkpoint remains the last good state (checkpoints are written at
-    epoch ends). With fp16 AMP (the engine has a ``GradScaler``) a non-finite loss or gradient is the scaler's
-    business: it skips that step and lowers its scale; only ``max_skipped_steps`` consecutive skips stop the run.
+    epoch ends). With float16 AMP (the engine's ``GradScaler`` is enabled) a non-finite loss or gradient is the
+    scaler's business: it skips that step and lowers its scale; only ``max_skipped_steps`` consecutive skips stop the
+    run. With bfloat16 AMP the scaler is disabled (:class:`~uniseg_monai.precision.LossScaling`) and the first
+    non-finite loss or gradient stops the run, as without AMP.
     Attach it after :class:`~uniseg_monai.handlers.GradientClipping` (which unscales AMP gradients first).
     """
 
@@ -54,7 +57,7 @@ class NonFiniteGuard:
         return f"epoch {engine.state.epoch}, iteration {engine.state.iteration} ({_names(engine.state.batch)})"
 
     def _non_finite(self, engine: Engine, what: str) -> None:
-        if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
+        if scaler_enabled(engine):
             self._bad_iteration = engine.state.iteration  # the scaler skips this step
             return
         raise NonFiniteError(f"non-finite {what} at {self._where(engine)}: {FIX}")
@@ -83,6 +86,6 @@ class NonFiniteGuard:
         self.skipped = self.skipped + 1 if self._bad_iteration == engine.state.iteration else 0
         if self.skipped >= self.max_skipped_steps:
             raise NonFiniteError(
-                f"{self.skipped} consecutive steps with non-finite loss or gradients under AMP (last at "
+                f"{self.skipped} consecutive steps with non-finite loss or gradients under float16 AMP (last at "
                 f"{self._where(engine)}): {FIX}, or train with --amp false"
             )

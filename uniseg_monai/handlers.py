@@ -15,13 +15,14 @@ from monai.handlers import CheckpointLoader
 
 from uniseg_monai.errors import UsageError, flag
 from uniseg_monai.model_files import trainer_entries
+from uniseg_monai.precision import scaler_enabled
 from uniseg_monai.run_folder import resume_checkpoint
 
 
 class GradientClipping:
     """Clip the global gradient norm to ``max_norm`` after every backward pass (nnU-Net: 12).
 
-    With AMP the gradients are unscaled first, as ``torch.amp.GradScaler`` requires.
+    With float16 AMP the gradients are unscaled first, as ``torch.amp.GradScaler`` requires.
     """
 
     def __init__(self, max_norm: float = 12.0) -> None:
@@ -31,9 +32,8 @@ class GradientClipping:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        scaler = getattr(engine, "scaler", None)
-        if getattr(engine, "amp", False) and scaler is not None:
-            scaler.unscale_(engine.optimizer)
+        if scaler_enabled(engine):
+            engine.scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
 
 

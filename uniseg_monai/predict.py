@@ -30,6 +30,7 @@ from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.errors import InputError, UsageError
 from uniseg_monai.memory import GIB, available_memory, case_memory
 from uniseg_monai.model_files import ModelFile, load_into
+from uniseg_monai.precision import autocast_kwargs
 from uniseg_monai.tasks import Task
 from uniseg_monai.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
 
@@ -250,6 +251,8 @@ class Predictor:
         self.device = parser.get_parsed_content("device")
         self.network.to(self.device).eval()
         self.amp = bool(parser.get_parsed_content("amp")) and self.device.type == "cuda"
+        amp_dtype = parser.get_parsed_content("amp_dtype", default="bfloat16")  # bundles before 0.6.0 lack the id
+        self.amp_kwargs = autocast_kwargs(amp_dtype)
         steps = parser.get_parsed_content("preprocessing").transforms
         self.load = next(t for t in steps if isinstance(t, ThreadSafeLoadImaged))  # read once for all tasks
         self.preprocess = Compose([t for t in steps if t is not self.load])
@@ -292,7 +295,7 @@ class Predictor:
             item = self.preprocess({"image": image.clone() if len(passes) > 1 else image, "task": group[0].name})
             x = item["image"][None]  # (1, C, X', Y', Z') at the task spacing, on the CPU
             times, tic = {"preprocess": time.perf_counter() - tic}, time.perf_counter()
-            with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp, **self.amp_kwargs):
                 if self.all:
                     logits = self.inferer(x, self.network, [t.id for t in group])  # {id: (1, C_t, X', Y', Z')}
                 else:

@@ -21,7 +21,8 @@ def as_task_ids(
     Args:
         task_id: the task(s); a tensor keeps its device unless ``device`` is given.
         batch_size: B.
-        num_tasks: if given, every id must lie in [0, num_tasks).
+        num_tasks: if given, every id must lie in [0, num_tasks); checked in eager mode only (one device-to-host
+            copy for a GPU tensor), not while ``torch.compile`` traces, where reading a value is a graph break.
         device: device of the result.
         owner: what knows ``num_tasks`` tasks, for the error message.
 
@@ -36,7 +37,9 @@ def as_task_ids(
         ids = ids.expand(batch_size)
     if ids.numel() != batch_size:
         raise ValueError(f"got {ids.numel()} task ids for a batch of {batch_size} samples; give one per sample")
-    if num_tasks is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_tasks):
+    if num_tasks is None or not ids.numel() or torch.compiler.is_compiling():
+        return ids
+    if bool(((ids < 0) | (ids >= num_tasks)).any()):
         raise ValueError(f"task ids {ids.tolist()} outside [0, {num_tasks}) for this {num_tasks}-task {owner}")
     return ids
 
