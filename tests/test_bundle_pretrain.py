@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,12 @@ from conftest import shared_path
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
-from uniseg_monai.data import load_items
+from uniseg_monai.data import TaskUniformSampler, load_items
 from uniseg_monai.metadata import channel_def
 from uniseg_monai.model_files import build_network
 from uniseg_monai.networks import nnunet_features
 from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS, TaskRegistry, load_model_tasks
-from uniseg_monai.wiring import registry_for_datalist
+from uniseg_monai.wiring import item_task_ids, registry_for_datalist
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
 CONFIGS = BUNDLE / "configs"
@@ -230,3 +231,39 @@ def test_two_rank_gloo_training_and_evaluation(phantoms, tmp_path):
     rows = (tmp_path / "report" / "per_case.csv").read_text().splitlines()[1:]
     cases = {tuple(r.split(",")[:2]) for r in rows}
     assert len(cases) == 8  # both ranks' validation cases gathered: 2 per task
+
+
+def test_two_nodes_train_with_the_sampler_split_by_global_rank(phantoms, tmp_path):
+    """Two torchrun "nodes" on this machine (--nnodes 2 --node_rank 0/1, one process each, one master endpoint)
+    train one epoch of 2 iterations with gloo on the same datalist, filling one disk cache: each process has its global
+    rank and draws that rank's sampler stream (the streams differ); rank 0 alone writes the checkpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seen = ("{'rank': dist.get_rank(), 'world': dist.get_world_size(), 'sampler_rank': @train#sampler.rank, "
+            "'iterations': @train#trainer.state.iteration, 'indices': list(@train#sampler)}")  # fmt: skip
+    record = f"$torch.save({seen}, '{tmp_path}/rank%d.pt' % dist.get_rank())"
+    run = json.loads((CONFIGS / "multi_gpu_train.json").read_text())["run"]
+    probe = tmp_path / "probe.json"  # the overlay's run list, then the epoch-0 indices of this rank's sampler
+    probe.write_text(json.dumps({"run": [*run, "$@train#sampler.set_epoch(0)", record]}))
+    cache = {"dataset_type": "disk", "cache_rate": 1.0, "cache_dir": str(tmp_path / "cache")}  # one folder, 2 nodes
+    ids = run_dirs(phantoms, tmp_path, epochs=1, val_interval=2, **cache)  # no validation
+    files = json.dumps([*configs("train", "multi_gpu_train"), str(probe)])
+    bundle = ["-m", "monai.bundle", "run", "--config_file", files, "--meta_file", str(CONFIGS / "metadata.json"),
+              "--logging_file", str(CONFIGS / "logging.conf"), "--bundle_root", str(BUNDLE), "--backend", "gloo",
+              *(f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in ids.items())]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, "errors": "replace", "env": env}
+    nodes = [subprocess.Popen([*torchrun, f"--node_rank={node}", *bundle], **pipe) for node in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [(r["rank"], r["world"], r["sampler_rank"], r["iterations"]) for r in ranks] == [(0, 2, 0, 2), (1, 2, 1, 2)]
+    registry = registry_for_datalist(phantoms)
+    task_ids = item_task_ids(load_items(phantoms, "training", registry), registry)
+    expected = [list(TaskUniformSampler(task_ids, 4, 2, seed=0, rank=r)) for r in (0, 1)]
+    assert [r["indices"] for r in ranks] == expected and expected[0] != expected[1]
+    assert sorted(p.name for p in (tmp_path / "models").glob("*.pt")) == ["checkpoint_epoch=1.pt"]
+    assert len(list((tmp_path / "cache").iterdir())) == 24 + 8  # training and validation cases, no temporaries
