@@ -1,10 +1,12 @@
 """All-task inference vs the official per-task loop, measured side by side in one run.
 
-The official code segments T tasks with T complete passes; ``UniSeg.forward_tasks`` runs the encoder and FUSE once
-per window and the decoder once per task (batched over tasks). Prints both times and their ratio for one window
-and for one volume (sliding window, overlap 0.5), paper network (11 tasks, base 32) unless told otherwise, and
-the lowest ratio any shared-encoder scheme can reach: (E + T D) / (T (E + D)) from the multiply-accumulates of
-encoder + FUSE (E) and decoder + heads (D), counted with forward hooks.
+The official code segments T tasks with T complete passes; ``UniSeg.forward_tasks`` runs the encoder, FUSE and each
+decoder stage's convolution of its skip once per window, the rest of the decoder once per task. Prints both times
+and their ratio for one window and for one volume (sliding window, overlap 0.5), paper network (11 tasks, base 32)
+unless told otherwise, and the lowest ratio a scheme can reach from its multiply-accumulates, shared part S and
+per-task part D: (S + T D) / (T (S + D)), counted with forward hooks, for sharing the encoder and FUSE only and for
+what ``forward_tasks`` shares. With ``--repeats`` the loop and the all-task pass alternate, and the ratio is the
+median over the pairs (robust to a machine whose load drifts).
 
     python benchmarks/all_task_speed.py --no-volume                       # paper window 192x192x64 (CPU: ~5 min)
     python benchmarks/all_task_speed.py --window 96 96 32 --volume 192 192 32
@@ -14,6 +16,7 @@ encoder + FUSE (E) and decoder + heads (D), counted with forward hooks.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -22,38 +25,51 @@ from uniseg_monai.inferers import AllTaskSlidingWindowInferer, TaskSlidingWindow
 from uniseg_monai.networks import UniSeg
 
 
-def macs(net: UniSeg, window: torch.Tensor) -> tuple[int, int]:
-    """Multiply-accumulates of one single-task forward: (encoder + bottleneck + FUSE, decoder + heads)."""
-    counts = {"shared": 0, "decoder": 0}
+def macs(net: UniSeg, window: torch.Tensor) -> dict[str, float]:
+    """Multiply-accumulates of one single-task forward: encoder + bottleneck + FUSE, the decoder stages' first
+    convolutions of their skips (the second half of their input channels), the rest of the decoder and heads."""
+    counts = {"encoder": 0.0, "skips": 0.0, "decoder": 0.0}
     hooks = []
     for name, module in net.named_modules():
         if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
-            part = "decoder" if name.startswith(("decoder", "heads")) else "shared"
+            part = "decoder" if name.startswith(("decoder", "heads")) else "encoder"
+            skip = 0.5 if name.startswith("decoder") and name.endswith("blocks.0.conv") else 0.0
 
-            def hook(m, inputs, output, part=part):  # weight[0]: (in, *k) for a conv, (out, *k) transposed
+            def hook(m, inputs, output, part=part, skip=skip):  # weight[0]: (in, *k) for a conv, (out, *k) transposed
                 voxels = output if isinstance(m, torch.nn.Conv3d) else inputs[0]
-                counts[part] += voxels.numel() * m.weight[0].numel()
+                total = voxels.numel() * m.weight[0].numel()
+                counts["skips"] += skip * total
+                counts[part] += (1 - skip) * total
 
             hooks.append(module.register_forward_hook(hook))
     net(window, 0)
     for h in hooks:
         h.remove()
-    return counts["shared"], counts["decoder"]
+    return counts
 
 
-def seconds(run, device: torch.device, repeats: int, warm_up=None) -> float:
-    """Median wall time of ``repeats`` calls of ``run()`` after one call of ``warm_up`` (default: ``run``)."""
-    (warm_up or run)()
-    times = []
-    for _ in range(repeats):
+def seconds(runs: dict, device: torch.device, repeats: int, warm_up) -> dict[str, float]:
+    """Median wall time of each of ``runs`` (name -> callable) after one call of ``warm_up``, the runs alternating
+    (in reversed order every other round), and ``ratio``: the median over rounds of the last run's time over the
+    first's."""
+
+    def timed(run) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         run()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2]
+        return time.perf_counter() - start
+
+    warm_up()
+    names, times = list(runs), {name: [] for name in runs}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            times[name].append(timed(runs[name]))
+    out = {name: statistics.median(t) for name, t in times.items()}
+    out["ratio"] = statistics.median(b / a for a, b in zip(times[names[0]], times[names[-1]]))
+    return out
 
 
 def main() -> None:
@@ -78,23 +94,27 @@ def main() -> None:
     print(f"torch {torch.__version__} on {device}, {args.tasks} tasks, base {args.base}, window {list(args.window)}")
 
     with torch.no_grad():
-        shared, decoder = macs(net, window)
-        bound = (shared + args.tasks * decoder) / (args.tasks * (shared + decoder))
-        print(f"MACs per task pass: encoder+FUSE {shared / 1e9:.1f} G, decoder+heads {decoder / 1e9:.1f} G "
-              f"-> lowest possible ratio for {args.tasks} tasks {bound:.2f}")  # fmt: skip
-        once = lambda: net(window, 0)  # noqa: E731
-        loop = seconds(lambda: [net(window, t) for t in ids], device, args.repeats, once)
-        fused = seconds(lambda: net.forward_tasks(window, ids), device, args.repeats, once)
-        print(f"one window:  per-task loop {loop:8.2f} s   all-task {fused:8.2f} s   ratio {fused / loop:.2f}")
+        counts = macs(net, window)
+        total, t = sum(counts.values()), args.tasks
+        bounds = [(shared + t * (total - shared)) / (t * total) for shared in (counts["encoder"],
+                  counts["encoder"] + counts["skips"])]  # fmt: skip
+        print(f"MACs per task pass: encoder+FUSE {counts['encoder'] / 1e9:.1f} G, decoder skip convolutions "
+              f"{counts['skips'] / 1e9:.1f} G, rest of the decoder and heads {counts['decoder'] / 1e9:.1f} G -> lowest "
+              f"possible ratio for {t} tasks sharing the encoder+FUSE {bounds[0]:.2f}, also the skip convolutions "
+              f"(forward_tasks) {bounds[1]:.2f}")  # fmt: skip
+        runs = {"loop": lambda: [net(window, i) for i in ids], "all": lambda: net.forward_tasks(window, ids)}
+        out = seconds(runs, device, args.repeats, lambda: net(window, 0))
+        print(f"one window:  per-task loop {out['loop']:8.2f} s   all-task {out['all']:8.2f} s   "
+              f"ratio {out['ratio']:.2f}")  # fmt: skip
         if args.no_volume:
             return
         common = {"roi_size": args.window, "classes_per_task": classes, "sw_device": device, "device": "cpu"}
         single = TaskSlidingWindowInferer(**common)
         joint = AllTaskSlidingWindowInferer(**common)
-        loop = seconds(lambda: [single(volume, net, task_id=t) for t in ids], device, args.repeats)
-        fused = seconds(lambda: joint(volume, net, ids), device, args.repeats)
-        print(f"one volume {list(volume_size)}: per-task loop {loop:8.2f} s   all-task {fused:8.2f} s   "
-              f"ratio {fused / loop:.2f}")  # fmt: skip
+        runs = {"loop": lambda: [single(volume, net, task_id=i) for i in ids], "all": lambda: joint(volume, net, ids)}
+        out = seconds(runs, device, args.repeats, lambda: single(volume, net, task_id=0))
+        print(f"one volume {list(volume_size)}: per-task loop {out['loop']:8.2f} s   all-task {out['all']:8.2f} s   "
+              f"ratio {out['ratio']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """Host memory that ``uniseg predict`` needs for one case, estimated from the image's shape, affine and tasks before
 any voxel is resampled, and the memory the machine can give (:func:`available_memory`).
 
-Calibrated with ``benchmarks/predict_memory.py --part host`` (peak RSS of a whole predict of one CT): the estimate
-lies above the measured peak and within 1.5x of it for volumes past a few million voxels (numbers in
-:func:`case_memory`).
+Calibrated with ``benchmarks/predict_memory.py`` (peak RSS of a whole ``uniseg predict`` of one CT): the estimate
+lies above the measured peak and within 1.5x of it (numbers in :func:`case_memory`).
 """
 
 from __future__ import annotations
@@ -38,14 +37,6 @@ def available_memory() -> int | None:
         return None
 
 
-def resample_bytes(channels: int, source: int, target: int) -> int:
-    """Peak bytes of one MONAI resampling (``Spacingd`` and its inverse compute in float64) of ``channels`` from
-    ``source`` to ``target`` voxels: the float64 copy of the source, then the larger of ``affine_grid``'s float64
-    grids (homogeneous base grid and sampling grid: 56 B per target voxel) and ``grid_sample``'s float64 output with
-    its float32 copy."""
-    return 8 * channels * source + target * max(56, 24 + 8 * channels, 12 * channels)
-
-
 def window_padding(shape: Sequence[int], affine: np.ndarray, task: Task, window: Sequence[int]) -> float:
     """How much the sliding window's padding enlarges the resampled volume: an axis shorter than the window (in RAS
     order, after resampling to the task's spacing) is padded to the window."""
@@ -70,43 +61,48 @@ def case_memory(
     """Estimated peak host memory (bytes, above what the process holds before the case) of predicting one case of
     ``shape`` (X, Y, Z) x ``channels`` with ``affine``, one sliding-window pass per group of ``passes``.
 
-    Float32 unless said; N = input voxels, N' = voxels at the pass's spacing (:func:`resampled_voxels`), W = N'
-    padded to the ``window`` (:func:`window_padding`), K = classes of the pass (summed over its tasks), c = the
-    most classes of one of its tasks, T = tasks:
+    N = input voxels, N' = voxels at the pass's spacing (:func:`resampled_voxels`), W = N' padded to the ``window``
+    (:func:`window_padding`), K = classes of the pass (summed over its tasks), c = the most classes of one of its
+    tasks, T = tasks so far, C = ``channels``; float32 unless said. The largest of:
 
-    - the loaded image, 4 C N (twice when there are several passes: each pass gets a copy);
-    - the largest of the pass's three stages:
-      preprocessing = 4 C N (reoriented copy) + :func:`resample_bytes` (C, N -> N');
-      inference = 4 C (N' + W) (image, padded input) + 4 (K + 1) W (stitched logits and weight map) + the
+    - loading: 8 C N (MONAI's loader holds the file's voxels and their C-ordered float32 copy);
+    - per pass, over the input image kept for the next passes (4 C N when there are several) and the maps of the
+      earlier ones (N per task, uint8), the largest of its stages:
+      preprocessing = 4 C N (the pass's image) + 4 C N (its reoriented copy, unless the image is stored RAS) +
+      28 N' (float32 sampling grids) + 4 C N' (resampled image);
+      inference = 4 C (N' + W) (resampled and padded image) + 4 (K + 1) W (stitched logits and weight map) + the
       network's windows when it runs on the CPU (``network``: features, strides, batch, window voxels V:
       4 V (24 + 4.5 sum_s features_s / stride_s), measured for UniSeg at base 1-32);
-      postprocessing = 4 C N' + 4 K W (logits) + 4 c N' (softmax) + :func:`resample_bytes` (c, N' -> N) (inverse
-      resampling to the input grid; argmax and the uint8 maps come after it, smaller) + T N (maps so far);
-    - with several tasks, the merge: (26 + T) N (int64 map and temporaries);
-    - :data:`OVERHEAD`, and 10 % for the allocator.
+      postprocessing (:class:`~uniseg_monai.transforms.InvertArgmaxd`) = 4 C N' + 4 K W (the probabilities,
+      in place of the logits) + 2 N (labels and their reorientation) + 8 min(2^24, c N) (one block) + the pass's
+      maps;
+    - with several tasks, the merge: (6 + T) N (merged map, mask and temporaries; uint8 up to 255 labels);
+    - then :data:`OVERHEAD`, and 10 % for the allocator.
 
-    Calibration: ``python benchmarks/predict_memory.py --shape X Y Z --spacing 0.8 0.8 1.0 --part host`` (liver,
-    base_features 1 on the CPU), peak RSS above the 0.42 GiB the process holds before the case -> estimate:
-    256x256x150 0.70 -> 0.84 GiB, 384x384x300 2.79 -> 3.14 GiB, 512x512x300 4.82 -> 5.47 GiB (1.13-1.2x); a
-    16x16x8 image 0.27 -> 0.51 GiB (fixed costs). Windows of UniSeg at 192x192x64 on the CPU, base 1 / 4 / 8 /
-    16 / 32: 0.25 / 0.44 / 0.59 / 1.11 / 2.12 GiB measured, 0.28 / 0.47 / 0.74 / 1.26 / 2.31 GiB estimated.
+    Calibration: ``python benchmarks/predict_memory.py --depths 150 300 600 --no-network`` (a 512x512 CT at
+    0.8x0.8x1.0 mm, liver, base_features 1 on the CPU), peak RSS above the 0.42 GiB the process holds before the
+    case -> estimate: 512x512x150 0.41 -> 0.57 GiB, 512x512x300 0.59 -> 0.80 GiB, 512x512x600 1.17 -> 1.45 GiB
+    (1.23-1.39x). Windows of UniSeg at 192x192x64 on the CPU, base 1 / 4 / 8 / 16 / 32: 0.25 / 0.44 / 0.59 / 1.11
+    / 2.12 GiB measured, 0.28 / 0.47 / 0.74 / 1.26 / 2.31 GiB estimated.
     """
     n, c = int(np.prod(shape[-3:])), int(channels)
-    per_pass = []
+    ras = (nib.orientations.io_orientation(np.asarray(affine, dtype=float)) == [[0, 1], [1, 1], [2, 1]]).all()
+    held, per_pass = (4 * c * n if len(passes) > 1 else 0), []
     for group in passes:
         task = group[0]
         resampled = resampled_voxels(shape, affine, task)
         padded = math.ceil(resampled * window_padding(shape, affine, task, window))
         classes, most = sum(t.num_classes for t in group), max(t.num_classes for t in group)
-        pre = 4 * c * n + resample_bytes(c, n, resampled)
+        pre = 4 * c * n * (1 if ras else 2) + 28 * resampled + 4 * c * resampled
         net = 0
         if network:
             width = sum(f / math.prod(s for stage in network["strides"][: i + 1] for s in stage)
                         for i, f in enumerate(network["features"]))  # fmt: skip
             net = 4 * network["batch"] * math.prod(window) * (24 + 4.5 * width)
         inference = 4 * c * (resampled + padded) + 4 * (classes + 1) * padded + net
-        post = 4 * c * resampled + 4 * classes * padded + 4 * most * resampled + resample_bytes(most, resampled, n)
-        per_pass.append(max(pre, inference, post + len(group) * n))
+        post = 4 * c * resampled + 4 * classes * padded + 2 * n + 8 * min(2**24, most * n) + len(group) * n
+        per_pass.append(held + max(pre, inference, post))
+        held += len(group) * n
     tasks = sum(len(g) for g in passes)
-    total = 4 * c * n * (2 if len(passes) > 1 else 1) + max(per_pass + ([(26 + tasks) * n] if tasks > 1 else []))
+    total = max([8 * c * n, *per_pass] + ([(6 + tasks) * n] if tasks > 1 else []))
     return int(1.1 * total) + OVERHEAD

@@ -90,17 +90,22 @@ def _takes(task: Task, modality: str) -> bool:
     return modality.upper() in names or (modality.upper() == "MR" and any(n not in ("CT", "PET") for n in names))
 
 
-def _nifti(labels: np.ndarray, affine: np.ndarray) -> Writer:
-    """Writer of a label map (X, Y, Z) as gzipped NIfTI, qform and sform = ``affine`` (RAS)."""
+def _nifti(labels: np.ndarray, affine: np.ndarray) -> bytes:
+    """A label map (X, Y, Z) as gzipped NIfTI, qform and sform = ``affine`` (RAS)."""
     image = nib.Nifti1Image(labels, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    return lambda f: f.write(gzip.compress(image.to_bytes(), compresslevel=1))
+    return gzip.compress(image.to_bytes(), compresslevel=1)
 
 
 def _json(content: dict[str, Any]) -> Writer:
     """Writer of a JSON sidecar."""
-    return lambda f: f.write((json.dumps(content, indent=2) + "\n").encode())
+    return _bytes((json.dumps(content, indent=2) + "\n").encode())
+
+
+def _bytes(data: bytes) -> Writer:
+    """Writer of ``data``."""
+    return lambda f: f.write(data)
 
 
 def _passes(tasks: Sequence[Task]) -> list[list[Task]]:
@@ -165,14 +170,17 @@ def _complete(out: Path, case: str, tasks: Sequence[Task], merged: bool) -> bool
 def merge(maps: dict[str, np.ndarray], tasks: Sequence[Task]) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
     """Task maps (X, Y, Z) -> merged map (X, Y, Z; uint8, or uint16 past 255 labels) and its label table by
     :data:`MERGE_RULE`."""
+    order = sorted(tasks, key=lambda t: t.id)
+    dtype = np.uint8 if sum(t.num_classes - 1 for t in order) < 256 else np.uint16
     table: dict[str, dict[str, Any]] = {"0": {"task": None, "class": 0, "name": "background"}}
-    merged = np.zeros(next(iter(maps.values())).shape, np.int64)
-    for task in sorted(tasks, key=lambda t: t.id):
+    merged = np.zeros(next(iter(maps.values())).shape, dtype)
+    for task in order:
         offset = len(table) - 1
         table.update({str(offset + k): {"task": task.name, "class": k, "name": task.labels[k]}
                       for k in range(1, task.num_classes)})  # fmt: skip
-        merged = np.where(maps[task.name] > 0, maps[task.name].astype(np.int64) + offset, merged)
-    return merged.astype(np.uint8 if len(table) <= 256 else np.uint16), table
+        labels = maps[task.name]
+        np.copyto(merged, labels.astype(dtype) + dtype(offset), where=labels > 0)
+    return merged, table
 
 
 def predict_config(
@@ -197,9 +205,9 @@ def check_values(image: torch.Tensor, files: list[str], nan_policy: str = "refus
     bad: dict[str, list[int]] = {}
     filled: dict[str, dict[str, Any]] = {}
     for c in range(image.shape[0]):
-        counts = [int(torch.isnan(image[c]).sum()), int(torch.isinf(image[c]).sum())]
-        if not any(counts):
+        if torch.isfinite(torch.stack(torch.aminmax(image[c]))).all():  # NaN / Inf voxels make an extreme NaN / Inf
             continue
+        counts = [int(torch.isnan(image[c]).count_nonzero()), int(torch.isinf(image[c]).count_nonzero())]
         bad[file(c)] = [a + b for a, b in zip(bad.get(file(c), [0, 0]), counts)]
         finite = image[c][torch.isfinite(image[c])]
         if nan_policy == "min" and finite.numel():
@@ -284,15 +292,18 @@ class Predictor:
         return tasks
 
     def segment(
-        self, image: torch.Tensor, tasks: list[Task]
+        self, case: dict[str, torch.Tensor], tasks: list[Task]
     ) -> tuple[dict[str, np.ndarray], dict[str, dict], np.ndarray]:
-        """Image (C, X, Y, Z) on its own grid -> {task: labels (X, Y, Z) on that grid}, {task: sidecar fields},
-        affine; one sliding-window pass per group of tasks with the same spacing and normalisation."""
+        """``case["image"]`` (C, X, Y, Z) on its own grid -> {task: labels (X, Y, Z) on that grid}, {task: sidecar
+        fields}, affine; one sliding-window pass per group of tasks with the same spacing and normalisation. The
+        image is taken out of ``case`` for the last pass, so it is freed once resampled."""
         passes = _passes(tasks)
         maps, meta = {}, {}
-        for group in passes:
+        for i, group in enumerate(passes):
             tic = time.perf_counter()
-            item = self.preprocess({"image": image.clone() if len(passes) > 1 else image, "task": group[0].name})
+            image = case.pop("image") if i == len(passes) - 1 else case["image"].clone()
+            item = self.preprocess({"image": image, "task": group[0].name})
+            del image
             x = item["image"][None]  # (1, C, X', Y', Z') at the task spacing, on the CPU
             times, tic = {"preprocess": time.perf_counter() - tic}, time.perf_counter()
             with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp, **self.amp_kwargs):
@@ -305,7 +316,7 @@ class Predictor:
                 tic = time.perf_counter()
                 with torch.no_grad():  # softmax, inverse of the preprocessing, argmax: (1, X, Y, Z)
                     pred = self.postprocess({"image": item["image"], "pred": logits[t.id][0], "task": t.name})["pred"]
-                maps[t.name] = pred.array[0].astype(np.uint8)
+                maps[t.name] = pred.array[0]
                 times["postprocess"] = time.perf_counter() - tic
                 meta[t.name] = {"task_id": t.id, "labels": dict(enumerate(t.labels)), "pass": [g.name for g in group],
                                 "timings_s": dict(times)}  # fmt: skip
@@ -352,18 +363,21 @@ class Predictor:
             wanted = ", ".join(f"{t.name} takes {'+'.join(t.modalities)}" for t in tasks)
             raise InputError(f"the image has {image.shape[0]} channel(s), but {wanted}")
         checked = self.check(image, source, fits)
-        loaded = time.perf_counter() - tic
-        maps, meta, affine = self.segment(image, fits)
+        loaded, case = time.perf_counter() - tic, {"image": image}
+        del image  # segment frees it once resampled
+        maps, meta, affine = self.segment(case, fits)
         inputs = {"case": name, "input": [source] if isinstance(source, str) else source, **checked}
-        files: dict[Path, Writer] = {}
+        tic, encoded = time.perf_counter(), {t.name: _nifti(maps[t.name], affine) for t in fits}
+        if self.all:
+            merged, table = merge(maps, fits)
+            encoded["all_merged"] = _nifti(merged, affine)
+        encoding = time.perf_counter() - tic
+        files: dict[Path, Writer] = {out / f"{name}_{stem}.nii.gz": _bytes(data) for stem, data in encoded.items()}
         for t in fits:
-            files[out / f"{name}_{t.name}.nii.gz"] = _nifti(maps[t.name], affine)
-            meta[t.name]["timings_s"]["load"] = loaded
+            meta[t.name]["timings_s"] = {"load": loaded, **meta[t.name]["timings_s"], "write": encoding}
             sidecar = {**inputs, "task": t.name, **meta[t.name], **self.sidecar, **run}
             files[out / f"{name}_{t.name}.json"] = _json(sidecar)
         if self.all:
-            merged, table = merge(maps, fits)
-            files[out / f"{name}_all_merged.nii.gz"] = _nifti(merged, affine)
             sidecar = {**inputs, "task": "all", "rule": MERGE_RULE, "labels": table, **self.sidecar, **run}
             files[out / f"{name}_all_merged.json"] = _json(sidecar)
         write_group(files)
@@ -394,9 +408,12 @@ def predict(
             task's modality order: ``ct.nii.gz+pet.nii.gz``. A case is named after its (first) file or folder.
         output: folder for ``<case>_<task>.nii.gz`` (uint8 labels = the task's classes, input shape and affine,
             NIfTI whatever the input format) and ``<case>_<task>.json`` (labels, task, checkpoint, bundle, inputs,
-            timings in s). Created if needed and checked writable before the model is loaded; refused if it holds
-            an input. A case's files appear together or not at all (temporary files, renamed once all are
-            written), with the mode a plain ``open()`` gives under the umask.
+            timings in s: ``load`` (read and checks), ``preprocess`` (reorientation, resampling, normalisation),
+            ``inference`` (the sliding window; shared by the tasks of a pass), ``postprocess`` (softmax, inverse
+            resampling, argmax), ``write`` (merging and compressing the case's maps)). Created if needed and
+            checked writable before the model is loaded; refused if it holds an input. A case's files appear
+            together or not at all (temporary files, renamed once all are written), with the mode a plain
+            ``open()`` gives under the umask.
         task: a task of the model (its ``tasks.json``), or ``all``: every task whose channel count fits the case,
             in one sliding-window pass per spacing/normalisation (encoder once, decoder per task), plus
             ``<case>_all_merged.nii.gz`` / ``.json``: tasks in id order, merged label = running index over their
@@ -428,11 +445,12 @@ def predict(
 
     Memory: only windows (sw_batch_size x C x patch) go to the device, so its memory does not grow with the
     volume; the volume is resampled, padded and the logits stitched on the CPU. Host memory per case, estimated
-    before it is resampled (:func:`uniseg_monai.memory.case_memory`): the loaded image, the resampling to the task
-    spacing (float64 grids, about 56 bytes per resampled voxel), the stitched logits + weight map (float32 x
-    classes of the pass + 1, summed over its tasks with ``all``), softmax and the inverse resampling of the
-    probabilities to the input grid (about 56 bytes per input voxel, more past 4 classes), plus the network's
-    windows when it runs on the CPU. A single ``--task`` needs less than ``all``.
+    before it is resampled (:func:`uniseg_monai.memory.case_memory`), grows linearly with the volume: loading (8
+    bytes per input voxel and channel), the resampling to the task spacing (float32 grids, 28 bytes per resampled
+    voxel; the input is freed once resampled), the stitched logits + weight map (float32 x classes of the pass + 1,
+    summed over its tasks with ``all``), the inversion to the input grid (probabilities on the task grid in place
+    of the logits, 1-2 bytes per input voxel for the labels: :class:`~uniseg_monai.transforms.InvertArgmaxd`),
+    plus the network's windows when it runs on the CPU. A single ``--task`` needs less than ``all``.
     """
     out = Path(output)
     if out.exists() and not out.is_dir():

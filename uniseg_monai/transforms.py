@@ -8,17 +8,22 @@ The pipelines themselves are lists of these and MONAI's transforms in the bundle
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from monai.config import KeysCollection
+from monai.config import DtypeLike, KeysCollection
 from monai.data import MetaTensor
+from monai.data.utils import AFFINE_TOL
 from monai.transforms import (
     ClassesToIndices,
     ClassesToIndicesd,
+    Compose,
+    Invertd,
     InvertibleTransform,
     LoadImaged,
     MapTransform,
@@ -28,7 +33,7 @@ from monai.transforms import (
     Transform,
 )
 from monai.transforms.utils import generate_label_classes_crop_centers
-from monai.utils import convert_to_dst_type
+from monai.utils import TraceKeys, convert_to_dst_type
 
 from uniseg_monai.tasks import Normalization, Task, TaskRegistry, resolve_task
 
@@ -56,7 +61,9 @@ class _TaskAware(MapTransform):
 
 
 class ResampleToTaskSpacingd(_TaskAware, InvertibleTransform):
-    """Resample ``keys`` to the item's task spacing (x, y, z mm); ``mode`` per key (image linear, label nearest).
+    """Resample ``keys`` to the item's task spacing (x, y, z mm); ``mode`` per key (image linear, label nearest),
+    computed in ``dtype`` (MONAI's default float64; float32 needs no float64 copy of the image and half the
+    sampling grid, 28 instead of 56 bytes per resampled voxel).
 
     Invertible (``Invertd`` restores the original grid) through the task's own ``Spacingd``.
     """
@@ -67,10 +74,11 @@ class ResampleToTaskSpacingd(_TaskAware, InvertibleTransform):
         registry: TaskRegistry,
         mode: Sequence[str] | str = ("bilinear", "nearest"),
         allow_missing_keys: bool = False,
+        dtype: DtypeLike = np.float64,
     ) -> None:
         super().__init__(keys, registry, allow_missing_keys)
         self._spacing = {
-            t.name: Spacingd(keys, pixdim=t.spacing, mode=mode, allow_missing_keys=allow_missing_keys)
+            t.name: Spacingd(keys, pixdim=t.spacing, mode=mode, dtype=dtype, allow_missing_keys=allow_missing_keys)
             for t in registry.values()
         }
 
@@ -94,6 +102,109 @@ class ResampleToTaskSpacingd(_TaskAware, InvertibleTransform):
         if name is None:
             raise ValueError("cannot invert the task resampling: no 'task' in the item nor in its meta data")
         return self._spacing[self.registry[name].name].inverse(data)
+
+
+def _source_rows(
+    scale: float, shift: float, size: int, rows: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source coordinates ``scale * i + shift`` of target rows i < ``rows`` along one axis of a ``size``-row source,
+    clamped to it (``grid_sample``'s border padding): lower row (rows,), upper row (rows,), weight of the upper."""
+    coords = (torch.arange(rows, dtype=torch.float64, device=device) * scale + shift).clamp_(0, size - 1)
+    low = coords.floor()
+    return low.long(), (low + 1).clamp_(max=size - 1).long(), (coords - low).float()
+
+
+def _lerp(x: torch.Tensor, dim: int, low: torch.Tensor, high: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of ``x`` along ``dim`` between its rows ``low`` and ``high`` (1-D indices), on a
+    (outer, rows, inner) view (``index_select`` on a 4-D tensor's last dimension is 6x slower)."""
+    size = x.shape
+    flat = x.reshape(math.prod(size[:dim]), size[dim], math.prod(size[dim + 1 :]))
+    out = flat.index_select(1, low).lerp_(flat.index_select(1, high), weight.view(1, -1, 1))
+    return out.view(*size[:dim], len(low), *size[dim + 1 :])
+
+
+def _argmax(x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` = argmax of x (C, ...) over C, the first maximum winning ties (as ``torch.argmax``), by a running
+    maximum: 5x faster than ``argmax(0)``, which reduces over the slowest dimension."""
+    best = x[0]
+    out.zero_()
+    for k in range(1, len(x)):
+        out.masked_fill_(x[k] > best, k)
+        best = torch.maximum(best, x[k])
+
+
+class InvertArgmaxd(MapTransform):
+    """``Activationsd(softmax)`` -> ``Invertd(transform)`` -> ``AsDiscreted(argmax)`` of ``keys`` with only the
+    labels on the input grid: logits (C, X', Y', Z') on the grid ``transform`` made -> labels (1, X, Y, Z) (uint8)
+    on the input grid, with the meta data ``Invertd`` gives.
+
+    The softmax overwrites the logits when they are float32. The last step of ``transform`` (a linear
+    ``SpatialResample``, e.g. :class:`ResampleToTaskSpacingd`, with border padding) is undone here for ``block``
+    (C x voxels) at a time: separable linear interpolation along x, y, z (the weights of ``grid_sample``'s trilinear
+    ones, in float32), then the argmax (the first maximum wins ties, as ``torch.argmax``). Its earlier steps (e.g.
+    ``Orientationd``: flips and axis permutations) are undone on the labels by MONAI's ``Invertd``. Memory: the
+    probabilities, the labels (1 byte per input voxel) and one block (two float32 copies), instead of the C-channel
+    probabilities on the input grid in float64 plus its sampling grid (8 C + 56 bytes per input voxel).
+    """
+
+    def __init__(self, keys: KeysCollection, transform: Compose, orig_keys: str = "image", block: int = 2**24) -> None:
+        super().__init__(keys)
+        steps = [t for t in transform.flatten().transforms if isinstance(t, InvertibleTransform)]
+        self.orig_key, self.block = orig_keys, int(block)
+        self.earlier = Invertd(orig_keys, Compose(steps[:-1]), orig_keys=orig_keys, nearest_interp=False)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.orig_key]
+        ops = image.applied_operations
+        last = ops[-1] if ops else {}
+        info = last.get(TraceKeys.EXTRA_INFO, {})
+        if (last.get(TraceKeys.CLASS_NAME), info.get("mode"), info.get("padding_mode")) != (
+            "SpatialResample", "bilinear", "border"
+        ):  # fmt: skip
+            raise ValueError(f"InvertArgmaxd undoes a last bilinear resampling with border padding; got {ops[-1:]}")
+        target = np.asarray(info["src_affine"], dtype=np.float64)  # the grid before the resampling
+        xform = np.linalg.solve(np.asarray(image.affine, dtype=np.float64), target)  # its voxel -> resampled voxel
+        scale, shift = np.diag(xform)[:3], xform[:3, 3]
+        if not np.allclose(xform[:3, :3], np.diag(scale), atol=1e-6):
+            raise ValueError(f"InvertArgmaxd needs an axis-aligned resampling (scaling and shift), got {xform}")
+        size = [int(n) for n in last[TraceKeys.ORIG_SIZE]]
+        for key in self.key_iterator(d):
+            probs = self.softmax(d[key])
+            labels = self.labels(probs, scale, shift, size, np.allclose(xform, np.eye(4), atol=AFFINE_TOL))
+            out = MetaTensor(labels[None], meta=dict(image.meta))
+            out.affine = torch.as_tensor(target)
+            out.applied_operations = ops[:-1]
+            d[key] = self.earlier({self.orig_key: out})[self.orig_key]
+        return d
+
+    @staticmethod
+    def softmax(logits: torch.Tensor) -> torch.Tensor:
+        """Logits (C, ...) -> probabilities, in place when float32."""
+        x = logits.as_tensor() if isinstance(logits, MetaTensor) else logits
+        x = x.float()
+        x.sub_(x.amax(0, keepdim=True)).exp_()
+        return x.div_(x.sum(0, keepdim=True))
+
+    def labels(
+        self, probs: torch.Tensor, scale: np.ndarray, shift: np.ndarray, size: list[int], unchanged: bool
+    ) -> torch.Tensor:
+        """Probabilities (C, X', Y', Z') -> argmax (X, Y, Z) of their resampling to ``size``, where target voxel v
+        samples source voxel ``scale * v + shift``; ``unchanged`` (the resampling was skipped, as MONAI skips an
+        identity): the argmax itself."""
+        labels = torch.empty(size, dtype=torch.uint8 if len(probs) <= 256 else torch.int16, device=probs.device)
+        if unchanged and list(probs.shape[1:]) == size:
+            _argmax(probs, labels)
+            return labels
+        axes = [_source_rows(scale[a], shift[a], probs.shape[a + 1], size[a], probs.device) for a in range(3)]
+        rows = max(1, int(self.block / (len(probs) * size[1] * size[2] * max(1.0, scale[0]))))
+        for start in range(0, size[0], rows):
+            low, high, weight = (a[start : start + rows].tolist() for a in axes[0])
+            first, last = low[0], high[-1] + 1  # the source rows these target rows read
+            block = _lerp(_lerp(probs[:, first:last], 3, *axes[2]), 2, *axes[1])  # (C, last - first, Y, Z)
+            for row, (i, j, w) in enumerate(zip(low, high, weight), start):
+                _argmax(torch.lerp(block[:, i - first], block[:, j - first], w), labels[row])
+        return labels
 
 
 def normalize_channel(x: torch.Tensor, norm: Normalization) -> torch.Tensor:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import ADN, Convolution
 from torch import nn
 
@@ -110,3 +111,19 @@ class DecoderStage(nn.Module):
         if extra is None:
             return self.blocks(torch.cat([self.upsample(x), skip], dim=1))
         return self.blocks(torch.cat([self.upsample(x), skip, extra], dim=1))
+
+    @torch.jit.unused
+    def first_conv(self, part: int, x: torch.Tensor, bias: bool = False) -> torch.Tensor:
+        """The first conv block's convolution of one part of its input: 0 the upsampled input, 1 the skip, 2 the
+        extra channels; (B, channels of the part, s) -> (B, C, s). The convolution is linear, so the parts'
+        responses (one of them with the bias) sum to the response to their concatenation: a part that several
+        decoder inputs share (the skip, for every task) is convolved once."""
+        conv = self.blocks[0].conv
+        c = conv.out_channels
+        start, stop = (0, c, 2 * c, conv.in_channels)[part : part + 2]
+        return F.conv3d(x, conv.weight[:, start:stop], conv.bias if bias else None, conv.stride, conv.padding)
+
+    @torch.jit.unused
+    def after_first_conv(self, response: torch.Tensor) -> torch.Tensor:
+        """The stage from the first conv block's convolution on: its norm and activation, the second block."""
+        return self.blocks[1](self.blocks[0].adn(response))

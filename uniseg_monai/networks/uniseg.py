@@ -392,15 +392,41 @@ class UniSeg(UniSegBackbone):
         return self.output(self.decode_task(z, skips, task_prompt, self.training and self.deep_supervision))
 
     @torch.jit.unused
+    def full_resolution_head(self, z: torch.Tensor) -> torch.Tensor:
+        """The last decoder stage's head (by :attr:`class_groups` when set): (B, F, X, Y, Z) -> (B, K, X, Y, Z)."""
+        head = self.heads[len(self.heads) - 1]
+        return head(z) if len(self.class_groups) < 2 else self.grouped_head(head.conv.weight, z)
+
+    @torch.jit.unused
     def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> torch.Tensor:
         """All-task inference: encoder and FUSE once, then the decoder once per task in ``task_ids``, one task
         after the other, so memory does not grow with the number of tasks (batching the tasks through the decoder
-        was slower and took 5x the memory for 7 tasks: ``benchmarks/all_task_decoding.py``). Equals
-        ``forward(x, t)`` for each t. x (B, C, X, Y, Z), T task ids -> full-resolution logits (B, T, K, X, Y, Z)."""
+        was slower and took 5x the memory for 7 tasks: ``benchmarks/all_task_decoding.py``), and what does not
+        depend on the task once: each decoder stage's convolution of its skip (a third of the decoder's
+        multiply-accumulates) and, with ``prompt_at`` ``end``, every stage but the last. Equals ``forward(x, t)``
+        for each t (to float rounding). x (B, C, X, Y, Z), T task ids -> full-resolution logits (B, T, K, X, Y, Z).
+        """
         ids = self._checked_task_ids(list(task_ids), len(task_ids))
         skips, z = self.encode(x)
         prompts = self.task_prompts(z).index_select(1, ids)  # (B, T, *s)
-        logits = [self.decode_task(z, skips, prompts[:, i : i + 1], all_heads=False)[0] for i in range(ids.numel())]
+        last, logits = len(self.decoder) - 1, []
+        if self.prompt_position == "end":  # only the last stage sees the task
+            for i, stage in enumerate(self.decoder[:-1]):
+                z = stage(z, skips[last - i])
+            stage = self.decoder[last]
+            shared = stage.first_conv(0, stage.upsample(z)) + stage.first_conv(1, skips[0], bias=True)
+            size = skips[0].shape[2:]
+            for t in range(ids.numel()):
+                end = F.interpolate(prompts[:, t : t + 1], size=size, mode="trilinear", align_corners=False)
+                h = stage.after_first_conv(shared + stage.first_conv(2, end))
+                logits.append(self.full_resolution_head(h))
+            return torch.stack(logits, dim=1)
+        shared = [stage.first_conv(1, skips[last - i], bias=True) for i, stage in enumerate(self.decoder)]
+        for t in range(ids.numel()):
+            h = torch.cat([z, prompts[:, t : t + 1]], dim=1)
+            for stage, response in zip(self.decoder, shared):
+                h = stage.after_first_conv(stage.first_conv(0, stage.upsample(h)) + response)
+            logits.append(self.full_resolution_head(h))
         return torch.stack(logits, dim=1)
 
 
