@@ -116,7 +116,7 @@ def test_training_batches_from_the_disk_cache_equal_those_from_memory(phantoms, 
     set_determinism(seed=None)
     for memory, disk in zip(batches["memory"], batches["disk"]):
         assert torch.equal(memory["task_id"], disk["task_id"])
-        assert memory["image"].meta["case"] == disk["image"].meta["case"]
+        assert memory["image"].meta["filename_or_obj"] == disk["image"].meta["filename_or_obj"]
         for key in ("image", "label"):
             assert torch.equal(memory[key].as_tensor(), disk[key].as_tensor())
             assert torch.equal(memory[key].affine, disk[key].affine)
