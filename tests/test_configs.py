@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import BUNDLES, shared_path
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.handlers import CheckpointSaver, StatsHandler
 from monai.transforms import Rand3DElasticd
 
@@ -227,3 +228,25 @@ def test_compile_and_amp_dtype_reach_the_network_and_the_engines(phantoms):
     assert network._compiled_call_impl is not None and not any(k.startswith("_orig_mod") for k in network.state_dict())
     for engine in ("train#trainer", "validate#evaluator"):
         assert parser.get_parsed_content(f"{engine}#amp_kwargs") == {"dtype": torch.float16}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_trainer_hands_the_network_plain_tensors_and_the_evaluator_meta_tensors(name):
+    """MetaTensor inputs make every operation of a training step a MetaTensor one; the evaluator's post-processing
+    needs the image's meta data, which it reads from the prepared batch."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / name / "configs" / "train.json")])
+    prepare = parser.get_parsed_content("train#trainer#prepare_batch")
+    meta = {"affine": torch.eye(4), "filename_or_obj": "ct.nii.gz"}
+    batch = {"image": MetaTensor(torch.rand(2, 1, 4, 4, 4), meta=meta), "label": MetaTensor(torch.ones(2, 1, 4, 4, 4)),
+             "task_id": torch.tensor([1, 1])}  # fmt: skip
+    image, label, args, kwargs = prepare(batch, torch.device("cpu"))
+    assert type(image) is torch.Tensor and type(label) is torch.Tensor
+    assert torch.equal(image, batch["image"].as_tensor())
+    if name == "uniseg_pretrain":  # the task id goes to UniSeg, not to the backbones
+        assert torch.equal(kwargs["task_id"], batch["task_id"]) and args == ()
+    else:
+        assert kwargs == {} and args == ()
+    evaluator = parser.get_parsed_content("validate#evaluator#prepare_batch", default=None)
+    if evaluator is not None:
+        assert isinstance(evaluator(batch, torch.device("cpu"))[0], MetaTensor)
