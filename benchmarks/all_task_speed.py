@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from network_speed import timed
 
 from uniseg_monai.inferers import AllTaskSlidingWindowInferer, TaskSlidingWindowInferer
 from uniseg_monai.networks import UniSeg
@@ -53,20 +53,11 @@ def seconds(runs: dict, device: torch.device, repeats: int, warm_up) -> dict[str
     (in reversed order every other round), and ``ratio``: the median over rounds of the last run's time over the
     first's."""
 
-    def timed(run) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     warm_up()
     names, times = list(runs), {name: [] for name in runs}
     for r in range(repeats):
         for name in names if r % 2 == 0 else reversed(names):
-            times[name].append(timed(runs[name]))
+            times[name].append(timed(runs[name], device))
     out = {name: statistics.median(t) for name, t in times.items()}
     out["ratio"] = statistics.median(b / a for a, b in zip(times[names[0]], times[names[-1]]))
     return out
