@@ -62,7 +62,10 @@ def test_memory_over_the_limit_is_refused_with_the_numbers_and_the_fix(phantoms,
         bundle_dataset(**args, dataset_type="ram")
     with pytest.raises(UsageError, match=r"^--cache_rate must be a number in \[0, 1\], got 2$"):
         bundle_dataset(**args, cache_rate=2)
-    assert not files(tmp_path / "cache")
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(UsageError, match=r"^--cache_dir .*a_file is a file, not a folder"):
+        bundle_dataset(**args, dataset_type="disk", cache_dir=str(tmp_path / "a_file"))
+    assert not files(tmp_path / "cache") and (tmp_path / "a_file").read_text() == "kept"
 
 
 def test_disk_cache_resumes_and_never_uses_a_damaged_file(phantoms, tmp_path, monkeypatch):

@@ -135,6 +135,11 @@ def test_non_finite_guard_stops_before_the_weights_change():
     nan_input.state.batch["image"][0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"1 NaN / Inf voxels in the input batch at epoch 1, iteration 1 "):
         guard.check_inputs(nan_input)
+    nan_label = engine(0.5)
+    nan_label.state.batch["label"] = torch.zeros(2, 1, 4, 4, 4)
+    nan_label.state.batch["label"][1, 0, 1, 1, 1] = float("nan")  # a float label file with NaN voxels
+    with pytest.raises(NonFiniteError, match=r"1 NaN / Inf voxels in the input batch at .*these labels"):
+        guard.check_inputs(nan_label)
     with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at epoch 1.*task\(s\) ph_organs"):
         guard.check_loss(engine(float("nan")))
     with pytest.raises(NonFiniteError, match=r"non-finite gradient.*the weights were not updated"):

@@ -32,7 +32,7 @@ def _names(batch: Any) -> str:
 class NonFiniteGuard:
     """Stop training with a :class:`~uniseg_monai.errors.NonFiniteError` naming the epoch, iteration, tasks and files
     of the batch at the first
-    - input batch holding NaN / Inf voxels (when the iteration starts),
+    - input batch holding NaN / Inf voxels in its images or labels (when the iteration starts),
     - non-finite loss (before the backward pass) or gradient (before the optimiser step),
     so the weights stay finite and the last checkpoint remains the last good state (checkpoints are written at
     epoch ends). With float16 AMP (the engine's ``GradScaler`` is enabled) a non-finite loss or gradient is the
@@ -64,13 +64,15 @@ class NonFiniteGuard:
 
     def check_inputs(self, engine: Engine) -> None:
         batch = engine.state.batch
-        image = batch.get("image") if isinstance(batch, Mapping) else None
-        if isinstance(image, torch.Tensor) and not torch.isfinite(image).all():
-            bad = int((~torch.isfinite(image)).sum())
-            raise NonFiniteError(
-                f"{bad} NaN / Inf voxels in the input batch at {self._where(engine)}: fix or remove these images "
-                "(`uniseg check-data DATALIST` lists every such file); no weights were updated with them"
-            )
+        for key in ("image", "label"):
+            x = batch.get(key) if isinstance(batch, Mapping) else None
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
+                bad = int((~torch.isfinite(x)).sum())
+                raise NonFiniteError(
+                    f"{bad} NaN / Inf voxels in the input batch at {self._where(engine)}: fix or remove these "
+                    f"{'images' if key == 'image' else 'labels'} (`uniseg check-data DATALIST` lists every such file); "
+                    "no weights were updated with them"
+                )
 
     def check_loss(self, engine: Engine) -> None:
         loss = engine.state.output["loss"]

@@ -410,7 +410,9 @@ def predict(
             NIfTI whatever the input format) and ``<case>_<task>.json`` (labels, task, checkpoint, bundle, inputs,
             timings in s: ``load`` (read and checks), ``preprocess`` (reorientation, resampling, normalisation),
             ``inference`` (the sliding window; shared by the tasks of a pass), ``postprocess`` (softmax, inverse
-            resampling, argmax), ``write`` (merging and compressing the case's maps)). Created if needed and
+            resampling, argmax), ``write`` (merging and compressing the case's maps); with ``all`` each task's sidecar
+            repeats the case's ``load`` / ``write`` and its pass's (``pass`` field) ``preprocess`` / ``inference``:
+            do not add them up over tasks). Created if needed and
             checked writable before the model is loaded; refused if it holds an input. A case's files appear
             together or not at all (temporary files, renamed once all are written), with the mode a plain
             ``open()`` gives under the umask.

@@ -16,6 +16,7 @@ from uniseg_monai.data.check import check_run_items
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, load_items, read_datalist, task_items
 from uniseg_monai.errors import flag
 from uniseg_monai.model_files import MODEL_FILE, model_tasks
+from uniseg_monai.precision import autocast_kwargs
 from uniseg_monai.run_folder import check_output_dir, check_run_dir
 from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry, resolve_task, save_model_tasks
 
@@ -98,11 +99,14 @@ def start_run(
     request_task: str = "",
     items: Sequence[Sequence[Mapping[str, Any]]] = (),
     default: str = "",
+    amp_dtype: str = "bfloat16",
 ) -> bool:
     """Before a training run: refuse to overwrite an earlier run (:func:`uniseg_monai.run_folder.check_run_dir`; a
-    MONAI Label request trains in place), check the headers of the files of ``items`` (lists of items, e.g.
-    training and validation; :func:`uniseg_monai.data.check.check_run_items`, ``default``: the task of items that
-    name none), then record the run's tasks in ``<ckpt_dir>/tasks.json``. True, for ``initialize``."""
+    MONAI Label request trains in place) and an unknown ``amp_dtype``, check the headers of the files of ``items``
+    (lists of items, e.g. training and validation; :func:`uniseg_monai.data.check.check_run_items`, ``default``: the
+    task of items that name none), then record the run's tasks in ``<ckpt_dir>/tasks.json``. True, for
+    ``initialize`` (before any data is cached)."""
+    autocast_kwargs(amp_dtype)
     check_run_dir(ckpt_dir, flag(resume, "resume"), in_place=bool(request_task))
     check_run_items(items, registry, default)
     save_model_tasks(registry, ckpt_dir)

@@ -203,6 +203,8 @@ def bundle_dataset(
         if fits:
             return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers, copy_cache=copy_cache)
     folder = Path(cache_dir) if cache_dir else Path(ckpt_dir) / "cache"
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--cache_dir {folder} is a file, not a folder: name a folder (created if missing)")
     dataset = DiskCacheDataset(data, transform, folder, num_workers)
     built = dataset.fill(*_rank())
     free = shutil.disk_usage(folder).free / GIB
