@@ -233,7 +233,7 @@ def test_common_bundle_mistakes_end_in_one_line_naming_the_fix(cases, tmp_path, 
         err = stderr_of_failed_run("train", capsys, **{k: str(v) if isinstance(v, Path) else v for k, v in ids.items()})
         assert len(err.strip().splitlines()) <= 2 and err.startswith("uniseg: error: "), (name, err)
         assert all(marker in err for marker in markers), (name, err)
-        if name in ("nothing to resume", "bad boolean", "missing file", "label grid"):  # stopped before start_run wrote
+        if name in ("nothing to resume", "bad boolean", "bad AMP dtype", "missing file", "label grid"):  # none written
             assert not Path(ids["ckpt_dir"]).exists() or not any(Path(ids["ckpt_dir"]).iterdir()), name
     assert sorted(p.name for p in earlier.iterdir()) == ["checkpoint_epoch=3.pt"]  # untouched
     err = stderr_of_failed_run("train+evaluate", capsys, dataset_dir=str(data), ckpt_dir=str(tmp_path / "empty"))
