@@ -239,9 +239,10 @@ class TaskExtension:
         self.ckpt_dir, self.datalist = Path(ckpt_dir), datalist
         data = read_datalist(datalist)
         cases = {item["task"] for item in data.get("training", [])}
-        rehearsed = [name for name in model.tasks.names if name in cases] if flag(rehearse, "rehearse") else []
+        rehearse = flag(rehearse, "rehearse")
+        rehearsed = [name for name in model.tasks.names if name in cases] if rehearse else []
         self.trained_tasks = [task] + (rehearsed if mode != "prompt" else [])
-        _warn_about(data, datalist, self.registry, task, mode, rehearsed, flag(rehearse, "rehearse"))
+        _warn_about(data, datalist, self.registry, task, mode, rehearsed, rehearse)
         self.network = grow_network(base, self.registry[task].num_classes)
         self.patch_size = list(model.network_def["patch_size"])
         self.frozen: dict[str, tuple[tuple[slice, ...], torch.Tensor]] = {}  # partly trained: (old region, values)
@@ -255,12 +256,12 @@ class TaskExtension:
                 param.requires_grad_(False)
             else:
                 self.frozen[key] = (region, param.detach()[region].clone())
-        earlier = (model.provenance or {}).get("added_tasks", [])
+        earlier, digest = (model.provenance or {}).get("added_tasks", []), sha256(path)
         self.network.pretrained_provenance = {
             **(model.provenance or {}),
             "base_model": str(path.resolve()),
-            "base_model_sha256": sha256(path),
-            "added_tasks": [*earlier, {"task": task, "mode": mode, "base_model_sha256": sha256(path)}],
+            "base_model_sha256": digest,
+            "added_tasks": [*earlier, {"task": task, "mode": mode, "base_model_sha256": digest}],
         }
 
     def items(self, section: str) -> list[dict[str, Any]]:
