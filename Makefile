@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lint test demo ablate bench bundles gpu-wheels
+.PHONY: setup lint test test-isa demo ablate bench bundles gpu-wheels
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest
+	$(MAKE) test-isa
+
+# the exactness tests (two computation paths of the same numbers) again with the kernels of other instruction sets
+# (oneDNN's convolutions) and on 2 threads: an equality that holds on one CPU only fails here
+test-isa: setup
+	ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -q -m exactness
+	ONEDNN_MAX_CPU_ISA=SSE41 UNISEG_TEST_THREADS=2 $(BIN)/pytest -q -m exactness
 
 bench: setup
 	$(BIN)/python benchmarks/network_speed.py

@@ -28,9 +28,10 @@ def shared_path(relative: str) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """The tests' tiny networks run faster on one thread than on two cores shared with data loading."""
+    """The tests' tiny networks run faster on one thread than on two cores shared with data loading;
+    ``UNISEG_TEST_THREADS=N`` runs them on N (``make test-isa`` checks the exactness tests on 2)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("UNISEG_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
 

@@ -40,6 +40,7 @@ def assert_same_old_outputs(grown: UniSeg, base: UniSeg, x: torch.Tensor, classe
             assert torch.equal(ours[:, :k], ref[:, :k]), (task, (ours[:, :k] - ref[:, :k]).abs().max())
 
 
+@pytest.mark.exactness
 def test_growing_the_official_fixture_keeps_every_old_output_bit_identical(official_fixture):
     base = official_upstream(official_fixture)
     grown = grow_network(base, num_classes=6)  # a new task with more classes than the 4 heads
@@ -61,6 +62,7 @@ def test_growing_the_official_fixture_keeps_every_old_output_bit_identical(offic
     assert torch.equal(scripted(x, torch.tensor([12])), twice(x, 12))
 
 
+@pytest.mark.exactness
 def test_growing_a_multiple_prompts_variant():
     base = UniSeg(num_tasks=2, num_classes=3, patch_size=(32, 32, 16), features=(4, 8, 16), kernel_sizes=[3] * 3,
                   strides=[1, 2, 2], prompt="multiple").eval()  # fmt: skip
@@ -106,6 +108,7 @@ def prompt_run(predict_model, new_task_datalist, tmp_path_factory) -> tuple[Path
     return out, run_add(predict_model, new_task_datalist, out, "prompt"), before
 
 
+@pytest.mark.exactness
 def test_prompt_mode_trains_only_new_parts_and_old_tasks_stay_bit_identical(predict_model, prompt_run, phantoms):
     out, report, before = prompt_run
     assert sha(predict_model) == before  # the base model is only read

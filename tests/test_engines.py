@@ -82,6 +82,7 @@ def test_training_inferer_passes_the_task_and_tags_the_output():
     torch.testing.assert_close(out[0], net(x, torch.tensor([2, 0]))[0])
 
 
+@pytest.mark.exactness
 def test_sliding_window_inferer_restricts_classes_mirrors_and_takes_a_default_task():
     torch.manual_seed(0)
     net = UniSeg(num_tasks=3, num_classes=4, **SMALL).eval()
@@ -102,6 +103,7 @@ def test_sliding_window_inferer_restricts_classes_mirrors_and_takes_a_default_ta
         assert mixed.shape[1] == 4 and torch.softmax(mixed, 1)[0, 2:].max() == 0  # absent classes get softmax 0
 
 
+@pytest.mark.exactness
 def test_all_task_inference_equals_the_per_task_passes():
     torch.manual_seed(0)
     net = UniSeg(num_tasks=4, num_classes=4, features=(4, 8, 16, 32), patch_size=(32, 32, 16), **TINY_ARCH).eval()
@@ -123,6 +125,7 @@ def test_all_task_inference_equals_the_per_task_passes():
         net.forward_tasks(x[..., :32, :, :16], [4])
 
 
+@pytest.mark.exactness
 def test_mirroring_inferer_serves_task_free_networks():
     torch.manual_seed(0)
     net = UniSegBackbone(num_classes=3, features=SMALL["features"]).eval()

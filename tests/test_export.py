@@ -58,6 +58,7 @@ def test_export_result_and_network_untouched(exported):
 
 
 @pytest.mark.parametrize("window", [PATCH, [16, 24, 24]], ids=["patch", "other"])
+@pytest.mark.exactness
 def test_onnx_matches_pytorch_per_task(exported, window):
     """At the export window and at another admissible one (dynamic axes + resampled prompt), for two tasks."""
     net, path, _ = exported

@@ -96,6 +96,7 @@ def _bundle_prediction(bundle: Path, phantoms: Path, task: str, out: Path) -> Pa
     return found
 
 
+@pytest.mark.exactness
 def test_infer_task_segments_the_chosen_task_in_the_input_geometry(bundle, phantoms, tmp_path):
     infer = BundleInferTask(str(bundle), conf={})
     assert infer.is_valid()

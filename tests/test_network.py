@@ -39,6 +39,7 @@ def test_paper_configuration_parameter_breakdown():
     assert net.total_stride == (32, 32, 16)
 
 
+@pytest.mark.exactness
 def test_deep_supervision_in_training_and_full_resolution_in_eval(net):
     x = torch.randn(2, 1, 64, 64, 16)
     outs = net.train()(x, 0)
@@ -57,6 +58,7 @@ def test_deep_supervision_in_training_and_full_resolution_in_eval(net):
     assert isinstance(net.train()(x, 0), torch.Tensor)
 
 
+@pytest.mark.exactness
 def test_every_sample_uses_its_own_task(net):
     net.eval()
     x = torch.randn(3, 1, 64, 64, 16)
@@ -69,6 +71,7 @@ def test_every_sample_uses_its_own_task(net):
     assert (same_image_other_task - mixed[:1]).abs().max() > 1e-3  # the prompt does change the result
 
 
+@pytest.mark.exactness
 def test_task_id_forms_agree(net):
     net.eval()
     x = torch.randn(2, 1, 64, 64, 16)
@@ -168,6 +171,7 @@ COMPILE_TINY = {
 }  # the smallest UniSeg: inductor's compile time grows with the number of ops, not with the tensors
 
 
+@pytest.mark.exactness
 def test_forward_compiles_without_graph_breaks_to_the_eager_outputs_and_plain_weights(tmp_path):
     torch.manual_seed(0)
     net, eager = UniSeg(**COMPILE_TINY), UniSeg(**COMPILE_TINY)

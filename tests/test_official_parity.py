@@ -28,11 +28,14 @@ def converted(fixture: dict, kind: str) -> torch.nn.Module:
 
 
 def float32_tolerance(reference: torch.Tensor) -> float:
-    """1e-5, relative to the output's scale: logits reach |9| and float32 carries ~1e-7 relative per op."""
-    return 1e-5 * max(1.0, reference.abs().max().item())
+    """1e-4, relative to the output's scale: logits reach |9|, float32 carries ~1e-7 relative per op, and the
+    reference was computed with other CPU kernels (up to 4.4e-5 measured here with SSE4.1-only oneDNN and ATen
+    kernels on 2 threads; a wrong layer gives 1e-2 and more)."""
+    return 1e-4 * max(1.0, reference.abs().max().item())
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.exactness
 def test_converted_checkpoint_matches_official_outputs(official_fixture, kind):
     net = converted(official_fixture, kind)
     for case in official_fixture[KINDS[kind]]:
@@ -45,9 +48,10 @@ def test_converted_checkpoint_matches_official_outputs(official_fixture, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.exactness
 def test_official_axis_order_reproduces_reference_exactly(official_fixture, kind):
     """Built in (z, y, x) order with the official (unpermuted) weights, our layers compute what the official
-    ones do to 1e-5 relative to the output's scale (float32 conv kernels differ per CPU: 1.5e-5 and 2.9e-5
+    ones do to float32 rounding (:func:`float32_tolerance`; conv kernels differ per CPU: 1.5e-5 and 2.9e-5
     absolute were measured on two Xeons): the structure (stems, FUSE, prompt selection, decoder, heads) is the same."""
     state = official_fixture[f"{kind}_state_dict"]
     network_def = infer_network_def(state)

@@ -161,6 +161,7 @@ def resumed(phantoms, first_epoch, tmp_path_factory) -> tuple[Path, list[str], d
     return root, lines, best
 
 
+@pytest.mark.exactness
 def test_resume_at_an_epoch_end_gives_the_uninterrupted_weights(resumed, reference, first_epoch):
     assert_same_run(resumed[0], reference)
     # the best score so far decides whether a validation replaces model.pt: restored, not restarted

@@ -119,6 +119,7 @@ def test_clip_dodnet_reads_a_fixed_embedding_table(tmp_path):
         CLIPDoDNet(**SMALL)
 
 
+@pytest.mark.exactness
 def test_the_task_blind_backbone_ignores_the_task():
     net = TaskBlindUniSeg(**SMALL).eval()
     x = batch(1)
@@ -126,6 +127,7 @@ def test_the_task_blind_backbone_ignores_the_task():
 
 
 @pytest.mark.parametrize("net", [DoDNet(**SMALL), TaskBlindUniSeg(**SMALL), UniSeg(**SMALL, **PATCH, prompt_at="end")])
+@pytest.mark.exactness
 def test_all_task_inference_equals_the_per_task_passes(net):
     net.eval()
     x = batch()
@@ -147,6 +149,7 @@ def test_all_task_inference_equals_the_per_task_passes(net):
     ],
     ids=["fixed", "multiple", "uniseg_t", "dodnet", "task_blind"],
 )
+@pytest.mark.exactness
 def test_variants_are_torchscript_compatible_and_rebuild_from_their_network_def(net):
     net.eval()
     x, ids = batch(), torch.tensor([2, 0])
