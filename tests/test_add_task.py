@@ -241,6 +241,8 @@ def test_refused_settings(base_file, tmp_path, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(UsageError, match="is a folder: pass the model file"):
         add_task(str(datalist), "ct_new", str(PREDICT_BUNDLE), checkpoint=str(base_file.parent))
+    with pytest.raises(ValueError, match=r"^--task: task name '\.\./up': use letters"):  # before <bundle>/models_../up
+        add_task(str(datalist), "../up", str(PREDICT_BUNDLE), checkpoint=str(base_file))
     assert not (tmp_path / "new").exists()
 
 

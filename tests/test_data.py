@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,27 @@ def test_check_data_reports_every_problem_with_its_file(phantoms, tmp_path):
         assert any(marker in str(p) for p in check_datalist(datalist, progress=False))
     run = subprocess.run([sys.executable, "-m", "uniseg_monai", "check-data", str(datalist)], capture_output=True)
     assert run.returncode == 1 and b"share id 0" in run.stdout
+
+
+@pytest.mark.parametrize("defined", [True, False])
+def test_a_datalist_task_name_that_is_not_an_identifier_is_refused(phantoms, tmp_path, defined):
+    good = json.loads(phantoms.read_text())
+    item = {**good["training"][0], "image": str(phantoms.parent / good["training"][0]["image"])}
+    item["label"] = str(phantoms.parent / item["label"])
+    tasks = {**good["tasks"], "../../evil": good["tasks"]["ph_organs"]} if defined else good["tasks"]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"tasks": tasks, "training": [item, {**item, "task": "../../evil"}]}))
+    where = f'{datalist}: "tasks"' if defined else f"{datalist}: training[1]"
+    problems = check_datalist(datalist, progress=False)
+    assert len(problems) == 1 and f"{where.removeprefix(f'{datalist}: ')}: task name '../../evil'" in str(problems[0])
+    for read in (registry_for_datalist, lambda path: load_items(path, "training", registry_for_datalist(phantoms))):
+        with pytest.raises(ValueError, match=f"^{re.escape(where)}: task name '../../evil': use letters"):
+            read(datalist)
+    run = subprocess.run([sys.executable, "-m", "uniseg_monai", "check-data", str(datalist)], capture_output=True)
+    assert run.returncode == 1 and b"task name '../../evil'" in run.stdout
+    with pytest.raises(ValueError, match=re.escape("--task: task name '../up'")):
+        prepare(tmp_path, "../up", tmp_path / "prepared.json")
+    assert not (tmp_path / "prepared.json").exists()
 
 
 def test_prepare_msd_and_nnunet_folders_merge_into_one_datalist(phantoms, tmp_path):

@@ -16,6 +16,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from uniseg_monai.data.phantoms import generate_downstream_phantoms
+from uniseg_monai.errors import user_error
 from uniseg_monai.model_files import read_model, save_model
 from uniseg_monai.tasks import TaskRegistry, save_model_tasks
 from uniseg_monai.wiring import registry_for_datalist
@@ -118,6 +119,8 @@ def test_infer_task_segments_the_chosen_task_in_the_input_geometry(bundle, phant
     assert not np.array_equal(maps["ph_organs"], maps["ph_liver"])
     with pytest.raises(Exception, match="no task given"):  # a request that chose no task (REST default)
         infer({"image": str(image), "device": "cpu"})
+    with pytest.raises(Exception, match=r"task name '\.\./x': use letters"):  # a request naming no task name
+        infer({"image": str(image), "task": "../x", "device": "cpu"})
 
 
 def test_fine_tuning_bundle_segments_its_one_task(tmp_path):
@@ -164,3 +167,16 @@ def test_train_task_fine_tunes_the_chosen_task_and_updates_model_pt(bundle, phan
     (kept,) = (bundle / "models").glob("model_before_*.pt")  # the previous model is kept
     previous = read_model(kept).state
     assert all(torch.equal(previous[k], before[k]) for k in before)
+
+
+def test_a_train_request_naming_no_task_name_is_refused_before_anything_changes(bundle, phantoms):
+    root = phantoms.parent
+    item = json.loads(phantoms.read_text())["training"][0]
+    items = [{"image": str(root / item["image"]), "label": str(root / item["label"])}] * 2
+    models = {p: p.read_bytes() for p in (bundle / "models").iterdir()}
+    train = BundleTrainTask(str(bundle), conf={})
+    request = {"model": "uniseg_pretrain", "task": "../x", "max_epochs": 1, "val_split": 0.5, "device": "cpu"}
+    with pytest.raises(Exception) as raised:  # MONAI wraps it; the one line printed is the user error's
+        train({**train.config(), **request, "multi_gpu": False}, _Labelled(items))
+    assert str(user_error(raised.value)).startswith("MONAI Label request: task: task name '../x': use letters")
+    assert {p: p.read_bytes() for p in (bundle / "models").iterdir()} == models

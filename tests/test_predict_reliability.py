@@ -1,7 +1,8 @@
 """``uniseg predict`` never turns bad numbers into a map, never allocates absurd memory, and writes complete,
 shareable outputs: NaN / Inf and constant images, singular affines and absurd voxel sizes, the memory estimate and
 its limit, unwritable output folders, a case's files written together or not at all, --skip_existing, file modes
-under the umask, and a checkpoint trained with other settings (through the command line)."""
+under the umask, a checkpoint trained with other settings (through the command line), and task or case names that
+would lead out of the output folder."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from conftest import PREDICT_BUNDLE, PREDICT_TINY
 
 from uniseg_monai import atomic
 from uniseg_monai import predict as predict_module
-from uniseg_monai.atomic import write_group
-from uniseg_monai.errors import UsageError
+from uniseg_monai.atomic import inside, write_group
+from uniseg_monai.cli import main
+from uniseg_monai.errors import InputError, UsageError
 from uniseg_monai.memory import GIB, case_memory
 from uniseg_monai.model_files import ModelFileError, read_model
 from uniseg_monai.networks import UniSeg, nnunet_features
@@ -233,3 +235,57 @@ def test_a_checkpoint_trained_with_other_settings_is_one_short_error(predict_mod
     wide_file = bare_checkpoint(tmp_path / "wide", wide.state_dict(), model.tasks)
     with pytest.raises(ModelFileError, match=r"vs config \[4, 8, 16, 32, 64, 128\]: pass --base_features 8\)"):
         run(wide_file, str(good), tmp_path / "out")
+
+
+def tree(folder: Path) -> dict[Path, bytes | None]:
+    """Every path under ``folder`` with its content (None for a folder)."""
+    return {p: None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def test_task_names_of_a_model_file_or_the_command_line_never_lead_out_of_the_output_folder(
+    predict_model, crop, tmp_path, capsys
+):
+    good = save(tmp_path / "good.nii.gz", *crop)
+    model = read_model(predict_model)
+    tasks = model.tasks.to_json()
+    tasks["x/../../../ESCAPED"] = tasks.pop("ph_liver")  # <out>/good_x/../../../ESCAPED.nii.gz: two levels above
+    escaping = tmp_path / "escaping.pt"
+    torch.save({"model": model.state, "network_def": model.network_def, "tasks": tasks}, escaping)
+    out = tmp_path / "a" / "b" / "out"
+    (tmp_path / "a").mkdir()
+    before = tree(tmp_path)
+    argv = ["predict", "-i", str(good), "-o", str(out), "--bundle", str(PREDICT_BUNDLE), "--device", "cpu"]
+    argv += ["--base_features", "4", "--patch_size", "[64,64,32]", "--overwrite"]
+    for checkpoint, task, message in (
+        (escaping, "all", f"{escaping}: its task table is not valid (task name 'x/../../../ESCAPED': use letters"),
+        (predict_model, "../x", "--task: task name '../x': use letters"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main([*argv, "--checkpoint", str(checkpoint), "--task", task])
+        err = capsys.readouterr().err.strip()
+        assert exited.value.code == 2 and err.startswith(f"uniseg: error: {message}") and len(err.splitlines()) == 1
+        assert tree(tmp_path) == before  # nothing written anywhere, not even the output folder
+
+
+def test_a_link_in_the_output_folder_leading_out_is_refused(predict_model, crop, tmp_path):
+    good = save(tmp_path / "good.nii.gz", *crop)
+    (tmp_path / "out").mkdir()
+    victim = tmp_path / "victim.nii.gz"
+    victim.write_bytes(b"kept")
+    (tmp_path / "out" / "good_ph_organs.nii.gz").symlink_to(victim)
+    with pytest.raises(InputError, match=r"good_ph_organs\.nii\.gz: not a file in the output folder"):
+        run(predict_model, str(good), tmp_path / "out", overwrite=True)
+    assert victim.read_bytes() == b"kept" and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "good_ph_organs.nii.gz"
+    ]
+
+
+def test_output_paths_are_file_names_in_their_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "in").symlink_to(tmp_path / "out")
+    (tmp_path / "out" / "away").symlink_to(tmp_path)
+    for name in ("a_liver.nii.gz", ".._x.json", "new", "in"):
+        assert inside(tmp_path / "out", name) == tmp_path / "out" / name
+    for name in ("..", ".", "", "../x", "a/../../x", "a/b", "/etc/passwd", "away"):
+        with pytest.raises(InputError, match="not a file in the output folder"):
+            inside(tmp_path / "out", name)

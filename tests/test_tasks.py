@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from uniseg_monai.tasks import TaskError, TaskRegistry, resolve_task, save_model_tasks
+from uniseg_monai.tasks import (
+    TASK_NAME_RULE,
+    TaskError,
+    TaskRegistry,
+    check_task_name,
+    load_model_tasks,
+    resolve_task,
+    save_model_tasks,
+)
 from uniseg_monai.wiring import registry_for_run, requested_task
 
 PAPER_TASKS = [
@@ -83,6 +92,37 @@ def test_duplicate_ids_and_unknown_tasks():
     assert reg.subset(["mine", "spleen"]).num_tasks == 7
     with pytest.raises(TaskError, match="unknown task 'livr'"):
         reg["livr"]
+
+
+ESCAPING = ["../x", "x/../../../ESCAPED", "/etc/x", "..", ".hidden", "a b", "a\\b", "", "x" * 65, "all", "ALL"]
+ESCAPING += ["all_merged", 3]
+MINE = {"modalities": ["CT"], "labels": ["bg", "x"], "spacing": [1, 1, 1]}
+
+
+@pytest.mark.parametrize("name", ESCAPING)
+def test_task_names_are_identifiers_wherever_they_enter(name, tmp_path):
+    rule = re.escape(f"task name {name!r}: {TASK_NAME_RULE}")
+    with pytest.raises(TaskError, match=rf"^--task: {rule}$"):
+        check_task_name(name, "--task")
+    with pytest.raises(TaskError, match=rule):  # a datalist's "tasks"
+        TaskRegistry().extended({name: MINE})
+    with pytest.raises(TaskError, match=rule):  # a lookup (an item's task, a bundle id): why, not only "unknown"
+        TaskRegistry()[name]
+    if not isinstance(name, str):
+        return
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": {name: {**MINE, "id": 0}}}))
+    with pytest.raises(TaskError, match=f"^{re.escape(str(tmp_path / 'tasks.json'))}: {rule}$"):
+        load_model_tasks(tmp_path)
+    if name:
+        with pytest.raises(TaskError, match=f"^MONAI Label request: task: {rule}$"):
+            requested_task(name)
+        with pytest.raises(TaskError, match=f"^bundle id task \\(--task\\): {rule}$"):
+            registry_for_run(tmp_path / "missing.json", tmp_path, task=name)
+
+
+def test_task_names_may_use_letters_digits_underscore_dot_and_dash():
+    for name in ("liver", "Task003_Liver", "ct-1.5mm", "0", "x" * 64, "allx", "merged"):
+        assert check_task_name(name) == name and TaskRegistry().extended({name: MINE})[name].name == name
 
 
 def test_cli_prints_registry():

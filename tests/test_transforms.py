@@ -12,15 +12,17 @@ import pytest
 import torch
 from conftest import shared_path
 from monai.bundle import ConfigParser
-from monai.transforms import Compose
+from monai.data import MetaTensor
+from monai.transforms import Compose, SaveImaged
 from monai.utils import TraceKeys
 from pipelines import BUNDLE, crop_and_augmentation, inference_preprocessing, train_preprocessing
 
 from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_phantoms
+from uniseg_monai.errors import InputError
 from uniseg_monai.guards import _names
 from uniseg_monai.tasks import TaskRegistry
-from uniseg_monai.transforms import class_ratios
+from uniseg_monai.transforms import class_ratios, task_file_name
 from uniseg_monai.wiring import registry_for_datalist
 
 REGISTRY = TaskRegistry().extended(
@@ -190,3 +192,19 @@ def test_training_data_is_served_without_copies_and_batches_carry_only_what_trai
         assert {str(k) for k in batch[key].meta} <= {"affine", "filename_or_obj", "space"}  # space: MetaTensor's own
         assert batch[key].applied_operations == [TraceKeys.NONE] * 2  # collated empty records
     assert "files " + ", ".join(batch["image"].meta["filename_or_obj"]) in _names(batch)
+
+
+def test_saved_predictions_are_named_case_task_with_their_dots_and_stay_in_the_output_folder(tmp_path):
+    saver = SaveImaged("pred", output_dir=tmp_path / "predictions", output_postfix="seg", separate_folder=False,
+                       output_name_formatter=task_file_name)  # fmt: skip
+    for case, task in (("c.001", "v1.2"), ("c.001", "v1.3"), ("c", "001_v1.2")):  # MONAI alone cuts at the last dot
+        saver({"pred": MetaTensor(torch.zeros(1, 2, 2, 2), meta={"case": case, "task": task})})
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == [
+        "c.001_v1.2_seg.nii.gz", "c.001_v1.3_seg.nii.gz", "c_001_v1.2_seg.nii.gz"
+    ]  # fmt: skip
+    for case in ("../x", "a/b", "/tmp/x"):  # a datalist's "case": MONAI would keep only its last part
+        with pytest.raises(InputError, match="not a file in the output folder"):
+            saver({"pred": MetaTensor(torch.zeros(1, 2, 2, 2), meta={"case": case, "task": "t"})})
+    assert len(list((tmp_path / "predictions").iterdir())) == 3 and sorted(tmp_path.iterdir()) == [
+        tmp_path / "predictions"
+    ]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -42,7 +41,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from uniseg_monai.atomic import write_group, write_text_atomic
+from uniseg_monai.atomic import inside, write_group, write_text_atomic
 from uniseg_monai.bundles import find_bundle
 from uniseg_monai.data.datalist import load_items, read_datalist
 from uniseg_monai.errors import UsageError, flag
@@ -56,7 +55,7 @@ from uniseg_monai.model_files import (
     sha256,
 )
 from uniseg_monai.networks import UniSeg
-from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry
+from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry, check_task_name
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +106,7 @@ def added_task_registry(model: ModelFile, datalist: str | os.PathLike, task: str
         raise UsageError(f"{model.path}: the model carries no task table (tasks.json), so no task can be added to it")
     if not task:
         raise UsageError('name the task to add: --task NAME, defined in the datalist\'s "tasks"')
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", task) or task == "all":
-        raise UsageError(
-            f"task name {task!r}: use letters, digits, '_', '.' and '-' (it names files and folders; 'all' is "
-            "reserved for every task)"
-        )
+    check_task_name(task, "--task (bundle id add_task)")
     if task in model.tasks:
         raise UsageError(
             f"{task!r} is already task {model.tasks[task].id} of {model.path} (tasks: {', '.join(model.tasks.names)});"
@@ -358,6 +353,7 @@ def add_task(
     ``<bundle>/models_<task>``), and with ``install_model`` also replaces the bundle's (backups kept); ``rehearse``: as
     :class:`TaskExtension`. ``ids``: other bundle ids (``epochs``, ``iterations_per_epoch``, ``learning_rate``,
     ...). Returns the run's report."""
+    check_task_name(task, "--task")
     folder = find_bundle(bundle)
     if not (folder / "configs" / "add_task.json").is_file():
         raise UsageError(
@@ -390,7 +386,7 @@ def add_task(
     unknown = sorted(k for k in ids if k not in parser)
     if unknown:
         raise UsageError(f"unknown bundle setting(s) {unknown}: not ids of {', '.join(f.name for f in files)}")
-    model_dir = Path(out or folder / f"models_{task}").resolve()
+    model_dir = Path(out or inside(folder, f"models_{task}")).resolve()
     settings = {"output_dir": str(model_dir / "logs"), **ids}
     workflow = ConfigWorkflow(
         config_file=[str(f) for f in files],

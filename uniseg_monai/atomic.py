@@ -1,15 +1,31 @@
-"""Atomic file writes: a temporary file beside the destination, then a rename — never a half-written file; and
-:func:`write_group`: several files that appear together or not at all."""
+"""Atomic file writes: a temporary file beside the destination, then a rename — never a half-written file;
+:func:`write_group`: several files that appear together or not at all; and :func:`inside`: the path of an output
+file named after a task or case, refused unless it lies in its output folder."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import BinaryIO
 
+from uniseg_monai.errors import InputError
+
 Writer = Callable[[BinaryIO], object]
+
+
+def inside(folder: str | os.PathLike, name: str) -> Path:
+    """``folder / name`` for an output file (or folder) whose ``name`` is built from task or case names; an
+    :class:`~uniseg_monai.errors.InputError` unless ``name`` is one file name (no folder part, not ``.`` or ``..``)
+    and the path, links resolved, lies in ``folder`` (a link there pointing elsewhere is refused too)."""
+    path = Path(folder) / name
+    if PurePath(name).name != name or name in ("", "..") or not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise InputError(
+            f"{path}: not a file in the output folder {folder} ({name!r} has a folder part or '..', or a link leads "
+            "out): rename the task or case, or remove the link"
+        )
+    return path
 
 
 def current_umask() -> int:

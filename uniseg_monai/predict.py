@@ -24,14 +24,14 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from uniseg_monai.atomic import Writer, write_group
+from uniseg_monai.atomic import Writer, inside, write_group
 from uniseg_monai.bundles import DEFAULT_BUNDLE, open_inference
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.errors import InputError, UsageError
 from uniseg_monai.memory import GIB, available_memory, case_memory
 from uniseg_monai.model_files import ModelFile, load_into
 from uniseg_monai.precision import autocast_kwargs
-from uniseg_monai.tasks import Task
+from uniseg_monai.tasks import Task, check_task_name
 from uniseg_monai.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
 
 MERGE_RULE = (
@@ -160,7 +160,7 @@ def _complete(out: Path, case: str, tasks: Sequence[Task], merged: bool) -> bool
     channel count does not fit the case has none)."""
 
     def pair(stem: str) -> list[bool]:
-        return [(out / f"{case}_{stem}{e}").is_file() for e in (".nii.gz", ".json")]
+        return [inside(out, f"{case}_{stem}{e}").is_file() for e in (".nii.gz", ".json")]
 
     if not merged:
         return all(pair(tasks[0].name))
@@ -372,14 +372,14 @@ class Predictor:
             merged, table = merge(maps, fits)
             encoded["all_merged"] = _nifti(merged, affine)
         encoding = time.perf_counter() - tic
-        files: dict[Path, Writer] = {out / f"{name}_{stem}.nii.gz": _bytes(data) for stem, data in encoded.items()}
+        files: dict[Path, Writer] = {inside(out, f"{name}_{s}.nii.gz"): _bytes(data) for s, data in encoded.items()}
         for t in fits:
             meta[t.name]["timings_s"] = {"load": loaded, **meta[t.name]["timings_s"], "write": encoding}
             sidecar = {**inputs, "task": t.name, **meta[t.name], **self.sidecar, **run}
-            files[out / f"{name}_{t.name}.json"] = _json(sidecar)
+            files[inside(out, f"{name}_{t.name}.json")] = _json(sidecar)
         if self.all:
             sidecar = {**inputs, "task": "all", "rule": MERGE_RULE, "labels": table, **self.sidecar, **run}
-            files[out / f"{name}_all_merged.json"] = _json(sidecar)
+            files[inside(out, f"{name}_all_merged.json")] = _json(sidecar)
         write_group(files)
 
 
@@ -454,6 +454,8 @@ def predict(
     of the logits, 1-2 bytes per input voxel for the labels: :class:`~uniseg_monai.transforms.InvertArgmaxd`),
     plus the network's windows when it runs on the CPU. A single ``--task`` needs less than ``all``.
     """
+    if task != "all":
+        check_task_name(task, "--task")
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} is a file: give a folder")
@@ -512,7 +514,7 @@ def _predict_cases(
     names = [t.name for t in tasks] + (["all_merged"] if task == "all" else [])
     skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all")]
     earlier = [p for c in cases if c not in skipped for n in names
-               for p in (out / f"{c}_{n}.nii.gz", out / f"{c}_{n}.json") if p.exists()]  # fmt: skip
+               for p in (inside(out, f"{c}_{n}.nii.gz"), inside(out, f"{c}_{n}.json")) if p.exists()]  # fmt: skip
     if earlier and not overwrite:
         also = "" if skip_existing else ", --skip_existing to keep the cases whose outputs all exist"
         raise FileExistsError(

@@ -29,7 +29,7 @@ import numpy as np
 from ignite.engine import Engine, Events
 from tqdm import tqdm
 
-from uniseg_monai.atomic import write_atomic, write_text_atomic
+from uniseg_monai.atomic import inside, write_atomic, write_text_atomic
 from uniseg_monai.errors import UsageError, flag
 from uniseg_monai.tasks import PAPER_DICE, PAPER_UPSTREAM_MEAN_DICE, PAPER_UPSTREAM_TASKS, Task, TaskRegistry
 from uniseg_monai.transforms import MapTaskLabelsd, image_stem
@@ -289,7 +289,7 @@ def write_report(
                 arrays = {"image": _load(item["image"]), "label": label,
                           "pred": _load(str(predictions / f"{case}_{task}_seg.nii.gz"))}  # fmt: skip
                 cases.append((title, case, dice, arrays))
-            overlay_figure(cases, registry[task], out_dir / f"overlay_{task}.png")
+            overlay_figure(cases, registry[task], inside(out_dir, f"overlay_{task}.png"))
             sections.append((f"{task}: best, median, worst case", f"overlay_{task}.png"))
     steps.update()
 

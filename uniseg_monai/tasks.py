@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,10 +106,27 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
 
 
 FLAGS = ("paper", "paper_dice")  # registry flags of BUILTIN_TASKS, not task fields
+# task names become parts of file names (``<case>_<task>.nii.gz``, ``models_<task>``): identifiers only
+TASK_NAME_LENGTH = 64
+TASK_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{TASK_NAME_LENGTH - 1}}}")
+RESERVED_TASK_NAMES = ("all", "all_merged")  # ``--task all`` and predict's ``<case>_all_merged`` map (any case)
+TASK_NAME_RULE = (
+    f"use letters, digits, '_', '.' and '-', starting with a letter or digit, at most {TASK_NAME_LENGTH} characters, "
+    f"not {' or '.join(map(repr, RESERVED_TASK_NAMES))} in any letter case (task names become parts of file "
+    "names)"
+)
 
 
 class TaskError(UniSegError, ValueError):
     """A task definition or reference that cannot be used."""
+
+
+def check_task_name(name: Any, where: str = "") -> str:
+    """``name`` if it is a task name by :data:`TASK_NAME_RULE`; else a :class:`TaskError` naming ``where`` (the
+    file, entry or option the name came from) and the rule."""
+    if isinstance(name, str) and TASK_NAME.fullmatch(name) and name.lower() not in RESERVED_TASK_NAMES:
+        return name
+    raise TaskError(f"{where + ': ' if where else ''}task name {name!r}: {TASK_NAME_RULE}")
 
 
 @dataclass(frozen=True)
@@ -153,6 +171,9 @@ class Task:
     label_map: dict[int, int] = field(default_factory=dict)
     short_labels: tuple[str, ...] = ()
     nsd_tolerance: float | None = None
+
+    def __post_init__(self) -> None:
+        check_task_name(self.name)  # every task, wherever it is defined (code, datalist, model file, tasks.json)
 
     @property
     def surface_tolerance(self) -> float:
@@ -232,6 +253,7 @@ class TaskRegistry(Mapping[str, Task]):
         self._tasks = {t.name: t for t in tasks}
 
     def __getitem__(self, name: str) -> Task:
+        check_task_name(name)  # no task has such a name: say why, not only that it is unknown
         try:
             return self._tasks[name]
         except KeyError:

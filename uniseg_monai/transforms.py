@@ -35,6 +35,7 @@ from monai.transforms import (
 from monai.transforms.utils import generate_label_classes_crop_centers
 from monai.utils import TraceKeys, convert_to_dst_type
 
+from uniseg_monai.atomic import inside
 from uniseg_monai.tasks import Normalization, Task, TaskRegistry, resolve_task
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -284,11 +285,15 @@ class RecordTaskd(MapTransform):
 
 def task_file_name(metadict: dict, saver: Transform) -> dict[str, Any]:
     """``SaveImaged(output_name_formatter=...)``: ``<case>_<task>``, so one image segmented under several tasks
-    gives one file per task (case: see :class:`RecordTaskd`)."""
+    gives one file per task (case: see :class:`RecordTaskd`); an :class:`~uniseg_monai.errors.InputError` unless that
+    is a file name in the saver's output folder (:func:`~uniseg_monai.atomic.inside`). The subject carries a
+    ``.nii.gz`` that MONAI strips, so dots in the name stay (MONAI would cut ``case_v1.2`` to ``case_v1``)."""
     metadict = metadict or {}
     stem = metadict.get("case") or image_stem(metadict.get("filename_or_obj", ""))
     task = metadict.get("task", "")
-    return {"subject": f"{stem}_{task}" if task else stem, "idx": metadict.get("patch_index")}
+    subject = f"{stem}_{task}" if task else stem
+    inside(saver.folder_layout.output_dir, subject)
+    return {"subject": f"{subject}.nii.gz", "idx": metadict.get("patch_index")}
 
 
 class ThreadSafeLoadImaged(MapTransform):

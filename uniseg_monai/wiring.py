@@ -18,7 +18,7 @@ from uniseg_monai.errors import flag
 from uniseg_monai.model_files import MODEL_FILE, model_tasks
 from uniseg_monai.precision import autocast_kwargs
 from uniseg_monai.run_folder import check_output_dir, check_run_dir
-from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry, resolve_task, save_model_tasks
+from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry, check_task_name, resolve_task, save_model_tasks
 
 
 def registry_for_datalist(path: str | Path) -> TaskRegistry:
@@ -38,6 +38,8 @@ def registry_for_run(
 
     ``task`` (a fine-tuning bundle's one task): only that task, its ``normalization`` replaced when given.
     """
+    if task:
+        check_task_name(task, "bundle id task (--task)")
     if Path(datalist).is_file():
         registry = registry_for_datalist(datalist)
     elif any((Path(ckpt_dir) / name).is_file() for name in (MODEL_FILE, MODEL_TASKS_FILE)):
@@ -53,8 +55,11 @@ def registry_for_run(
 
 def requested_task(choice: str | list[str]) -> str:
     """The task a MONAI Label request chose: ``displayable_configs#task`` holds the drop-down (a list of names)
-    in the bundle files and the chosen name (a string) once a request set it; ``""`` when none was chosen."""
-    return choice if isinstance(choice, str) else ""
+    in the bundle files and the chosen name (a string) once a request set it; ``""`` when none was chosen. A chosen
+    name must be a task name (:func:`~uniseg_monai.tasks.check_task_name`)."""
+    if not isinstance(choice, str) or not choice:
+        return ""
+    return check_task_name(choice, "MONAI Label request: task")
 
 
 def default_task(task: str, request_task: str = "") -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from uniseg_monai.errors import UniSegError
-from uniseg_monai.tasks import TaskRegistry
+from uniseg_monai.tasks import TaskRegistry, check_task_name
 
 SECTIONS = ("training", "validation", "testing")
 
@@ -18,7 +18,8 @@ class DatalistError(UniSegError, ValueError):
 
 
 def read_datalist(path: str | Path) -> dict[str, Any]:
-    """The raw datalist JSON, with a clear error for a missing or malformed file."""
+    """The raw datalist JSON, with a clear error for a missing or malformed file or a task name that breaks
+    :data:`~uniseg_monai.tasks.TASK_NAME_RULE` (in "tasks" or an item's "task")."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -30,10 +31,15 @@ def read_datalist(path: str | Path) -> dict[str, Any]:
         raise DatalistError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not any(s in data for s in (*SECTIONS, "tasks")):
         raise DatalistError(f"{path}: expected an object with 'training', 'validation', 'testing' and/or 'tasks'")
+    if not isinstance(data.get("tasks", {}), dict):
+        raise DatalistError(f'{path}: "tasks" must map task names to their fields, got {data["tasks"]!r}')
+    for name in data.get("tasks", {}):
+        check_task_name(name, f'{path}: "tasks"')
     for section in SECTIONS:
         for i, item in enumerate(data.get(section, [])):
             if not isinstance(item, dict) or "image" not in item or "task" not in item:
                 raise DatalistError(f"{path}: {section}[{i}] needs 'image' and 'task' (got {item!r})")
+            check_task_name(item["task"], f"{path}: {section}[{i}]")
             image, label = item["image"], item.get("label", "")
             if not (_is_path(image) or (isinstance(image, list) and image and all(map(_is_path, image)))):
                 raise DatalistError(

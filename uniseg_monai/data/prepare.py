@@ -16,7 +16,7 @@ import numpy as np
 
 from uniseg_monai.atomic import write_text_atomic
 from uniseg_monai.data.datalist import DatalistError, read_datalist
-from uniseg_monai.tasks import TaskRegistry
+from uniseg_monai.tasks import TaskRegistry, check_task_name
 
 
 def _msd_cases(source: Path, meta: dict) -> tuple[list[dict], list[dict]]:
@@ -119,6 +119,7 @@ def prepare(
     none otherwise; MSD/nnU-Net test images are listed without labels), the last ``val_fraction`` of the rest
     validation.
     """
+    check_task_name(task, "--task")
     source, out = Path(source), Path(out)
     if fmt not in FORMATS:
         raise DatalistError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
