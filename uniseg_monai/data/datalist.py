@@ -30,6 +30,12 @@ def read_datalist(path: str | Path) -> dict[str, Any]:
         raise DatalistError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not any(s in data for s in (*SECTIONS, "tasks")):
         raise DatalistError(f"{path}: expected an object with 'training', 'validation', 'testing' and/or 'tasks'")
+    tasks = data.get("tasks", {})
+    if not isinstance(tasks, dict) or not all(isinstance(spec, dict) for spec in tasks.values()):
+        raise DatalistError(
+            f'{path}: "tasks" must map task names to objects of task keys (README: "Datalist format"), got '
+            f"{tasks!r:.200}"
+        )
     for section in SECTIONS:
         for i, item in enumerate(data.get(section, [])):
             if not isinstance(item, dict) or "image" not in item or "task" not in item:
