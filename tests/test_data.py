@@ -17,6 +17,8 @@ from uniseg_monai.data import DatalistError, load_items
 from uniseg_monai.data.check import check_datalist
 from uniseg_monai.data.phantoms import generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
+from uniseg_monai.errors import InputError
+from uniseg_monai.tasks import TaskError
 from uniseg_monai.wiring import registry_for_datalist
 
 
@@ -138,6 +140,93 @@ def test_a_datalist_task_name_that_is_not_an_identifier_is_refused(phantoms, tmp
     with pytest.raises(ValueError, match=re.escape("--task: task name '../up'")):
         prepare(tmp_path, "../up", tmp_path / "prepared.json")
     assert not (tmp_path / "prepared.json").exists()
+
+
+def absolute_items(phantoms: Path, task: str) -> list[dict]:
+    """The phantom training items of ``task`` with absolute paths."""
+    items = [i for i in json.loads(phantoms.read_text())["training"] if i["task"] == task]
+    return [
+        {**i, "image": str(phantoms.parent / i["image"]), "label": str(phantoms.parent / i["label"])} for i in items
+    ]
+
+
+def test_check_data_flags_repeated_cases_and_leaks_between_splits(phantoms, tmp_path):
+    good = json.loads(phantoms.read_text())
+    organs = absolute_items(phantoms, "ph_organs")
+    liver = absolute_items(phantoms, "ph_liver")
+    content = {
+        "tasks": good["tasks"],
+        "training": [organs[0], organs[1], organs[0], liver[0]],  # organs[0] twice; its CT under ph_liver is fine
+        "validation": [organs[2]],
+        "testing": [{"image": organs[2]["image"], "task": "ph_organs"}],  # a validation case is also a test case
+    }
+    datalist = tmp_path / "dl.json"
+    datalist.write_text(json.dumps(content))
+    found = [str(p) for p in check_datalist(datalist, progress=False)]
+    twice = f"{organs[0]['image']}: is listed twice for task 'ph_organs': training[0] and training[2] of {datalist}"
+    leaked = f"{organs[2]['image']}: is in both validation[0] and testing[0] of {datalist}"
+    assert any(p.startswith(twice) for p in found) and any(p.startswith(leaked) for p in found), found
+    assert len(found) == 2, found  # the same CT under two tasks of one split is not a problem
+
+
+def test_a_zero_pixdim_without_qform_or_sform_is_refused_not_guessed(phantoms, tmp_path):
+    """nibabel reads such a header as 1 mm voxels; README says a zero pixdim is refused: check-data and the
+    header check of a run agree with it."""
+    from uniseg_monai.data.check import check_run_items, read_header
+
+    item = absolute_items(phantoms, "ph_organs")[0]
+    unset = nib.Nifti1Image(np.asarray(nib.load(item["image"]).dataobj), None)
+    unset.header.set_qform(None, code=0)
+    unset.header.set_sform(None, code=0)
+    unset.header["pixdim"][1:4] = [3.0, 3.0, 0.0]
+    nib.save(unset, tmp_path / "unset.nii.gz")
+    bad = {**item, "image": str(tmp_path / "unset.nii.gz")}
+    assert read_header(bad["image"]).affine[:3, 2].tolist() == [0.0, 0.0, 0.0]
+    datalist = tmp_path / "dl.json"
+    datalist.write_text(json.dumps({"tasks": json.loads(phantoms.read_text())["tasks"], "training": [bad]}))
+    found = [str(p) for p in check_datalist(datalist, progress=False)]
+    assert any(p.startswith(f"{bad['image']}: singular affine") and "a zero pixdim" in p for p in found), found
+    with pytest.raises(InputError, match=f"{bad['image']}: singular affine"):
+        check_run_items([[bad]], registry_for_datalist(phantoms))
+
+
+def test_channel_files_on_different_grids_name_both_files_and_the_difference(phantoms, tmp_path):
+    item = absolute_items(phantoms, "ph_organs")[0]
+    ct = nib.load(item["image"])
+    affine = ct.affine.copy()
+    affine[2, 3] += 2.5
+    moved = write_like(Path(item["image"]), tmp_path / "pet.nii.gz", affine=affine)
+    tasks = {"two": {"modalities": ["CT", "PET"], "labels": ["background", "liver"], "spacing": [3, 3, 4]}}
+    datalist = tmp_path / "dl.json"
+    datalist.write_text(json.dumps({"tasks": tasks, "testing": [{"image": [item["image"], moved], "task": "two"}]}))
+    found = [str(p) for p in check_datalist(datalist, progress=False)]
+    difference = f"affines differ by up to 2.5 (origin z: {affine[2, 3]:g} vs {ct.affine[2, 3]:g} mm)"
+    assert any(
+        p.startswith(f"{moved}: channel file is not on the grid of {item['image']}: {difference}") for p in found
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"ph_organs": {"spacing": ["3 mm", 3, 4]}}, "task 'ph_organs': spacing must be 3 positive numbers"),
+        ({"ph_organs": {"spacing": [3, 3, None]}}, "task 'ph_organs': spacing must be 3 positive numbers"),
+        ({"ph_organs": {"label_map": {"one": 1}}}, "task 'ph_organs': label_map must map raw label values"),
+        ({"ph_organs": {"label_map": [1, 2]}}, "task 'ph_organs': label_map must map raw label values"),
+    ],
+)
+def test_a_bad_task_definition_in_a_datalist_is_one_line_naming_it(phantoms, tmp_path, spec, message):
+    content = json.loads(phantoms.read_text())
+    content["tasks"] = {**content["tasks"], **{n: {**content["tasks"][n], **s} for n, s in spec.items()}}
+    datalist = tmp_path / "dl.json"
+    datalist.write_text(json.dumps(content))
+    with pytest.raises(TaskError) as refused:
+        registry_for_datalist(datalist)
+    assert str(refused.value).startswith(f"{datalist}: {message}") and "\n" not in str(refused.value)
+    assert [str(p).splitlines()[0] for p in check_datalist(datalist, progress=False)] == [str(refused.value)]
+    datalist.write_text(json.dumps({**content, "tasks": ["ph_organs"]}))
+    with pytest.raises(DatalistError, match='"tasks" must map task names to objects of task keys'):
+        registry_for_datalist(datalist)
 
 
 def test_prepare_msd_and_nnunet_folders_merge_into_one_datalist(phantoms, tmp_path):

@@ -1,18 +1,26 @@
-"""Evaluation scores what happened: the four empty / non-empty combinations against values computed by hand."""
+"""Evaluation scores what happened: the four empty / non-empty combinations against values computed by hand, and
+the datalist's task definition (its label_map) decides the reference."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
+from conftest import PREDICT_BUNDLE, PREDICT_TINY
 from ignite.engine import Engine
+from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 
 from uniseg_monai.evaluation import EvaluationReport, TaskDice, score_case
-from uniseg_monai.tasks import TaskRegistry
+from uniseg_monai.model_files import model_tasks
+from uniseg_monai.tasks import TaskError, TaskRegistry
+from uniseg_monai.wiring import registry_for_evaluation
 
 REGISTRY = TaskRegistry().extended({"liver": {"nsd_tolerance": 1.0}}).subset(["liver"])
 SPACING = (2.0, 1.0, 1.0)
@@ -90,3 +98,77 @@ def test_nsd_tolerance_is_a_task_fact():
     assert "nsd_tolerance" not in registry.to_json()["liver"]
     with pytest.raises(ValueError, match="nsd_tolerance must be a positive number"):
         TaskRegistry().extended({"liver": {"nsd_tolerance": 0}})
+
+
+def evaluate(datalist: dict, ckpt_dir: Path, root: Path) -> dict[tuple[str, str], float]:
+    """Run the pretrain bundle's evaluation of ``datalist`` (its validation cases) with the model in ``ckpt_dir``,
+    saving the predictions into ``root/report/predictions``; returns the per-case Dice by (case, class)."""
+    root.mkdir()
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    wf = ConfigWorkflow(
+        config_file=[str(PREDICT_BUNDLE / "configs" / f"{n}.json") for n in ("train", "evaluate")],
+        meta_file=str(PREDICT_BUNDLE / "configs" / "metadata.json"),
+        logging_file=str(PREDICT_BUNDLE / "configs" / "logging.conf"),
+        workflow_type="eval",
+        bundle_root=str(PREDICT_BUNDLE),
+        dataset_dir=str(root),
+        ckpt_dir=str(ckpt_dir),
+        output_dir=str(root / "report"),
+        save_predictions=True,
+        num_workers=0,
+        **PREDICT_TINY,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    with (root / "report" / "per_case.csv").open() as f:
+        return {(r["case"], r["class"]): float(r["dice"] or "nan") for r in csv.DictReader(f)}
+
+
+def test_evaluation_scores_with_the_datalists_label_map(phantoms, predict_model, tmp_path):
+    """README: a datalist overrides the task definition, so its label_map decides the reference the Dice is
+    computed against, not the one stored with the model (which has no label_map for ph_organs)."""
+    validation = [
+        {**item, "image": str(phantoms.parent / item["image"]), "label": str(phantoms.parent / item["label"])}
+        for item in json.loads(phantoms.read_text())["validation"]
+        if item["task"] == "ph_organs"
+    ]
+    swap = {"1": 2, "2": 1}  # the datalist's label files name the spleen 1 and the liver 2
+    as_stored = evaluate({"validation": validation}, predict_model.parent, tmp_path / "stored")
+    swapped = evaluate(
+        {"tasks": {"ph_organs": {"label_map": swap}}, "validation": validation}, predict_model.parent, tmp_path / "swap"
+    )
+    classes = ("liver", "spleen")
+    for item in validation:
+        case = Path(item["image"]).name.removesuffix(".nii.gz")
+        pred = torch.as_tensor(
+            np.asarray(nib.load(tmp_path / "swap" / "report" / "predictions" / f"{case}_ph_organs_seg.nii.gz").dataobj)
+        )
+        raw = torch.as_tensor(np.asarray(nib.load(item["label"]).dataobj))
+        mapped = torch.zeros_like(raw)
+        for value, target in swap.items():
+            mapped[raw == int(value)] = target
+        by_hand = {
+            m: score_case(pred[None], label[None], 3, hd95=False).dice for m, label in (("raw", raw), ("swap", mapped))
+        }
+        assert [swapped[(case, c)] for c in classes] == pytest.approx(by_hand["swap"], abs=1e-4, nan_ok=True)
+        assert [as_stored[(case, c)] for c in classes] == pytest.approx(by_hand["raw"], abs=1e-4, nan_ok=True)
+    assert as_stored != swapped  # the two mappings give different Dice: the test tells them apart
+
+
+def test_a_datalist_relabels_a_models_task_but_keeps_what_it_was_trained_with(predict_model, tmp_path):
+    ckpt, datalist = predict_model.parent, tmp_path / "datalist.json"
+    model = model_tasks(ckpt)
+    datalist.write_text(json.dumps({"tasks": {"ph_organs": {"label_map": {"2": 1}, "nsd_tolerance": 2.0}}}))
+    registry = registry_for_evaluation(datalist, ckpt)
+    assert registry["ph_organs"].label_map == {2: 1} and registry["ph_organs"].surface_tolerance == 2.0
+    assert registry["ph_organs"].spacing == model["ph_organs"].spacing and registry["ph_liver"] == model["ph_liver"]
+    datalist.write_text(json.dumps({"tasks": {"ph_organs": {"spacing": [1, 1, 1], "labels": ["bg", "organ"]}}}))
+    with pytest.raises(TaskError) as refused:
+        registry_for_evaluation(datalist, ckpt)
+    trained = model["ph_organs"]
+    assert str(refused.value).startswith(
+        f"{datalist}: task 'ph_organs' classes 2 there, {trained.num_classes} in the model; "
+        f"task 'ph_organs' spacing [1.0, 1.0, 1.0] there, {list(trained.spacing)} in the model: "
+    )
+    assert "\n" not in str(refused.value) and "remove those keys" in str(refused.value)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PREDICT_BUNDLE, PREDICT_TINY
+from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
 from uniseg_monai import atomic
 from uniseg_monai import predict as predict_module
@@ -25,7 +26,7 @@ from uniseg_monai.atomic import inside, write_group
 from uniseg_monai.cli import main
 from uniseg_monai.errors import InputError, UsageError
 from uniseg_monai.memory import GIB, case_memory
-from uniseg_monai.model_files import ModelFileError, read_model
+from uniseg_monai.model_files import ModelFileError, convert_official, read_model
 from uniseg_monai.networks import UniSeg, nnunet_features
 from uniseg_monai.predict import predict
 from uniseg_monai.tasks import TaskRegistry, save_model_tasks
@@ -289,3 +290,92 @@ def test_output_paths_are_file_names_in_their_folder(tmp_path):
     for name in ("..", ".", "", "../x", "a/../../x", "a/b", "/etc/passwd", "away"):
         with pytest.raises(InputError, match="not a file in the output folder"):
             inside(tmp_path / "out", name)
+
+
+def test_bad_headers_are_refused_before_a_voxel_is_read(predict_model, crop, tmp_path, capsys, monkeypatch):
+    """A 2D file, a header claiming 4000^3 voxels, a zero pixdim without qform / sform (nibabel would guess 1 mm)
+    and channel files on different grids: one line naming the file and the fix, nothing loaded or written."""
+    voxels, affine = crop
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save(folder / "flat.nii.gz", voxels[:, :, 0], affine)
+    huge = nib.Nifti1Image(voxels, affine)
+    huge.header.set_data_shape((4000, 4000, 4000))  # the header lies: the file holds a small crop
+    (folder / "huge.nii").write_bytes(huge.header.binaryblock + bytes(4) + voxels.tobytes())
+    unset = nib.Nifti1Image(voxels, None)
+    unset.header.set_qform(None, code=0)
+    unset.header.set_sform(None, code=0)
+    unset.header["pixdim"][1:4] = 0
+    nib.save(unset, folder / "unset.nii.gz")
+    moved = affine.copy()
+    moved[0, 3] += 7.5
+    ct, pet = save(tmp_path / "ct.nii.gz", voxels, affine), save(tmp_path / "pet.nii.gz", voxels, moved)
+
+    def never(self, data):
+        raise AssertionError(f"{data['image']} was loaded")
+
+    monkeypatch.setattr(predict_module.ThreadSafeLoadImaged, "__call__", never)
+    monkeypatch.setattr(predict_module, "available_memory", lambda: 64 * GIB)  # a 64 GiB machine
+    out = tmp_path / "out"
+    assert run(predict_model, str(folder), out) == 1
+    assert run(predict_model, f"{ct}+{pet}", out, "ph_petct") == 1
+    err = capsys.readouterr().err
+    assert not out.exists()
+    flat = ", ".join(str(n) for n in voxels.shape[:2])
+    expected = [
+        f"{folder / 'flat.nii.gz'}: not a 3D volume (shape ({flat})); fix: provide 3D images",
+        f"{folder / 'huge.nii'}: needs ~",
+        "GiB, limit 64.0 GiB (available memory): 4000x4000x4000 voxels x 1 channel(s)",
+        f"{folder / 'unset.nii.gz'}: singular affine (voxel size 0, 0, 0 mm, determinant 0: a zero pixdim",
+        f"{pet}: channel file is not on the grid of {ct}: affines differ by up to 7.5 (origin x: "
+        f"{moved[0, 3]:g} vs {affine[0, 3]:g} mm); fix: resample the channel files onto one grid",
+    ]
+    for text in expected:
+        assert text in err
+    assert len([line for line in err.splitlines() if " failed: InputError: " in line]) == 4
+
+
+def test_all_tasks_without_a_modality_warn_of_the_assumption(predict_model, crop, tmp_path, capsys):
+    good = save(tmp_path / "mr.nii.gz", *crop)
+    assert run(predict_model, str(good), tmp_path / "all", "all") == 0
+    warning = [
+        line for line in capsys.readouterr().err.splitlines() if "warning: --task all without --modality" in line
+    ]
+    assert len(warning) == 1
+    assert "1 channel(s): ph_organs (CT), ph_liver (CT);" in warning[0] and "pass --modality MR" in warning[0]
+    assert run(predict_model, str(good), tmp_path / "ct", "all", modality="CT") == 0
+    assert "--task all without --modality" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("kind", "bundle", "message"), [
+    ("upstream", "uniseg_finetune_btcv", "holds a multi-task network (11 tasks) but bundle uniseg_finetune_btcv runs "
+     "single-task networks, so --task would be ignored: predict it with --bundle uniseg_pretrain"),
+    ("downstream", "uniseg_pretrain", "holds a single-task network (btcv) but bundle uniseg_pretrain prompts "
+     "multi-task networks with the task"),
+])  # fmt: skip
+def test_a_network_and_bundle_that_disagree_on_the_task_are_refused(official_fixture, crop, tmp_path, kind, bundle,
+                                                                     message):  # fmt: skip
+    """An official upstream model through a fine-tuning bundle would drop ``--task`` (the network needs it), a
+    downstream one through the pretrain bundle would be handed one: one line each, before any case."""
+    good = save(tmp_path / "ct.nii.gz", *crop)
+    model = save_nnunet_v1(nnunet_v1_container(official_fixture[f"{kind}_state_dict"]), tmp_path / f"{kind}.model")
+    if kind == "downstream":
+        convert_official(model, tmp_path / "btcv.pt", task="btcv")
+        model = tmp_path / "btcv.pt"
+    with pytest.raises(UsageError) as refused:
+        predict(str(good), str(tmp_path / "out"), "btcv" if kind == "downstream" else "liver", bundle=bundle,
+                checkpoint=str(model), device="cpu")  # fmt: skip
+    assert str(refused.value).startswith(f"{model} {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_task_reaches_an_official_upstream_model(official_fixture, crop, tmp_path):
+    good = save(tmp_path / "ct.nii.gz", *crop)
+    model = save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), tmp_path / "up.model")
+    maps = {}
+    for task in ("liver", "kidney"):  # the same classes, spacing and normalisation: only the task prompt differs
+        assert predict(str(good), str(tmp_path / task), task, checkpoint=str(model), device="cpu") == 0
+        sidecar = json.loads((tmp_path / task / f"ct_{task}.json").read_text())
+        assert sidecar["task_id"] == TaskRegistry()[task].id
+        maps[task] = np.asarray(nib.load(tmp_path / task / f"ct_{task}.nii.gz").dataobj)
+    assert (maps["liver"] != maps["kidney"]).any()

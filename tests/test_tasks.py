@@ -145,3 +145,14 @@ def test_an_items_task_and_the_tasks_of_a_run_without_datalist(tmp_path):
     assert registry_for_run(missing, tmp_path).to_json() == TaskRegistry().to_json()  # built-in tasks
     save_model_tasks(registry, tmp_path)
     assert registry_for_run(missing, tmp_path).to_json() == registry.to_json()  # the model's tasks.json
+
+
+def test_a_run_with_other_task_definitions_than_its_model_shows_the_difference(tmp_path):
+    registry = TaskRegistry().subset(["liver", "spleen"])
+    save_model_tasks(registry, tmp_path)
+    save_model_tasks(registry, tmp_path)  # the same tasks: a resumed run
+    relabelled = registry.extended({"liver": {"label_map": {"2": 1}}})
+    with pytest.raises(TaskError) as refused:
+        save_model_tasks(relabelled, tmp_path)
+    assert "(task 'liver' label_map: {} there, {'2': 1} in the datalist)" in str(refused.value)
+    assert "use another --ckpt_dir" in str(refused.value)

@@ -7,6 +7,7 @@ bundle's own inference.
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import math
 import os
@@ -26,8 +27,10 @@ from tqdm import tqdm
 
 from uniseg_monai.atomic import Writer, inside, write_group
 from uniseg_monai.bundles import DEFAULT_BUNDLE, open_inference
+from uniseg_monai.data.check import Volume, case_header
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.errors import InputError, UsageError
+from uniseg_monai.inferers import TaskSlidingWindowInferer
 from uniseg_monai.memory import GIB, available_memory, case_memory
 from uniseg_monai.model_files import ModelFile, load_into
 from uniseg_monai.precision import autocast_kwargs
@@ -88,6 +91,39 @@ def _takes(task: Task, modality: str) -> bool:
     """Whether ``task`` has a ``modality`` channel: CT, PET, MR (any sequence but CT/PET) or a name such as T1ce."""
     names = [m.upper() for m in task.modalities]
     return modality.upper() in names or (modality.upper() == "MR" and any(n not in ("CT", "PET") for n in names))
+
+
+def assumed_modalities(tasks: Sequence[Task]) -> str:
+    """What ``--task all`` without ``--modality`` assumes: a case is segmented by every task of its channel count,
+    whatever modality the task expects (an MR image gets CT maps)."""
+    by_channels: dict[int, list[Task]] = {}
+    for t in sorted(tasks, key=lambda t: t.id):
+        by_channels.setdefault(t.in_channels, []).append(t)
+    runs = "; ".join(f"{n} channel(s): " + ", ".join(f"{t.name} ({'+'.join(t.modalities)})" for t in group)
+                     for n, group in sorted(by_channels.items()))  # fmt: skip
+    return (
+        f"--task all without --modality segments each case with every task of its channel count, assuming the image "
+        f"has that task's modality ({runs}); pass --modality MR (or CT, PET, T2, ...) to run only the tasks of your "
+        "images' modality"
+    )
+
+
+def _check_task_prompt(network: torch.nn.Module, inferer: Any, model: ModelFile, bundle: str) -> None:
+    """Refuse a multi-task network (it takes a task id) with a bundle whose inferer gives none (``--task`` would be
+    ignored), and a single-task network with a bundle that prompts one (:class:`UsageError` naming both)."""
+    takes = "task_id" in inspect.signature(network.forward).parameters
+    gives = isinstance(inferer, TaskSlidingWindowInferer)
+    if takes and not gives:
+        raise UsageError(
+            f"{model.path} holds a multi-task network ({len(model.tasks or ())} tasks) but bundle {bundle} runs "
+            f"single-task networks, so --task would be ignored: predict it with --bundle {DEFAULT_BUNDLE}"
+        )
+    if gives and not takes:
+        raise UsageError(
+            f"{model.path} holds a single-task network ({', '.join(model.tasks or ())}) but bundle {bundle} prompts "
+            "multi-task networks with the task: predict it with the fine-tuning bundle it was made for "
+            "(--bundle uniseg_finetune_<task>)"
+        )
 
 
 def _nifti(labels: np.ndarray, affine: np.ndarray) -> bytes:
@@ -271,6 +307,7 @@ class Predictor:
         if not isinstance(per_batch, int) or per_batch < 1:
             raise UsageError(f"--sw_batch_size must be a positive integer, got {per_batch!r}")
         self.inferer = parser.get_parsed_content("all_inferer" if self.all else "inferer")
+        _check_task_prompt(self.network, self.inferer, self.model, bundle)
         self.window, self.windows_on_cpu = window, None  # windows on the CPU: their share of host memory
         network_def = getattr(self.network, "network_def", dict)()
         if self.device.type == "cpu" and {"features", "strides"} <= set(network_def):
@@ -322,47 +359,51 @@ class Predictor:
                                 "timings_s": dict(times)}  # fmt: skip
         return maps, meta, pred.affine.numpy()
 
-    def check(self, image: torch.Tensor, source: str | list[str], tasks: list[Task]) -> dict[str, Any]:
-        """Refuse a loaded image (C, X, Y, Z) that cannot be segmented for ``tasks``, before any voxel is resampled
-        (:class:`InputError` naming the file): an affine or voxel size :func:`geometry_problem` refuses, NaN / Inf
-        voxels (:func:`check_values`), a case needing more host memory than the limit
-        (:func:`~uniseg_monai.memory.case_memory`). Returns sidecar fields."""
-        files = [source] if isinstance(source, str) else list(source)
-        name = " + ".join(files)
-        affine = np.asarray(getattr(image, "affine", torch.eye(4)), dtype=float)
-        for t in tasks:
-            problem = geometry_problem(affine, t)
-            if problem:
-                raise InputError(f"{name}: {problem}; fix the header (pixdim / affine) or resample the image")
-        fields = check_values(image, files, self.nan_policy)
-        limit = self.max_memory
-        if limit is None:  # the machine's available memory; the loaded image, counted in the estimate, is in use
-            free = available_memory()
-            limit = None if free is None else free + image.element_size() * image.numel()
-        passes = _passes(tasks)
-        need = case_memory(image.shape[1:], image.shape[0], affine, passes, self.window, self.windows_on_cpu)
-        if limit is not None and need > limit:
-            shape = "x".join(str(n) for n in image.shape[1:])
-            resampled = max(resampled_voxels(image.shape[1:], affine, g[0]) for g in passes)
-            given = "--max_memory" if self.max_memory is not None else "available memory"
-            raise InputError(
-                f"{name}: needs ~{_gib(need)} GiB, limit {_gib(limit)} GiB ({given}): {shape} voxels x "
-                f"{image.shape[0]} channel(s), {resampled:,} at the task spacing, {len(tasks)} task(s); pass "
-                f"--max_memory {math.ceil(need / GIB * 10) / 10:g} (GiB) to allow it, or use a coarser/cropped image"
-            )
-        return fields
-
-    def write(self, out: Path, name: str, source: str | list[str], tasks: list[Task], run: dict[str, Any]) -> None:
-        """Load one case, check it (:meth:`check`), segment it under ``tasks`` (those whose channel count fits) and
-        write its maps and sidecars (plus the merged map for ``all``) together (:func:`write_group`: all or none of
-        them appear); ``run``: more sidecar fields."""
-        tic = time.perf_counter()
-        image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
-        fits = [t for t in tasks if t.in_channels == image.shape[0]]
+    def check(self, case: Volume, tasks: list[Task], loaded: int = 0) -> list[Task]:
+        """The tasks of ``tasks`` whose channel count fits ``case`` (its files' headers, or for a DICOM series the
+        loaded image), or an :class:`InputError` naming the file: no task fits, an affine or voxel size
+        :func:`geometry_problem` refuses, or more host memory needed (:func:`~uniseg_monai.memory.case_memory`) than
+        the limit (``--max_memory``, else the available memory plus the ``loaded`` bytes of an image in use)."""
+        fits = [t for t in tasks if t.in_channels == case.channels]
         if not fits:
             wanted = ", ".join(f"{t.name} takes {'+'.join(t.modalities)}" for t in tasks)
-            raise InputError(f"the image has {image.shape[0]} channel(s), but {wanted}")
-        checked = self.check(image, source, fits)
+            raise InputError(f"{case.path}: the image has {case.channels} channel(s), but {wanted}")
+        for t in fits:
+            problem = geometry_problem(case.affine, t)
+            if problem:
+                raise InputError(f"{case.path}: {problem}; fix the header (pixdim / affine) or resample the image")
+        limit = self.max_memory
+        if limit is None:  # the machine's available memory
+            free = available_memory()
+            limit = None if free is None else free + loaded
+        passes = _passes(fits)
+        need = case_memory(case.shape, case.channels, case.affine, passes, self.window, self.windows_on_cpu)
+        if limit is not None and need > limit:
+            shape = "x".join(str(n) for n in case.shape)
+            resampled = max(resampled_voxels(case.shape, case.affine, g[0]) for g in passes)
+            given = "--max_memory" if self.max_memory is not None else "available memory"
+            raise InputError(
+                f"{case.path}: needs ~{_gib(need)} GiB, limit {_gib(limit)} GiB ({given}): {shape} voxels x "
+                f"{case.channels} channel(s), {resampled:,} at the task spacing, {len(fits)} task(s); pass "
+                f"--max_memory {math.ceil(need / GIB * 10) / 10:g} (GiB) to allow it, or use a coarser/cropped image"
+            )
+        return fits
+
+    def write(self, out: Path, name: str, source: str | list[str], tasks: list[Task], run: dict[str, Any]) -> None:
+        """Check one case from its files' headers before reading a voxel (:func:`case_header`, :meth:`check`; a DICOM
+        series once loaded), load it, refuse NaN / Inf voxels (:func:`check_values`), segment it under ``tasks``
+        (those whose channel count fits) and write its maps and sidecars (plus the merged map for ``all``) together
+        (:func:`write_group`: all or none of them appear); ``run``: more sidecar fields."""
+        tic = time.perf_counter()
+        files = [source] if isinstance(source, str) else list(source)
+        series = Path(files[0]).is_dir()  # a DICOM series folder: checked once loaded
+        if not series:
+            fits = self.check(case_header(files), tasks)  # a 2D file, a huge or singular header: refused unread
+        image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
+        if series:
+            volume = Volume(files[0], image.shape[0], tuple(image.shape[1:]), np.asarray(image.affine))
+            fits = self.check(volume, tasks, image.element_size() * image.numel())
+        checked = check_values(image, files, self.nan_policy)
         loaded, case = time.perf_counter() - tic, {"image": image}
         del image  # segment frees it once resampled
         maps, meta, affine = self.segment(case, fits)
@@ -440,10 +481,12 @@ def predict(
             filled with the image channel's lowest finite value (a warning, counts in the sidecar's ``nan_policy``).
         overrides: other ids of ``inference.json``, e.g. ``--base_features 4 --patch_size [64,64,32]``.
 
-    Refused per case (file and reason on stderr, the other cases still run): NaN / Inf voxels (see
-    ``nan_policy``); a non-finite or singular affine (e.g. a zero pixdim) or a voxel size outside the task's range
-    (its spacing / 10 to x 10); a case that needs more memory than ``max_memory``. A constant image (e.g. all
-    zeros) is segmented with a warning.
+    Refused per case (file and reason on stderr, the other cases still run), from the files' headers before a
+    voxel is read (a DICOM series once loaded): a file that is not 3D, channel files on different grids, a
+    non-finite or singular affine (e.g. a zero pixdim) or a voxel size outside the task's range (its spacing / 10 to
+    x 10), a case that needs more memory than ``max_memory``; once loaded, NaN / Inf voxels (see ``nan_policy``).
+    A constant image (e.g. all zeros) is segmented with a warning. ``all`` without ``modality`` warns that each
+    case is assumed to have the modality of every task of its channel count.
 
     Memory: only windows (sw_batch_size x C x patch) go to the device, so its memory does not grow with the
     volume; the volume is resampled, padded and the logits stitched on the CPU. Host memory per case, estimated
@@ -511,6 +554,8 @@ def _predict_cases(
     """:func:`predict` once its options are checked and the output folder is known to be writable."""
     predictor = Predictor(bundle, checkpoint, task, settings, len(cases) == 1, limit, nan_policy)
     tasks = predictor.tasks(task, modality)
+    if task == "all" and not modality:
+        _warn(assumed_modalities(tasks))
     names = [t.name for t in tasks] + (["all_merged"] if task == "all" else [])
     skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all")]
     earlier = [p for c in cases if c not in skipped for n in names

@@ -205,10 +205,19 @@ class Task:
             raise TaskError(f"{where}: missing {sorted(missing)}")
         modalities = tuple(str(m) for m in spec["modalities"])
         labels = tuple(str(v) for v in spec["labels"])
-        spacing = tuple(float(v) for v in spec["spacing"])
+        try:
+            spacing = tuple(float(v) for v in spec["spacing"])
+        except (TypeError, ValueError):
+            spacing = ()  # refused below, naming the value
         norm_spec = spec.get("normalization") or ["ct" if m.upper() == "CT" else "zscore" for m in modalities]
         normalization = tuple(Normalization.parse(n, where) for n in norm_spec)
-        label_map = {int(k): int(v) for k, v in (spec.get("label_map") or {}).items()}
+        try:
+            label_map = {int(k): int(v) for k, v in (spec.get("label_map") or {}).items()}
+        except (AttributeError, TypeError, ValueError):
+            raise TaskError(
+                f'{where}: label_map must map raw label values to class indices (e.g. {{"2": 1}}), got '
+                f"{spec.get('label_map')!r}"
+            ) from None
         short_labels = tuple(str(v) for v in spec.get("short_labels") or ())
         tolerance = spec.get("nsd_tolerance")
         if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
@@ -220,7 +229,7 @@ class Task:
             raise TaskError(f"{where}: {len(modalities)} modalities; UniSeg has stems for 1, 2 or 4 channels")
         if len(labels) < 2:
             raise TaskError(f"{where}: labels must list background and at least one class, got {list(labels)}")
-        if len(spacing) != 3 or min(spacing) <= 0:
+        if len(spacing) != 3 or not all(0 < s < math.inf for s in spacing):
             raise TaskError(f"{where}: spacing must be 3 positive numbers (x, y, z) in mm, got {spec['spacing']}")
         if len(normalization) != len(modalities):
             raise TaskError(f"{where}: {len(normalization)} normalization entries for {len(modalities)} modalities")
@@ -242,6 +251,18 @@ class Task:
         if self.nsd_tolerance is None:
             out.pop("nsd_tolerance")
         return out
+
+
+def model_bound(task: Task) -> dict[str, Any]:
+    """What a trained network and its pre-processing are fit to: task id, channel and class counts, target
+    spacing and normalisation (JSON values)."""
+    return {
+        "id": task.id,
+        "channels": task.in_channels,
+        "classes": task.num_classes,
+        "spacing": list(task.spacing),
+        "normalization": [n.to_json() for n in task.normalization],
+    }
 
 
 class TaskRegistry(Mapping[str, Task]):
@@ -284,6 +305,30 @@ class TaskRegistry(Mapping[str, Task]):
                 merged["id"] = 1 + max((t.id for t in tasks.values()), default=-1)
             tasks[name] = Task.parse(name, merged)
         return TaskRegistry(tasks.values())
+
+    def with_definitions(self, specs: Mapping[str, Mapping[str, Any]], source: str) -> TaskRegistry:
+        """This registry (a trained model's tasks) with ``specs`` (the ``"tasks"`` of the datalist ``source``) applied
+        to the tasks it holds, key by key as :meth:`extended` (tasks it lacks are left out): the datalist's
+        ``label_map``, class names, ``short_labels`` and ``nsd_tolerance`` win. What the network and its
+        pre-processing were fit to (:func:`model_bound`) must stay: a :class:`TaskError` shows both values."""
+        known = {name: spec for name, spec in specs.items() if name in self}
+        try:
+            merged = self.extended(known)
+        except TaskError as err:
+            raise TaskError(f"{source}: {err}") from None
+        changed = [
+            f"task {name!r} {key} {value} there, {model_bound(self[name])[key]} in the model"
+            for name in known
+            for key, value in model_bound(merged[name]).items()
+            if value != model_bound(self[name])[key]
+        ]
+        if changed:
+            raise TaskError(
+                f"{source}: {'; '.join(changed)}: a trained model keeps its task ids, channel and class counts, "
+                'spacing and normalisation; remove those keys from the datalist\'s "tasks" to evaluate the model as '
+                "trained, or train a model with them"
+            )
+        return merged
 
     def subset(self, names: Iterable[str]) -> TaskRegistry:
         """The named tasks only; their ids must be distinct."""
@@ -365,13 +410,28 @@ def save_model_tasks(registry: TaskRegistry, ckpt_dir: str | Path) -> Path:
     path = Path(ckpt_dir) / MODEL_TASKS_FILE
     text = json.dumps({"tasks": registry.to_json()}, indent=2) + "\n"
     if path.exists():
-        if load_model_tasks(path.parent).to_json() != registry.to_json():
+        difference = first_difference(load_model_tasks(path.parent), registry)
+        if difference:
             raise TaskError(
-                f"{path} describes other tasks than this run's datalist; use another --ckpt_dir for a new task set"
+                f"{path} describes other tasks than this run's datalist ({difference}); use another --ckpt_dir for a "
+                "new task set"
             )
         return path
     write_text_atomic(path, text)
     return path
+
+
+def first_difference(saved: TaskRegistry, datalist: TaskRegistry) -> str:
+    """The first task key in which ``datalist``'s tasks differ from ``saved`` ones, showing both values; ``""``
+    when they are the same."""
+    old, new = saved.to_json(), datalist.to_json()
+    for name in sorted(set(old) | set(new)):
+        if name not in old or name not in new:
+            return f"task {name!r} only {'in the datalist' if name in new else 'there'}"
+        for key in sorted(set(old[name]) | set(new[name])):
+            if old[name].get(key) != new[name].get(key):
+                return f"task {name!r} {key}: {old[name].get(key)} there, {new[name].get(key)} in the datalist"
+    return ""
 
 
 def load_model_tasks(ckpt_dir: str | Path) -> TaskRegistry:

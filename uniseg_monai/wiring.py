@@ -18,13 +18,23 @@ from uniseg_monai.errors import flag
 from uniseg_monai.model_files import MODEL_FILE, model_tasks
 from uniseg_monai.precision import autocast_kwargs
 from uniseg_monai.run_folder import check_output_dir, check_run_dir
-from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry, check_task_name, resolve_task, save_model_tasks
+from uniseg_monai.tasks import (
+    MODEL_TASKS_FILE,
+    TaskError,
+    TaskRegistry,
+    check_task_name,
+    resolve_task,
+    save_model_tasks,
+)
 
 
 def registry_for_datalist(path: str | Path) -> TaskRegistry:
     """Built-in tasks extended by the datalist's ``"tasks"``, narrowed to the tasks the datalist uses."""
     datalist = read_datalist(path)
-    full = TaskRegistry().extended(datalist.get("tasks", {}))
+    try:
+        full = TaskRegistry().extended(datalist.get("tasks", {}))
+    except TaskError as err:
+        raise TaskError(f"{path}: {err}") from None
     used = [item["task"] for section in SECTIONS for item in datalist.get(section, [])]
     return full.subset(used or list(datalist.get("tasks", {})))
 
@@ -51,6 +61,17 @@ def registry_for_run(
     if normalization is not None:
         registry = registry.extended({task: {"normalization": list(normalization)}})
     return registry.subset([task])
+
+
+def registry_for_evaluation(datalist: str | Path, ckpt_dir: str | Path) -> TaskRegistry:
+    """The tasks an evaluation run scores: the model's in ``ckpt_dir`` (:func:`~uniseg_monai.model_files.model_tasks`)
+    with the datalist's definitions of them applied when the file exists (:meth:`TaskRegistry.with_definitions`: its
+    ``label_map`` and class names win, as in training; other ids, channel or class counts, spacing or normalisation
+    than the model's are refused)."""
+    registry = model_tasks(ckpt_dir)
+    if not Path(datalist).is_file():
+        return registry
+    return registry.with_definitions(read_datalist(datalist).get("tasks", {}), str(datalist))
 
 
 def requested_task(choice: str | list[str]) -> str:

@@ -59,9 +59,22 @@ def _loader() -> LoadImage:
 
 
 def read_volume(path: str) -> Volume:
-    """Every voxel of ``path`` (as the bundles load it)."""
+    """Every voxel of ``path`` (as the bundles load it); a NIfTI affine as the header says (:func:`read_header`)."""
     img = _loader()(path)
-    return Volume(path, int(img.shape[0]), tuple(img.shape[1:]), np.asarray(img.affine), img)
+    affine = read_header(path).affine if path.endswith(_NIFTI) else np.asarray(img.affine)
+    return Volume(path, int(img.shape[0]), tuple(img.shape[1:]), affine, img)
+
+
+def nifti_affine(img: nib.Nifti1Image, path: str) -> np.ndarray:
+    """The affine of the NIfTI image ``img`` read from ``path`` as its header says: without qform and sform,
+    nibabel replaces a zero pixdim by 1 (a guessed 1 mm voxel); here that axis keeps its zero length, so that
+    :func:`~uniseg_monai.data.geometry.geometry_problem` refuses it as README says."""
+    affine = np.asarray(img.affine, dtype=float)
+    if img.header["qform_code"] == 0 and img.header["sform_code"] == 0:
+        with nib.openers.ImageOpener(path) as f:
+            raw = type(img.header).from_fileobj(f, check=False)  # the pixdims before nibabel's fix
+        affine[:3, :3] *= np.asarray(raw["pixdim"][1:4], dtype=float) != 0
+    return affine
 
 
 def read_header(path: str) -> Volume:
@@ -70,7 +83,7 @@ def read_header(path: str) -> Volume:
         img = correct_nifti_header_if_necessary(nib.load(path))  # as MONAI's NibabelReader does
         shape = tuple(int(s) for s in img.shape)
         channels = int(np.prod(shape[3:])) if len(shape) > 3 else 1
-        return Volume(path, channels, shape[:3] if len(shape) > 3 else shape, np.asarray(img.affine))
+        return Volume(path, channels, shape[:3] if len(shape) > 3 else shape, nifti_affine(img, path))
     import itk
 
     io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
@@ -101,9 +114,15 @@ def _read(path: str, read: Callable[[str], Volume], problems: list[Problem]) -> 
         return None
 
 
-def _check_image(img: Volume, task: Task, problems: list[Problem]) -> bool:
+def _not_3d(img: Volume) -> Problem | None:
     if len(img.shape) != 3:
-        problems.append(Problem(img.path, f"not a 3D volume (shape {img.shape})", "provide 3D images"))
+        return Problem(img.path, f"not a 3D volume (shape {img.shape})", "provide 3D images (one file per channel)")
+    return None
+
+
+def _check_image(img: Volume, task: Task, problems: list[Problem]) -> bool:
+    if not_3d := _not_3d(img):
+        problems.append(not_3d)
         return False
     geometry = geometry_problem(img.affine, task)
     if geometry:
@@ -124,8 +143,18 @@ def _check_image(img: Volume, task: Task, problems: list[Problem]) -> bool:
     return True
 
 
-def _same_grid(a: Volume, b: Volume) -> bool:
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3)
+def grid_difference(img: Volume, ref: Volume) -> str | None:
+    """How the grid of ``img`` differs from that of ``ref``: the shapes, or the largest difference of the affines
+    (mm); None when they are the same (affines within 1e-3)."""
+    if img.shape != ref.shape:
+        return f"shape {img.shape} vs {ref.shape}"
+    if np.allclose(img.affine, ref.affine, atol=1e-3):
+        return None
+    diff = np.abs(np.asarray(img.affine, dtype=float) - np.asarray(ref.affine, dtype=float))
+    row, col = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    where, unit = (f"origin {'xyz'[row]}", " mm") if col == 3 and row < 3 else (f"affine[{row}][{col}]", "")
+    shown = f"{img.affine[row, col]:g} vs {ref.affine[row, col]:g}{unit}"
+    return f"affines differ by up to {diff.max():g} ({where}: {shown})"
 
 
 def _paths(value: Any) -> list[str] | None:
@@ -157,9 +186,7 @@ def item_problems(
     if len(images) != len(paths) or not all(_check_image(img, task, problems) for img in images):
         return problems
     ref = images[0]
-    for img in images[1:]:
-        if not _same_grid(img, ref):
-            problems.append(Problem(img.path, f"channel file does not match {ref.path} in shape or affine", "resample"))
+    problems += _channel_grid_problems(images)
     channels = sum(img.channels for img in images)
     if channels != task.in_channels:
         problems.append(
@@ -176,16 +203,41 @@ def item_problems(
     return problems
 
 
+def _channel_grid_problems(images: Sequence[Volume]) -> list[Problem]:
+    """Channel files of one case (one per channel) that are not on the first one's grid."""
+    fix = "resample the channel files onto one grid (the first channel's)"
+    return [
+        Problem(img.path, f"channel file is not on the grid of {images[0].path}: {difference}", fix)
+        for img in images[1:]
+        if (difference := grid_difference(img, images[0]))
+    ]
+
+
+def case_header(paths: Sequence[str]) -> Volume:
+    """One case's files (one, or one per channel) read from their headers (:func:`read_header`) as one volume:
+    channels summed, the first file's shape and affine. An :class:`~uniseg_monai.errors.InputError` naming the file
+    and the fix for a missing, unreadable or non-3D file and for channel files on different grids."""
+    problems: list[Problem] = []
+    images = [img for img in (_read(p, read_header, problems) for p in paths) if img is not None]
+    problems += [problem for problem in map(_not_3d, images) if problem]
+    if not problems:
+        problems += _channel_grid_problems(images)
+    if problems:
+        raise InputError(f"{problems[0].where}: {problems[0].what}; fix: {problems[0].fix}")
+    return Volume(" + ".join(paths), sum(img.channels for img in images), images[0].shape, images[0].affine)
+
+
 def _check_label(label: Volume, ref: Volume, task: Task, problems: list[Problem]) -> None:
     if len(label.shape) != 3 or label.channels != 1:
         fix = "save the label as one 3D volume (X, Y, Z) of integer classes"
         problems.append(Problem(label.path, f"label must be one 3D volume, got {label.channels} x {label.shape}", fix))
         return
-    if not _same_grid(label, ref):
+    difference = grid_difference(label, ref)
+    if difference:
         problems.append(
             Problem(
                 label.path,
-                f"shape {label.shape} / affine differ from image {ref.path} {ref.shape}",
+                f"shape / affine differ from image {ref.path}: {difference}",
                 "resample the label onto the image grid (nearest neighbour)",
             )
         )
@@ -238,7 +290,7 @@ def check_datalist(path: str | Path, progress: bool = True) -> list[Problem]:
         registry.subset(known)
     except TaskError as err:
         problems.append(Problem(str(path), str(err), "give every task used by the datalist its own id"))
-    seen: dict[tuple[str, ...], str] = {}
+    seen: dict[tuple[str, ...], list[tuple[str, int, str]]] = {}  # image files -> the entries that name them
     for section, i, item in tqdm(used, desc="check-data", unit="case", disable=not progress):
         where = f"{path} {section}[{i}]"
         if item["task"] not in registry:
@@ -248,12 +300,33 @@ def check_datalist(path: str | Path, progress: bool = True) -> list[Problem]:
         item = {**item, **{k: _absolute(item[k], root) for k in ("image", "label") if k in item}}
         images = _paths(item["image"])
         if images:
-            first = seen.setdefault(tuple(sorted(images)), f"{section}[{i}]")
-            if first != f"{section}[{i}]" and (first.startswith("training")) != (section == "training"):
-                fix = "keep each case in one split only"
-                problems.append(Problem(images[0], f"is in both {first} and {section}[{i}] of {path}", fix))
+            entries = seen.setdefault(tuple(sorted(images)), [])
+            problems += _repeated(images[0], entries, section, i, item["task"], path)
+            entries.append((section, i, item["task"]))
         problems += item_problems(item, registry[item["task"]], where, labelled=section in LABELLED)
     return problems
+
+
+def _repeated(
+    image: str, earlier: list[tuple[str, int, str]], section: str, i: int, task: str, path: Path
+) -> list[Problem]:
+    """The problem of an entry (``section[i]`` of ``task``) whose image ``earlier`` entries already name: a case in
+    two splits (training and validation / testing: a flattering score; validation and testing: the test set picks
+    the model) or twice in one split for the same task (a duplicate weighs twice); the same image under other tasks
+    of one split is fine (several tasks on the same volumes)."""
+    for other, j, other_task in earlier:
+        if other != section:
+            return [
+                Problem(
+                    image, f"is in both {other}[{j}] and {section}[{i}] of {path}", "keep each case in one split only"
+                )
+            ]
+        if other == section and other_task == task:
+            fix = "remove the duplicate entry (a case counts once)"
+            return [
+                Problem(image, f"is listed twice for task {task!r}: {other}[{j}] and {section}[{i}] of {path}", fix)
+            ]
+    return []
 
 
 def check_run_items(groups: Sequence[Sequence[Mapping[str, Any]]], registry: TaskRegistry, default: str = "") -> None:

@@ -31,9 +31,13 @@ def read_datalist(path: str | Path) -> dict[str, Any]:
         raise DatalistError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not any(s in data for s in (*SECTIONS, "tasks")):
         raise DatalistError(f"{path}: expected an object with 'training', 'validation', 'testing' and/or 'tasks'")
-    if not isinstance(data.get("tasks", {}), dict):
-        raise DatalistError(f'{path}: "tasks" must map task names to their fields, got {data["tasks"]!r}')
-    for name in data.get("tasks", {}):
+    tasks = data.get("tasks", {})
+    if not isinstance(tasks, dict) or not all(isinstance(spec, dict) for spec in tasks.values()):
+        raise DatalistError(
+            f'{path}: "tasks" must map task names to objects of task keys (README: "Datalist format"), got '
+            f"{tasks!r:.200}"
+        )
+    for name in tasks:
         check_task_name(name, f'{path}: "tasks"')
     for section in SECTIONS:
         for i, item in enumerate(data.get(section, [])):
