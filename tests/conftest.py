@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,6 +72,28 @@ def tiny_bundle(official_fixture: dict, kind: str, name: str, root: Path) -> Pat
     config["patch_size"] = network_def.get("patch_size", config["patch_size"])
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     return bundle
+
+
+HOLDER = """
+import sys
+from uniseg_monai.locks import owned
+with owned(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextmanager
+def held_by_another_process(folder: Path, what: str) -> Iterator[int]:
+    """``folder`` owned (:func:`uniseg_monai.locks.owned`) by a live child process for ``what`` during the block;
+    yields the child's pid. The child releases it when the block ends."""
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), what], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "held"
+        yield child.pid
+    finally:
+        child.communicate(timeout=60)  # closes its stdin: it releases the folder and ends
 
 
 PREDICT_BUNDLE = BUNDLES / "uniseg_pretrain"

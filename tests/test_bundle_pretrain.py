@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
 from uniseg_monai.data import TaskUniformSampler, load_items
+from uniseg_monai.errors import UsageError, user_error
 from uniseg_monai.metadata import channel_def
 from uniseg_monai.model_files import build_network
 from uniseg_monai.networks import nnunet_features
@@ -178,16 +180,36 @@ def test_inference_keeps_the_input_geometry_and_names_the_task(trained, phantoms
         assert int(np.asarray(pred.dataobj).max()) < registry[item["task"]].num_classes
 
 
-def test_inference_task_from_the_command_line(trained, phantoms):
+def test_inference_task_from_the_command_line_and_never_over_earlier_predictions(trained, phantoms, tmp_path):
     data = json.loads(phantoms.read_text())
     ct_only = phantoms.with_name("datalist_ct.json")
     ct_only.write_text(json.dumps({"testing": [i for i in data["testing"] if i["task"] == "ph_organs"]}))
     out = trained / "infer_liver"
-    wf = workflow("infer", configs("inference"), **run_dirs(phantoms, trained, output_dir=str(out), task="ph_liver",
-                                                            datalist=str(ct_only)))  # fmt: skip
+    ids = run_dirs(phantoms, trained, output_dir=str(out), task="ph_liver", datalist=str(ct_only))
+    wf = workflow("infer", configs("inference"), **ids)
     wf.run()
     wf.finalize()
     assert sorted(p.name.split("_")[-2] for p in (out / "predictions").iterdir()) == ["liver"] * 2
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()}
+    again = workflow("infer", configs("inference"), **ids)
+    with pytest.raises(Exception) as refused:
+        again.run()  # an earlier run's predictions are never replaced without --overwrite true
+    assert re.search("already holds 2 prediction.* --overwrite true", str(user_error(refused.value)))
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()} == before
+    replaced = workflow("infer", configs("inference"), **ids, overwrite=True)
+    replaced.run()
+    replaced.finalize()
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()}
+    assert after.keys() == before.keys() and all(after[n] != before[n] for n in before)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = workflow("infer", configs("inference"), **run_dirs(phantoms, trained, output_dir=str(out / "x"),
+                                                                 dataset_dir=str(empty)))  # fmt: skip
+    with pytest.raises(Exception) as refused:
+        nothing.run()
+    assert isinstance(user_error(refused.value), UsageError)
+    assert f"--dataset_dir {empty} holds no datalist.json and no *.nii.gz" in str(user_error(refused.value))
+    assert not (out / "x").exists()
 
 
 def test_torchscript_export_takes_image_and_task(trained, phantoms, tmp_path):
@@ -247,7 +269,7 @@ def test_two_nodes_train_with_the_sampler_split_by_global_rank(phantoms, tmp_pat
     probe = tmp_path / "probe.json"  # the overlay's run list, then the epoch-0 indices of this rank's sampler
     probe.write_text(json.dumps({"run": [*run, "$@train#sampler.set_epoch(0)", record]}))
     cache = {"dataset_type": "disk", "cache_rate": 1.0, "cache_dir": str(tmp_path / "cache")}  # one folder, 2 nodes
-    ids = run_dirs(phantoms, tmp_path, epochs=1, val_interval=2, **cache)  # no validation
+    ids = run_dirs(phantoms, tmp_path, epochs=1, val_interval=2, validation_required=False, **cache)  # no validation
     files = json.dumps([*configs("train", "multi_gpu_train"), str(probe)])
     bundle = ["-m", "monai.bundle", "run", "--config_file", files, "--meta_file", str(CONFIGS / "metadata.json"),
               "--logging_file", str(CONFIGS / "logging.conf"), "--bundle_root", str(BUNDLE), "--backend", "gloo",

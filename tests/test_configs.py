@@ -93,7 +93,8 @@ def test_configs_hold_wiring_and_values_not_logic(name):
             for idiom in MODEL_ZOO_IDIOMS:
                 body = body.replace(idiom, "")
             assert not re.search(r"\b(if|else|or|and|for|lambda)\b", body), f"{name}/{file}.json: {expression}"
-    assert len(expressions(config(name))) <= 18  # spleen_ct_segmentation's train.json has 17; + the one-line errors
+    # spleen_ct_segmentation's train.json has 17; + the one-line errors, the validation check, the run folder's release
+    assert len(expressions(config(name))) <= 20
 
 
 @pytest.mark.parametrize("name", ["uniseg_pretrain", "uniseg_finetune_btcv"])

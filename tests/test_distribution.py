@@ -23,7 +23,7 @@ from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 from uniseg_monai import cli
 from uniseg_monai.bundles import BundleNotFoundError, find_bundle, pack_bundle
 from uniseg_monai.cli import main
-from uniseg_monai.errors import UsageError
+from uniseg_monai.errors import UsageError, user_error
 from uniseg_monai.model_files import convert_official
 from uniseg_monai.predict import predict
 
@@ -51,7 +51,12 @@ def test_inference_workflow_passes_model_zoo_checks_without_data(name, tmp_path)
     )
     workflow.properties = {**MetaProperties, **InferProperties}
     assert workflow.check_properties() == []
-    assert workflow.dataset_data == []  # nothing to segment, and no error for it
+    assert workflow.dataset_data == []  # nothing to segment, and no error for it until it runs
+    with pytest.raises(Exception) as refused:
+        workflow.run()
+    assert f"--dataset_dir {tmp_path / 'no_data_here'} does not exist: nothing to segment" in str(
+        user_error(refused.value)
+    )
 
 
 @pytest.fixture(scope="module")

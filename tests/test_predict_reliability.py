@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import PREDICT_BUNDLE, PREDICT_TINY
+from conftest import PREDICT_BUNDLE, PREDICT_TINY, held_by_another_process
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
 from uniseg_monai import atomic
@@ -25,6 +26,7 @@ from uniseg_monai import predict as predict_module
 from uniseg_monai.atomic import inside, write_group
 from uniseg_monai.cli import main
 from uniseg_monai.errors import InputError, UsageError
+from uniseg_monai.locks import LOCK_NAME, FolderInUseError
 from uniseg_monai.memory import GIB, case_memory
 from uniseg_monai.model_files import ModelFileError, convert_official, read_model
 from uniseg_monai.networks import UniSeg, nnunet_features
@@ -185,6 +187,46 @@ def test_a_case_is_written_whole_or_not_at_all_and_skip_existing(predict_model, 
     assert captured.out.strip().endswith(f"1 case(s) written to {out}, 1 skipped (outputs exist), 0 failed")
     assert case_files(out, "first") == [n.replace("second", "first") for n in outputs]
     assert (out / "second_all_merged.json").stat().st_mtime_ns == before
+
+
+def test_skip_existing_recomputes_a_case_with_a_missing_task_and_removes_orphans(predict_model, crop, tmp_path, capsys):
+    good, out = save(tmp_path / "good.nii.gz", *crop), tmp_path / "out"
+    assert run(predict_model, str(good), out, "all") == 0
+    outputs = case_files(out, "good")  # merged, ph_liver and ph_organs maps and sidecars (the CT tasks)
+    before = (out / "good_all_merged.json").stat().st_mtime_ns
+    for suffix in (".nii.gz", ".json"):  # one task's map and sidecar gone: the case is not complete
+        (out / f"good_ph_liver{suffix}").unlink()
+    (out / ".good_ph_organs.nii.gz.ab3_x9z0").write_bytes(b"half a map")  # an interrupted write's temporary
+    capsys.readouterr()
+    assert run(predict_model, str(good), out, "all", skip_existing=True) == 0
+    err = capsys.readouterr().err
+    assert "good: recomputed, some of its outputs are missing (--skip_existing)" in err
+    assert f"removed 1 temporary file(s) of an interrupted run in {out}" in err
+    assert case_files(out, "good") == outputs and (out / "good_all_merged.json").stat().st_mtime_ns != before
+
+    sidecar = json.loads((out / "good_ph_organs.json").read_text())  # files of another model are never replaced
+    (out / "good_ph_organs.json").write_text(json.dumps({**sidecar, "checkpoint": str(tmp_path / "other.pt")}))
+    (out / "good_all_merged.nii.gz").unlink()
+    with pytest.raises(FileExistsError, match=r"good_ph_organs.nii.gz exists \(2 output .* not written by this --"):
+        run(predict_model, str(good), out, "all", skip_existing=True)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(
+    predict_model, crop, tmp_path, caplog
+):
+    good, out = save(tmp_path / "good.nii.gz", *crop), tmp_path / "out"
+    with held_by_another_process(out, "uniseg predict") as pid:
+        with pytest.raises(FolderInUseError, match=rf"{out} is in use by another uniseg predict: pid {pid} on "):
+            run(predict_model, str(good), out)
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # nothing of the second run
+    assert not out.exists()  # the first run made the folder and left nothing in it
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(), "what": "x"}))
+    assert run(predict_model, str(good), out) == 0
+    assert f"taking over the stale lock of a run that is gone (pid {int(gone.stdout)} on" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["good_ph_organs.json", "good_ph_organs.nii.gz"]
 
 
 def test_a_group_whose_rename_fails_leaves_nothing_new(tmp_path):

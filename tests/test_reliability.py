@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLES, held_by_another_process
+from monai.bundle import ConfigWorkflow
 
 from uniseg_monai.data.check import check_datalist, check_run_items
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
-from uniseg_monai.errors import InputError, NonFiniteError, UsageError
+from uniseg_monai.errors import InputError, NonFiniteError, UsageError, user_error
 from uniseg_monai.guards import NonFiniteGuard
 from uniseg_monai.handlers import ResumeCheckpointLoader
+from uniseg_monai.locks import LOCK_NAME, FolderInUseError, acquire, release
 from uniseg_monai.model_files import ModelFileError, _AtomicDiskSaver, load_weights_only
 from uniseg_monai.precision import LossScaling, autocast_kwargs
 from uniseg_monai.wiring import registry_for_datalist
@@ -173,8 +177,8 @@ def test_bfloat16_amp_trains_without_loss_scaling_and_stops_at_the_first_non_fin
         autocast_kwargs("fp8")
 
 
-TINY_IDS = {"patch_size": [64, 64, 32], "base_features": 4, "iterations_per_epoch": 1, "epochs": 1, "num_workers": 0,
-            "cache_rate": 0}  # fmt: skip
+TINY_IDS = {"patch_size": [64, 64, 32], "base_features": 4, "iterations_per_epoch": 1, "epochs": 1, "val_interval": 1,
+            "num_workers": 0, "cache_rate": 0}  # fmt: skip
 
 
 def stderr_of_failed_run(configs: str, capsys, **ids) -> str:
@@ -227,17 +231,62 @@ def test_common_bundle_mistakes_end_in_one_line_naming_the_fix(cases, tmp_path, 
             ["gone.nii.gz: file not found", "correct the path"],
         ),
         "label grid": ({"dataset_dir": tmp_path / "label_grid"}, ["differ from image", "resample the label"]),
+        "no validation": ({"val_interval": 2}, ["--val_interval 2 is more than --epochs 1", "no model.pt"]),
     }
     for i, (name, (ids, markers)) in enumerate(mistakes.items()):
         ids = {"dataset_dir": data, "ckpt_dir": tmp_path / f"run{i}", **ids}
         err = stderr_of_failed_run("train", capsys, **{k: str(v) if isinstance(v, Path) else v for k, v in ids.items()})
         assert len(err.strip().splitlines()) <= 2 and err.startswith("uniseg: error: "), (name, err)
         assert all(marker in err for marker in markers), (name, err)
-        if name in ("nothing to resume", "bad boolean", "bad AMP dtype", "missing file", "label grid"):  # none written
+        if name in ("nothing to resume", "bad boolean", "bad AMP dtype", "missing file", "label grid", "no validation"):
             assert not Path(ids["ckpt_dir"]).exists() or not any(Path(ids["ckpt_dir"]).iterdir()), name
     assert sorted(p.name for p in earlier.iterdir()) == ["checkpoint_epoch=3.pt"]  # untouched
     err = stderr_of_failed_run("train+evaluate", capsys, dataset_dir=str(data), ckpt_dir=str(tmp_path / "empty"))
     assert "empty: no model with a task table" in err and "uniseg weights" in err
+
+
+def test_a_run_folder_in_use_by_another_training_is_refused(cases, tmp_path, capsys, one_line_hook):
+    data = write(tmp_path / "data" / "datalist.json", {"tasks": cases["tasks"], "training": [cases["train"]]})
+    run_dir = tmp_path / "run"
+    with held_by_another_process(run_dir, "training") as pid:
+        err = stderr_of_failed_run("train", capsys, dataset_dir=str(data.parent), ckpt_dir=str(run_dir))
+        assert len(err.strip().splitlines()) <= 2 and f"{run_dir} is in use by another training: pid {pid} " in err
+        assert [p.name for p in run_dir.iterdir()] == [LOCK_NAME]  # the second run wrote nothing
+
+
+@pytest.mark.parametrize("name", ["uniseg_pretrain", "uniseg_finetune_btcv", "uniseg_finetune_vs"])
+def test_a_training_without_validation_is_refused_before_reading_data(name, tmp_path, one_line_hook):
+    """No validation, no model.pt: refused in ``initialize``, before the datalist is read (there is none here)."""
+    configs = BUNDLES / name / "configs"
+    ids = {"dataset_dir": str(tmp_path / "none"), "ckpt_dir": str(tmp_path / "run"), "epochs": 4, "val_interval": 5}
+    wf = ConfigWorkflow(config_file=str(configs / "train.json"), workflow_type="train", bundle_root=str(configs.parent),
+                        **ids)  # fmt: skip
+    with pytest.raises(Exception) as refused:
+        wf.initialize()
+    assert "--val_interval 5 is more than --epochs 4" in str(user_error(refused.value))
+    assert not (tmp_path / "run").exists()
+    check = next(e for e in json.loads((configs / "train.json").read_text())["initialize"] if "check_validation" in e)
+    assert check in json.loads((configs / "multi_gpu_train.json").read_text())["initialize"]  # every rank checks
+
+
+def test_folder_locks_tell_live_owners_from_gone_ones(tmp_path, caplog):
+    folder, live = tmp_path / "run", {"pid": os.getppid(), "host": socket.gethostname(), "what": "training"}
+    folder.mkdir()
+    lock = folder / LOCK_NAME
+    for owner in (live, {**live, "host": "elsewhere"}):  # a live process; one on another host cannot be checked
+        lock.write_text(json.dumps(owner))
+        with pytest.raises(
+            FolderInUseError, match=rf"in use by another training: pid {os.getppid()} on {owner['host']}"
+        ):
+            acquire(folder, "evaluation")
+    lock.write_text(json.dumps({**live, "pid_start": "-1"}))  # that pid now belongs to a later process
+    acquire(folder, "evaluation")
+    assert "taking over the stale lock" in caplog.text and json.loads(lock.read_text())["pid"] == os.getpid()
+    token = json.loads(lock.read_text())["token"]
+    acquire(folder, "evaluation")  # again in the owning process: nothing changes
+    assert json.loads(lock.read_text())["token"] == token
+    release(folder)
+    assert not lock.exists() and folder.is_dir()  # the folder was there before
 
 
 def bundle_command(dataset_dir: Path, ckpt_dir: Path) -> list[str]:

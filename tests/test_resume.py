@@ -214,6 +214,16 @@ def test_resuming_a_finished_run_is_refused(phantoms, first_epoch, tmp_path):
     assert checkpoints(root) == ["checkpoint_epoch=1.pt"]
 
 
+def test_resuming_with_another_learning_rate_or_epoch_length_is_refused(phantoms, first_epoch, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(first_epoch, root)
+    with pytest.raises(Exception) as refused:
+        train(phantoms, root, epochs=3, num_workers=0, resume=True, learning_rate=0.02, iterations_per_epoch=3)
+    message = str(user_error(refused.value))
+    assert "trained with learning_rate 0.01 (now 0.02), iterations_per_epoch 2 (now 3); resume with" in message
+    assert checkpoints(root) == ["checkpoint_epoch=1.pt"]
+
+
 KILLED_RUN = """
 import json, os, signal, sys
 import torch

@@ -5,6 +5,7 @@ file named after a task or case, refused unless it lies in its output folder."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePath
@@ -13,6 +14,7 @@ from typing import BinaryIO
 from uniseg_monai.errors import InputError
 
 Writer = Callable[[BinaryIO], object]
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")  # mkstemp(prefix=".<name>.") beside <name>
 
 
 def inside(folder: str | os.PathLike, name: str) -> Path:
@@ -40,6 +42,17 @@ def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def temporaries(folder: str | os.PathLike) -> dict[Path, str]:
+    """The temporary files of writes here in ``folder`` (``.<name>.XXXXXXXX``) -> the ``<name>`` each was for; one
+    left while no write runs in the folder is the orphan of an interrupted one."""
+    found = {}
+    for path in Path(folder).iterdir():
+        match = TEMPORARY.match(path.name)
+        if match and path.is_file():
+            found[path] = match["name"]
+    return found
 
 
 def _temporary(dst: Path, write: Writer) -> Path:

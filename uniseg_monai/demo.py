@@ -142,7 +142,7 @@ def run_demo(
         write_report=False,
         overwrite=True,  # the demo's own earlier results
     )
-    _workflow(bundle_dir, "infer", ["inference", "demo"], **dirs, output_dir=str(run))
+    _workflow(bundle_dir, "infer", ["inference", "demo"], **dirs, output_dir=str(run), overwrite=True)
     report = write_report(run, datalist=datalist)
     done = time.perf_counter()
     reports = _fine_tune(out_dir, Path(finetune_bundle).resolve(), run / "models" / "model.pt")

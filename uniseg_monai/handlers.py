@@ -49,7 +49,9 @@ class ResumeCheckpointLoader(CheckpointLoader):
 
     Entries of ``load_dict`` that the checkpoint lacks (one written before they were saved) are skipped with a
     warning that the resume is not exact; an object with ``set_epoch`` (the sampler) then continues at the
-    checkpoint's epoch. A checkpoint that already reached ``max_epochs`` is refused (ignite would start over).
+    checkpoint's epoch. A checkpoint that already reached ``max_epochs`` is refused (ignite would start over), and so
+    is one trained with another learning rate, momentum, weight decay, poly power or iterations per epoch
+    (:func:`changed_settings`).
     """
 
     def __init__(
@@ -76,6 +78,12 @@ class ResumeCheckpointLoader(CheckpointLoader):
             ) from None
         if not isinstance(checkpoint, Mapping) or not {"model", "trainer"} <= set(checkpoint):
             raise UsageError(f"{self.load_path}: not a training checkpoint (no model and trainer state to resume)")
+        changed = changed_settings(checkpoint, self.load_dict, engine)
+        if changed:
+            raise UsageError(
+                f"{self.load_path}: this run was trained with {', '.join(changed)}; resume with that run's values, or "
+                "start a new run in another --ckpt_dir"
+            )
         extras = trainer_entries(engine, self.load_dict["model"]) if "model" in self.load_dict else {}
         entries = {**self.load_dict, **extras}
         present = {k: v for k, v in entries.items() if k in checkpoint}
@@ -111,6 +119,28 @@ class ResumeCheckpointLoader(CheckpointLoader):
             f"Restored {', '.join(present)} from {self.load_path}: iteration {engine.state.iteration}, "
             f"epoch {engine.state.epoch}"
         )
+
+
+OPTIMIZER_IDS = {"initial_lr": "learning_rate", "momentum": "momentum", "weight_decay": "weight_decay"}
+
+
+def changed_settings(checkpoint: Mapping[str, Any], load_dict: Mapping[str, Any], engine: Engine) -> list[str]:
+    """The run settings of a checkpoint that a resumed run would silently replace or mix with its own, as ``"id
+    saved (now ours)"``: the optimizer's learning rate (``initial_lr``, the poly schedule's base; ``lr`` without a
+    scheduler), momentum and weight decay, and the poly schedule's power (loading restores the checkpoint's), and the
+    iterations per epoch (ignite would count the checkpoint's iterations in epochs of the new length). ``--epochs``
+    may change: the schedule is stretched (:func:`_stretch_poly_schedule`)."""
+    found = []
+    optimizer, saved = load_dict.get("optimizer"), checkpoint.get("optimizer", {}).get("param_groups", [])
+    if optimizer is not None and saved:
+        ours = optimizer.param_groups[0]
+        keys = {**OPTIMIZER_IDS, **({} if "initial_lr" in ours else {"lr": "learning_rate"})}
+        found += [(name, saved[0].get(key), ours.get(key)) for key, name in keys.items()]
+    scheduler = load_dict.get("lr_scheduler")
+    if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR):
+        found.append(("poly_power", checkpoint.get("lr_scheduler", {}).get("power"), scheduler.power))
+    found.append(("iterations_per_epoch", checkpoint.get("trainer", {}).get("epoch_length"), engine.state.epoch_length))
+    return [f"{name} {old} (now {new})" for name, old, new in found if None not in (old, new) and old != new]
 
 
 def _stretch_poly_schedule(scheduler: Any, epochs: int | None, logger: Any) -> None:

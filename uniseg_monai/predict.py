@@ -25,12 +25,13 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from uniseg_monai.atomic import Writer, inside, write_group
+from uniseg_monai.atomic import Writer, inside, temporaries, write_group
 from uniseg_monai.bundles import DEFAULT_BUNDLE, open_inference
 from uniseg_monai.data.check import Volume, case_header
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.errors import InputError, UsageError
 from uniseg_monai.inferers import TaskSlidingWindowInferer
+from uniseg_monai.locks import owned
 from uniseg_monai.memory import GIB, available_memory, case_memory
 from uniseg_monai.model_files import ModelFile, load_into
 from uniseg_monai.precision import autocast_kwargs
@@ -191,16 +192,48 @@ def _remove_empty(folders: Sequence[Path]) -> None:
 
 
 def _complete(out: Path, case: str, tasks: Sequence[Task], merged: bool) -> bool:
-    """Whether a case's outputs all exist (a case's files are written together, :func:`write_group`): its task's
-    map and sidecar; for ``all``, the merged map and sidecar, and both or neither of each task's (a task whose
-    channel count does not fit the case has none)."""
+    """Whether every file a case would get exists: its task's map and sidecar; for ``all``, the merged map and
+    sidecar and the map and sidecar of every task that fits the case: the tasks its merged sidecar lists, which must
+    be those of ``tasks`` that take as many channels (a task whose channel count does not fit has no files)."""
 
-    def pair(stem: str) -> list[bool]:
-        return [inside(out, f"{case}_{stem}{e}").is_file() for e in (".nii.gz", ".json")]
+    def pair(stem: str) -> bool:
+        return all(inside(out, f"{case}_{stem}{e}").is_file() for e in (".nii.gz", ".json"))
 
     if not merged:
-        return all(pair(tasks[0].name))
-    return all(pair("all_merged")) and all(len(set(pair(t.name))) == 1 for t in tasks)
+        return pair(tasks[0].name)
+    if not pair("all_merged"):
+        return False
+    try:
+        table = json.loads((out / f"{case}_all_merged.json").read_text())["labels"]
+        written = {entry["task"] for entry in table.values()} - {None}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    by_name = {t.name: t for t in tasks}
+    if not written or not written <= set(by_name):  # merged from other tasks (e.g. another --modality)
+        return False
+    channels = {by_name[n].in_channels for n in written}
+    return written == {t.name for t in tasks if t.in_channels in channels} and all(pair(n) for n in written)
+
+
+def _from_model(path: Path, checkpoint: str) -> bool:
+    """Whether the output ``path`` (a map or a sidecar) comes from the model file ``checkpoint``: its sidecar says
+    so."""
+    sidecar = path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".json") + ".json")
+    try:
+        return json.loads(sidecar.read_text()).get("checkpoint") == checkpoint
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_orphans(out: Path) -> None:
+    """Remove the temporaries of maps and sidecars (:func:`~uniseg_monai.atomic.temporaries`) that an interrupted
+    run left in ``out``; called while ``out`` is owned (:func:`~uniseg_monai.locks.owned`): no live run writes them."""
+    orphans = [path for path, name in temporaries(out).items() if name.endswith((".nii.gz", ".json"))]
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    if orphans:
+        tqdm.write(f"uniseg predict: removed {len(orphans)} temporary file(s) of an interrupted run in {out}",
+                   file=sys.stderr)  # fmt: skip
 
 
 def merge(maps: dict[str, np.ndarray], tasks: Sequence[Task]) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
@@ -454,9 +487,11 @@ def predict(
             resampling, argmax), ``write`` (merging and compressing the case's maps); with ``all`` each task's sidecar
             repeats the case's ``load`` / ``write`` and its pass's (``pass`` field) ``preprocess`` / ``inference``:
             do not add them up over tasks). Created if needed and
-            checked writable before the model is loaded; refused if it holds an input. A case's files appear
-            together or not at all (temporary files, renamed once all are written), with the mode a plain
-            ``open()`` gives under the umask.
+            checked writable before the model is loaded; refused if it holds an input. Owned by one run at a time
+            (``.uniseg.lock`` with its pid, removed at the end): a second run into it stops naming the first's pid
+            (a lock whose process is gone is taken over with a warning). A case's files appear together or not at
+            all (temporary files, renamed once all are written; those an interrupted run left are removed), with the
+            mode a plain ``open()`` gives under the umask.
         task: a task of the model (its ``tasks.json``), or ``all``: every task whose channel count fits the case,
             in one sliding-window pass per spacing/normalisation (encoder once, decoder per task), plus
             ``<case>_all_merged.nii.gz`` / ``.json``: tasks in id order, merged label = running index over their
@@ -472,8 +507,9 @@ def predict(
         device: ``cpu`` or ``cuda`` (default: cuda if available).
         overlap: sliding-window overlap in [0, 1).
         modality: keep only tasks with a CT, PET (CT+PET tasks), MR (any MR sequence) or e.g. T2 channel.
-        skip_existing: skip (with a note) the cases whose outputs all exist, run the others; not with
-            ``--overwrite``.
+        skip_existing: skip (with a note) the cases whose outputs all exist (each task's map and sidecar, the merged
+            ones for ``all``), run the others; a case with some outputs missing is recomputed, replacing its files
+            that this ``--checkpoint`` wrote (files of another model stop the command); not with ``--overwrite``.
         max_memory: host memory (GiB) a case may need; default the memory available when the case starts
             (``MemAvailable``, else the physical memory). A case estimated to need more is refused before it is
             resampled, with the estimate (see Memory).
@@ -532,8 +568,10 @@ def predict(
         settings["device"] = f"$torch.device({str(device)!r})"
     created = _writable_folder(out)
     try:
-        return _predict_cases(out, cases, task, bundle, checkpoint, settings, modality, overwrite, skip_existing,
-                              limit, nan_policy)  # fmt: skip
+        with owned(out, "uniseg predict"):
+            _remove_orphans(out)
+            return _predict_cases(out, cases, task, bundle, checkpoint, settings, modality, overwrite, skip_existing,
+                                  limit, nan_policy)  # fmt: skip
     finally:
         _remove_empty(created)
 
@@ -558,20 +596,28 @@ def _predict_cases(
         _warn(assumed_modalities(tasks))
     names = [t.name for t in tasks] + (["all_merged"] if task == "all" else [])
     skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all")]
-    earlier = [p for c in cases if c not in skipped for n in names
-               for p in (inside(out, f"{c}_{n}.nii.gz"), inside(out, f"{c}_{n}.json")) if p.exists()]  # fmt: skip
+    found = {c: [p for n in names for p in (inside(out, f"{c}_{n}.nii.gz"), inside(out, f"{c}_{n}.json")) if p.exists()]
+             for c in cases if c not in skipped}  # fmt: skip
+    earlier = [p for files in found.values() for p in files]
+    if skip_existing:  # a case with missing outputs is recomputed, replacing its files that this model wrote
+        earlier = [p for p in earlier if not _from_model(p, predictor.sidecar["checkpoint"])]
     if earlier and not overwrite:
-        also = "" if skip_existing else ", --skip_existing to keep the cases whose outputs all exist"
+        why, also = (" not written by this --checkpoint", "") if skip_existing else (
+            "", ", --skip_existing to keep the cases whose outputs all exist")  # fmt: skip
         raise FileExistsError(
-            f"{earlier[0]} exists ({len(earlier)} output file(s) of an earlier run in {out}); pass --overwrite to "
+            f"{earlier[0]} exists ({len(earlier)} output file(s) of an earlier run in {out}{why}); pass --overwrite to "
             f"replace them{also}, or choose another output folder"
         )
+    partial = [c for c, files in found.items() if files and skip_existing]
     failed: dict[str, str] = {}
     run = {"tta": bool(settings["tta"]), "overlap": float(settings["overlap"])}
     for name, (source, _) in tqdm(cases.items(), desc="uniseg predict", unit="case"):
         if name in skipped:
             tqdm.write(f"uniseg predict: {name}: skipped, its outputs exist (--skip_existing)", file=sys.stderr)
             continue
+        if name in partial:
+            tqdm.write(f"uniseg predict: {name}: recomputed, some of its outputs are missing (--skip_existing)",
+                       file=sys.stderr)  # fmt: skip
         try:
             predictor.write(out, name, source, tasks, run)
         except Exception as err:  # one bad case must not stop the others

@@ -74,3 +74,16 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> bool:
             "them, or choose another --output_dir (nothing was overwritten)"
         )
     return True
+
+
+def check_predictions_dir(output_dir: str | Path, overwrite: bool) -> bool:
+    """Refuse to write a bundle inference run's maps into ``<output_dir>/predictions`` over those of an earlier run
+    unless ``overwrite`` (bundle id ``overwrite``). True, for a bundle's ``run`` list."""
+    folder = Path(output_dir) / "predictions"
+    earlier = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{folder} already holds {len(earlier)} prediction(s) of an earlier run ({earlier[0]}, ...); pass "
+            "--overwrite true to replace them, or choose another --output_dir (nothing was overwritten)"
+        )
+    return True

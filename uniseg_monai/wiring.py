@@ -14,10 +14,11 @@ from typing import Any
 
 from uniseg_monai.data.check import check_run_items
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, load_items, read_datalist, task_items
-from uniseg_monai.errors import flag
+from uniseg_monai.errors import UsageError, flag
+from uniseg_monai.locks import claimed
 from uniseg_monai.model_files import MODEL_FILE, model_tasks
 from uniseg_monai.precision import autocast_kwargs
-from uniseg_monai.run_folder import check_output_dir, check_run_dir
+from uniseg_monai.run_folder import check_output_dir, check_predictions_dir, check_run_dir
 from uniseg_monai.tasks import (
     MODEL_TASKS_FILE,
     TaskError,
@@ -118,6 +119,18 @@ def task_id(registry: TaskRegistry, task: str = "") -> int | None:
     return registry[task].id if task else None
 
 
+def check_validation(epochs: int, val_interval: int, required: bool = True) -> bool:
+    """Refuse a training run in which no validation runs (``val_interval`` > ``epochs``): none would pick and write
+    ``model.pt`` (``required`` false: the run writes it otherwise, as adding a task does). True, for
+    ``initialize`` (before any data is cached)."""
+    if flag(required, "validation_required") and val_interval > epochs:
+        raise UsageError(
+            f"--val_interval {val_interval} is more than --epochs {epochs}: no validation would run and no model.pt "
+            "would be written; lower --val_interval or raise --epochs"
+        )
+    return True
+
+
 def start_run(
     ckpt_dir: str | Path,
     resume: bool,
@@ -127,15 +140,19 @@ def start_run(
     default: str = "",
     amp_dtype: str = "bfloat16",
 ) -> bool:
-    """Before a training run: refuse to overwrite an earlier run (:func:`uniseg_monai.run_folder.check_run_dir`; a
-    MONAI Label request trains in place) and an unknown ``amp_dtype``, check the headers of the files of ``items``
-    (lists of items, e.g. training and validation; :func:`uniseg_monai.data.check.check_run_items`, ``default``: the
-    task of items that name none), then record the run's tasks in ``<ckpt_dir>/tasks.json``. True, for
-    ``initialize`` (before any data is cached)."""
+    """Before a training run: refuse an unknown ``amp_dtype``, own ``ckpt_dir`` for the run
+    (:func:`uniseg_monai.locks.claimed`, released by the bundle's ``run`` list or when the process ends), refuse to
+    overwrite an earlier run (:func:`uniseg_monai.run_folder.check_run_dir`; a MONAI Label request trains in place),
+    check the headers of the files of ``items`` (lists of items, e.g. training and validation;
+    :func:`uniseg_monai.data.check.check_run_items`, ``default``: the task of items that name none), then record
+    the run's tasks in ``<ckpt_dir>/tasks.json``. A refusal releases the folder. True, for ``initialize`` (before
+    any data is cached)."""
+    resume = flag(resume, "resume")
     autocast_kwargs(amp_dtype)
-    check_run_dir(ckpt_dir, flag(resume, "resume"), in_place=bool(request_task))
-    check_run_items(items, registry, default)
-    save_model_tasks(registry, ckpt_dir)
+    with claimed(ckpt_dir, "training"):
+        check_run_dir(ckpt_dir, resume, in_place=bool(request_task))
+        check_run_items(items, registry, default)
+        save_model_tasks(registry, ckpt_dir)
     return True
 
 
@@ -146,11 +163,44 @@ def start_evaluation(
     registry: TaskRegistry,
     default: str = "",
 ) -> bool:
-    """Before an evaluation run: refuse to replace an earlier report in ``output_dir`` unless ``overwrite``
-    (:func:`uniseg_monai.run_folder.check_output_dir`) and check the headers of the files of ``items``. True, for
-    ``initialize``."""
-    check_output_dir(output_dir, flag(overwrite, "overwrite"))
-    check_run_items([items], registry, default)
+    """Before an evaluation run: own ``output_dir`` (:func:`uniseg_monai.locks.claimed`, released by the bundle's
+    ``run`` list or when the process ends), refuse to replace an earlier report in it unless ``overwrite``
+    (:func:`uniseg_monai.run_folder.check_output_dir`) and check the headers of the files of ``items``. A refusal
+    releases the folder. True, for ``initialize``."""
+    overwrite = flag(overwrite, "overwrite")
+    with claimed(output_dir, "evaluation"):
+        check_output_dir(output_dir, overwrite)
+        check_run_items([items], registry, default)
+    return True
+
+
+def start_inference(
+    output_dir: str | Path,
+    overwrite: bool,
+    items: Sequence[Mapping[str, Any]],
+    datalist: str | Path,
+    dataset_dir: str | Path,
+    section: str = "testing",
+    save_predictions: bool = True,
+) -> bool:
+    """Before a bundle inference run (first in its ``run`` list: model-zoo CI initialises the workflow without
+    data): refuse to run with no ``items`` (naming ``--dataset_dir`` or the datalist's ``section``); when it saves
+    predictions, own ``output_dir`` (:func:`uniseg_monai.locks.claimed`, released by the ``run`` list or when the
+    process ends) and refuse earlier predictions in it unless ``overwrite``
+    (:func:`uniseg_monai.run_folder.check_predictions_dir`). True, for the ``run`` list."""
+    overwrite = flag(overwrite, "overwrite")
+    if not items:
+        if Path(datalist).is_file():
+            raise UsageError(f"{datalist}: no {section!r} cases to segment: add them, or set --inference_section")
+        where = "does not exist" if not Path(dataset_dir).is_dir() else "holds no datalist.json and no *.nii.gz"
+        raise UsageError(
+            f"--dataset_dir {dataset_dir} {where}: nothing to segment; point it to a folder with a datalist.json or "
+            "*.nii.gz images (directly or in imagesTs/)"
+        )
+    if not flag(save_predictions, "save_predictions"):
+        return True
+    with claimed(output_dir, "inference"):
+        check_predictions_dir(output_dir, overwrite)
     return True
 
 
