@@ -25,7 +25,7 @@ from monai.transforms import Compose
 from tqdm import tqdm
 
 from uniseg_monai.atomic import Writer, write_group
-from uniseg_monai.bundles import DEFAULT_BUNDLE, open_inference
+from uniseg_monai.bundles import one_task_network, open_inference
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.errors import InputError, UsageError
 from uniseg_monai.memory import GIB, available_memory, case_memory
@@ -184,7 +184,7 @@ def merge(maps: dict[str, np.ndarray], tasks: Sequence[Task]) -> tuple[np.ndarra
 
 
 def predict_config(
-    bundle: str, checkpoint: str | None, task: str, settings: dict[str, Any], progress: bool
+    bundle: str | None, checkpoint: str | None, task: str, settings: dict[str, Any], progress: bool
 ) -> tuple[ConfigParser, ModelFile]:
     """The bundle's inference config for the model file (:func:`uniseg_monai.bundles.open_inference`) with the ids
     ``uniseg predict`` sets: windows on the device, the volume stitched on the CPU, no ``SaveImaged``."""
@@ -242,7 +242,7 @@ class Predictor:
 
     def __init__(
         self,
-        bundle: str,
+        bundle: str | None,
         checkpoint: str | None,
         task: str,
         settings: dict[str, Any],
@@ -252,7 +252,9 @@ class Predictor:
     ) -> None:
         self.max_memory, self.nan_policy = max_memory, nan_policy  # bytes (None: the available memory per case)
         parser, self.model = predict_config(bundle, checkpoint, task, settings, progress)
-        self.all = task == "all"
+        if task == "all" and one_task_network((self.model.network_def or {}).get("_target_")):
+            task = parser["task"] = self.model.tasks.names[0]  # a fine-tuned model: all = its one task
+        self.task, self.all = task, task == "all"
         self.registry = parser.get_parsed_content("registry")
         self.network = parser.get_parsed_content("network_def")
         load_into(self.network, self.model)
@@ -387,7 +389,7 @@ def predict(
     input: str | Sequence[str],
     output: str,
     task: str,
-    bundle: str = DEFAULT_BUNDLE,
+    bundle: str | None = None,
     checkpoint: str | None = None,
     tta: bool = False,
     overwrite: bool = False,
@@ -402,44 +404,6 @@ def predict(
     """Segment images with a trained model; returns 0, or 1 if any case failed (its file and reason on stderr,
     the other cases still written, a summary line at the end).
 
-    Args:
-        input: a NIfTI / NRRD / MHA file, a DICOM series folder, a folder of such (one case per image file or
-            sub-folder), or several (comma-separated). Channels of one multi-modal case are joined by ``+`` in the
-            task's modality order: ``ct.nii.gz+pet.nii.gz``. A case is named after its (first) file or folder.
-        output: folder for ``<case>_<task>.nii.gz`` (uint8 labels = the task's classes, input shape and affine,
-            NIfTI whatever the input format) and ``<case>_<task>.json`` (labels, task, checkpoint, bundle, inputs,
-            timings in s: ``load`` (read and checks), ``preprocess`` (reorientation, resampling, normalisation),
-            ``inference`` (the sliding window; shared by the tasks of a pass), ``postprocess`` (softmax, inverse
-            resampling, argmax), ``write`` (merging and compressing the case's maps); with ``all`` each task's sidecar
-            repeats the case's ``load`` / ``write`` and its pass's (``pass`` field) ``preprocess`` / ``inference``:
-            do not add them up over tasks). Created if needed and
-            checked writable before the model is loaded; refused if it holds an input. A case's files appear
-            together or not at all (temporary files, renamed once all are written), with the mode a plain
-            ``open()`` gives under the umask.
-        task: a task of the model (its ``tasks.json``), or ``all``: every task whose channel count fits the case,
-            in one sliding-window pass per spacing/normalisation (encoder once, decoder per task), plus
-            ``<case>_all_merged.nii.gz`` / ``.json``: tasks in id order, merged label = running index over their
-            non-background classes, later tasks win where they overlap; the table is in the JSON.
-        bundle: bundle folder or name (``./bundles/NAME``, the installed source tree's ``bundles/NAME``, then
-            ``$UNISEG_HOME/bundles/NAME``); its ``configs/inference.json`` defines pre-/post-processing and inferer.
-        checkpoint: model file, default ``<bundle>/models/model.pt``: one this package wrote (it carries its network
-            and task table, so it works from anywhere), an official UniSeg ``.model`` (converted on the fly), or an
-            older state dict with ``tasks.json`` beside it; never unpickled code.
-        tta: average the 8 mirrorings of every window (8x time).
-        overwrite: replace outputs of an earlier run; without it (and without ``--skip_existing``), existing
-            ``<case>_<task>`` files stop the command before any inference.
-        device: ``cpu`` or ``cuda`` (default: cuda if available).
-        overlap: sliding-window overlap in [0, 1).
-        modality: keep only tasks with a CT, PET (CT+PET tasks), MR (any MR sequence) or e.g. T2 channel.
-        skip_existing: skip (with a note) the cases whose outputs all exist, run the others; not with
-            ``--overwrite``.
-        max_memory: host memory (GiB) a case may need; default the memory available when the case starts
-            (``MemAvailable``, else the physical memory). A case estimated to need more is refused before it is
-            resampled, with the estimate (see Memory).
-        nan_policy: ``refuse`` (default): an image with NaN / Inf voxels fails with their counts; ``min``: they are
-            filled with the image channel's lowest finite value (a warning, counts in the sidecar's ``nan_policy``).
-        overrides: other ids of ``inference.json``, e.g. ``--base_features 4 --patch_size [64,64,32]``.
-
     Refused per case (file and reason on stderr, the other cases still run): NaN / Inf voxels (see
     ``nan_policy``); a non-finite or singular affine (e.g. a zero pixdim) or a voxel size outside the task's range
     (its spacing / 10 to x 10); a case that needs more memory than ``max_memory``. A constant image (e.g. all
@@ -453,6 +417,49 @@ def predict(
     summed over its tasks with ``all``), the inversion to the input grid (probabilities on the task grid in place
     of the logits, 1-2 bytes per input voxel for the labels: :class:`~uniseg_monai.transforms.InvertArgmaxd`),
     plus the network's windows when it runs on the CPU. A single ``--task`` needs less than ``all``.
+
+    Args:
+        input: a NIfTI / NRRD / MHA file, a DICOM series folder, a folder of such (one case per image file or
+            sub-folder), or several (comma-separated). Channels of one multi-modal case are joined by ``+`` in the
+            task's modality order, e.g. ``ct.nii.gz+pet.nii.gz``. A case is named after its (first) file or folder.
+        output: folder for ``<case>_<task>.nii.gz`` (uint8 labels = the task's classes, input shape and affine,
+            NIfTI whatever the input format) and ``<case>_<task>.json`` (labels, task, checkpoint, bundle, inputs,
+            timings in seconds of ``load`` (read and checks), ``preprocess`` (reorientation, resampling,
+            normalisation), ``inference`` (the sliding window; shared by the tasks of a pass), ``postprocess``
+            (softmax, inverse resampling, argmax), ``write`` (merging and compressing the case's maps); with ``all``
+            each task's sidecar repeats the case's ``load`` / ``write`` and its pass's (``pass`` field)
+            ``preprocess`` / ``inference``, so do not add them up over tasks). Created if needed and
+            checked writable before the model is loaded; refused if it holds an input. A case's files appear
+            together or not at all (temporary files, renamed once all are written), with the mode a plain
+            ``open()`` gives under the umask.
+        task: a task of the model (its ``tasks.json``), or ``all``: every task whose channel count fits the case,
+            in one sliding-window pass per spacing/normalisation (encoder once, decoder per task), plus
+            ``<case>_all_merged.nii.gz`` / ``.json`` (tasks in id order, merged label = running index over their
+            non-background classes, later tasks win where they overlap; the table is in the JSON). For a fine-tuned
+            (one-task) model ``all`` is its task.
+        bundle: bundle folder or name (``./bundles/NAME``, the installed source tree's ``bundles/NAME``, then
+            ``$UNISEG_HOME/bundles/NAME``); its ``configs/inference.json`` defines pre-/post-processing and inferer.
+            By default the one that runs the checkpoint's network (``uniseg_pretrain`` for a multi-task UniSeg, for a
+            fine-tuned one-task model ``uniseg_finetune_vs`` if its task is ``vs``, else ``uniseg_finetune_btcv``);
+            a bundle for the other kind of network is refused, naming the one to pass.
+        checkpoint: model file, default ``<bundle>/models/model.pt`` (``uniseg_pretrain``'s without ``--bundle``):
+            one this package wrote (it carries its network and task table, so it works from anywhere), an official
+            UniSeg ``.model`` (converted on the fly), or an older state dict with ``tasks.json`` beside it; never
+            unpickled code.
+        tta: average the 8 mirrorings of every window (8x time).
+        overwrite: replace outputs of an earlier run; without it (and without ``--skip_existing``), existing
+            ``<case>_<task>`` files stop the command before any inference.
+        device: ``cpu`` or ``cuda`` (default: cuda if available).
+        overlap: sliding-window overlap in [0, 1).
+        modality: keep only tasks with a CT, PET (CT+PET tasks), MR (any MR sequence) or e.g. T2 channel.
+        skip_existing: skip (with a note) the cases whose outputs all exist, run the others; not with
+            ``--overwrite``.
+        max_memory: host memory (GiB) a case may need; default the memory available when the case starts
+            (``MemAvailable``, else the physical memory). A case estimated to need more is refused before it is
+            resampled, with the estimate (see Memory above).
+        nan_policy: ``refuse`` (default): an image with NaN / Inf voxels fails with their counts; ``min``: they are
+            filled with the image channel's lowest finite value (a warning, counts in the sidecar's ``nan_policy``).
+        overrides: other ids of ``inference.json``, e.g. ``--base_features 4 --patch_size [64,64,32]``.
     """
     out = Path(output)
     if out.exists() and not out.is_dir():
@@ -497,7 +504,7 @@ def _predict_cases(
     out: Path,
     cases: dict[str, Case],
     task: str,
-    bundle: str,
+    bundle: str | None,
     checkpoint: str | None,
     settings: dict[str, Any],
     modality: str | None,
@@ -508,6 +515,7 @@ def _predict_cases(
 ) -> int:
     """:func:`predict` once its options are checked and the output folder is known to be writable."""
     predictor = Predictor(bundle, checkpoint, task, settings, len(cases) == 1, limit, nan_policy)
+    task = predictor.task
     tasks = predictor.tasks(task, modality)
     names = [t.name for t in tasks] + (["all_merged"] if task == "all" else [])
     skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all")]
