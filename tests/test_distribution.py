@@ -4,6 +4,7 @@ any folder with one-line errors."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 from conftest import BUNDLES, shared_path, tiny_bundle
+from fire import docstrings
 from monai.bundle import create_workflow, verify_metadata
 from monai.bundle.properties import InferProperties, MetaProperties
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
@@ -192,6 +194,21 @@ def test_only_user_errors_are_one_line(monkeypatch, capsys):
 def test_help_of_commands_that_pass_settings_through():
     run = uniseg("export", "--help", cwd=BUNDLES.parent)
     assert run.returncode == 0 and "--onnx" in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_help_texts_are_whole_sentences(command):
+    """fire builds `uniseg --help` and `uniseg COMMAND --help` from the docstrings with its own parser, which keeps
+    a wrapped argument line only up to its first colon and reads text after the Args section as more arguments:
+    each summary and each option's text, as fire parses them, must end a sentence, every option documented."""
+    function = cli.COMMANDS[command]
+    info = docstrings.parse(inspect.getdoc(function))
+    parameters = list(inspect.signature(function).parameters)
+    assert info.summary.rstrip().endswith("."), info.summary
+    described = {arg.name: arg.description for arg in info.args or []}
+    assert list(described) == parameters
+    for name, text in described.items():
+        assert text.rstrip().endswith("."), f"--{name}: {text}"
 
 
 def test_weights_keeps_what_the_user_has(official_fixture, tmp_path):

@@ -9,7 +9,9 @@ import onnx
 import pytest
 import torch
 
+from uniseg_monai.cli import main
 from uniseg_monai.export import OnnxCheckError, export_bundle_onnx, export_onnx, run_onnx
+from uniseg_monai.model_files import save_model
 from uniseg_monai.networks import UniSeg, UniSegBackbone
 from uniseg_monai.tasks import TaskRegistry, save_model_tasks
 
@@ -123,3 +125,19 @@ def test_export_bundle_onnx(tmp_path):
     assert np.abs(run_onnx(out, image, task_id) - reference(net, image, task_id)).max() <= 1e-4
     with pytest.raises(FileExistsError):
         export_bundle_onnx(PRETRAIN, out, ckpt=ckpt_dir / "checkpoint_epoch=3.pt", **ARCH)
+
+
+@pytest.mark.parametrize(
+    ("channels", "expected"), [("3", "modality stems for [1, 2, 4] channels only"), ("x", "got 'x'")]
+)
+def test_cli_export_with_a_channel_count_without_stem_is_one_line(tmp_path, monkeypatch, capsys, channels, expected):
+    registry = TaskRegistry().subset(["liver", "kidney"])
+    net = tiny_uniseg(num_tasks=registry.num_tasks, num_classes=registry.num_classes)
+    save_model(tmp_path / "model.pt", net.state_dict(), net.network_def(), registry)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["export", "--bundle", str(PRETRAIN), "--checkpoint", "model.pt", "--onnx", "x.onnx"]
+             + ["--in_channels", channels])  # fmt: skip
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

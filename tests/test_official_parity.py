@@ -212,3 +212,38 @@ def test_non_uniseg_checkpoint_is_a_clear_error(tmp_path):
         text=True,
     )
     assert run.returncode == 2 and "not an official UniSeg checkpoint" in run.stderr
+
+
+@pytest.mark.parametrize("dst", ["the source", "a symbolic link to it", "a hard link to it", "a folder", "bundle"])
+def test_convert_official_never_writes_over_its_source_or_into_a_folder(
+    official_fixture, tmp_path, monkeypatch, capsys, dst
+):
+    """DST that is SRC (by path or through a link) or a folder: one line, exit 2, every file as it was."""
+    from uniseg_monai.cli import main
+
+    src = tmp_path / "official.model"
+    torch.save({"state_dict": official_fixture["upstream_state_dict"]}, src)
+    args = ["convert-official", str(src), str(src), "--overwrite"]
+    if dst == "a symbolic link to it":
+        (tmp_path / "link.model").symlink_to(src)
+        args[2] = str(tmp_path / "link.model")
+    elif dst == "a hard link to it":
+        (tmp_path / "hard.model").hardlink_to(src)
+        args[2] = str(tmp_path / "hard.model")
+    elif dst == "a folder":
+        (tmp_path / "models").mkdir()
+        args[2] = str(tmp_path / "models")
+    elif dst == "bundle":  # an official file that is the bundle's models/model.pt, converted into that bundle
+        bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path)
+        src = bundle / "models" / "model.pt"
+        torch.save({"state_dict": official_fixture["upstream_state_dict"]}, src)
+        args = ["convert-official", str(src), "--bundle", str(bundle), "--overwrite"]
+    before = {p: p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1, lines
+    reason = "is a folder: give the file to write" if dst == "a folder" else f"is the source file {src} itself"
+    assert reason in lines[0]
+    assert {p: p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))} == before

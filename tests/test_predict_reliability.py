@@ -1,8 +1,9 @@
 """``uniseg predict`` never turns bad numbers into a map, never allocates absurd memory, and writes complete,
 shareable outputs: NaN / Inf and constant images, singular affines and absurd voxel sizes, the memory estimate and
 its limit, unwritable output folders, a case's files written together or not at all, --skip_existing, file modes
-under the umask, a checkpoint trained with other settings (through the command line), and task or case names that
-would lead out of the output folder."""
+under the umask, a checkpoint trained with other settings (through the command line), task or case names that
+would lead out of the output folder, and the bundle a model file needs: picked from the file, or one line naming
+it."""
 
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 from uniseg_monai import atomic
 from uniseg_monai import predict as predict_module
 from uniseg_monai.atomic import inside, write_group
+from uniseg_monai.bundles import bundle_for_model
 from uniseg_monai.cli import main
 from uniseg_monai.errors import InputError, UsageError
 from uniseg_monai.locks import LOCK_NAME, FolderInUseError
 from uniseg_monai.memory import GIB, case_memory
-from uniseg_monai.model_files import ModelFileError, convert_official, read_model
-from uniseg_monai.networks import UniSeg, nnunet_features
+from uniseg_monai.model_files import ModelFileError, convert_official, read_model, save_model
+from uniseg_monai.networks import UniSeg, UniSegBackbone, nnunet_features
 from uniseg_monai.predict import predict
 from uniseg_monai.tasks import TaskRegistry, save_model_tasks
 
@@ -421,3 +423,75 @@ def test_the_task_reaches_an_official_upstream_model(official_fixture, crop, tmp
         assert sidecar["task_id"] == TaskRegistry()[task].id
         maps[task] = np.asarray(nib.load(tmp_path / task / f"ct_{task}.nii.gz").dataobj)
     assert (maps["liver"] != maps["kidney"]).any()
+
+
+def fine_tuned(path: Path, task: str) -> Path:
+    """A model file as the fine-tuning bundles save it (a one-task UniSegBackbone and its task), random weights."""
+    tasks = TaskRegistry().subset([task])
+    network = UniSegBackbone(num_classes=tasks[task].num_classes, features=list(nnunet_features(4)))
+    save_model(path, network.state_dict(), network.network_def(), tasks)
+    return path
+
+
+def test_a_fine_tuned_model_predicts_with_the_bundle_its_file_names(crop, tmp_path):
+    """No --bundle: the fine-tuning bundle runs a one-task model (its task's bundle, else btcv's), the pretrain
+    bundle a UniSeg; --task all of a one-task model is its task, also with the fine-tuning bundle given."""
+    good = save(tmp_path / "good.nii.gz", *crop)
+    model = fine_tuned(tmp_path / "mine.pt", "liver")  # fine-tuned on a task that has no bundle of its own
+    settings = {"checkpoint": str(model), "device": "cpu", "patch_size": [64, 64, 32]}
+    assert predict(str(good), str(tmp_path / "one"), "liver", **settings) == 0
+    sidecar = json.loads((tmp_path / "one" / "good_liver.json").read_text())
+    assert Path(sidecar["bundle"]).name == "uniseg_finetune_btcv" and sidecar["task"] == "liver"
+    assert predict(str(good), str(tmp_path / "all"), "all", bundle="uniseg_finetune_btcv", **settings) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["good_liver.json", "good_liver.nii.gz"]
+    one, every = (nib.load(tmp_path / d / "good_liver.nii.gz").get_fdata() for d in ("one", "all"))
+    assert np.array_equal(one, every)
+
+    assert bundle_for_model(read_model(fine_tuned(tmp_path / "vs.pt", "vs"))) == "uniseg_finetune_vs"
+    assert bundle_for_model(read_model(fine_tuned(tmp_path / "btcv.pt", "btcv"))) == "uniseg_finetune_btcv"
+    upstream = UniSeg(num_tasks=2, num_classes=3, patch_size=(64, 64, 32), features=list(nnunet_features(4)))
+    save_model(
+        tmp_path / "up.pt", upstream.state_dict(), upstream.network_def(), TaskRegistry().subset(["liver", "kidney"])
+    )
+    assert bundle_for_model(read_model(tmp_path / "up.pt")) == "uniseg_pretrain"
+
+
+@pytest.mark.parametrize(
+    ("model", "bundle", "expected"),
+    [
+        ("fine-tuned", "uniseg_pretrain", "holds a one-task (fine-tuned) UniSegBackbone (1 task(s): liver)"),
+        ("upstream", "uniseg_finetune_btcv", "holds a multi-task UniSeg (2 task(s): liver, kidney)"),
+        (
+            "official upstream",
+            "uniseg_finetune_vs",
+            "holds a multi-task UniSeg (11 task(s): liver, kidney, hepatic_vessel, ...)",
+        ),
+    ],
+)
+def test_a_bundle_for_another_network_is_one_line_naming_the_right_one(
+    official_fixture, crop, tmp_path, monkeypatch, capsys, model, bundle, expected
+):
+    good = save(tmp_path / "good.nii.gz", *crop)
+    if model == "fine-tuned":
+        path, fix = fine_tuned(tmp_path / "mine.pt", "liver"), "pass --bundle uniseg_finetune_btcv"
+    elif model == "upstream":
+        net = UniSeg(num_tasks=2, num_classes=3, patch_size=(64, 64, 32), features=list(nnunet_features(4)))
+        path, fix = tmp_path / "up.pt", "pass --bundle uniseg_pretrain"
+        save_model(path, net.state_dict(), net.network_def(), TaskRegistry().subset(["liver", "kidney"]))
+    else:  # the release's raw nnU-Net checkpoint
+        container = nnunet_v1_container(official_fixture["upstream_state_dict"])
+        path, fix = (
+            save_nnunet_v1(container, tmp_path / "model_final_checkpoint.model"),
+            "pass --bundle uniseg_pretrain",
+        )
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.chdir(tmp_path)
+    for task in ("liver", "all"):
+        with pytest.raises(SystemExit) as done:
+            main(
+                ["predict", "-i", str(good), "-o", "out", "--task", task, "--checkpoint", str(path), "--bundle", bundle]
+            )
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert done.value.code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"uniseg: error: {path} {expected}") and lines[0].endswith(fix)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder

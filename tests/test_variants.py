@@ -13,6 +13,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from uniseg_monai.ablation import ablate
+from uniseg_monai.cli import main
 from uniseg_monai.errors import UsageError
 from uniseg_monai.model_files import build_network
 from uniseg_monai.networks import CLIPDoDNet, DoDNet, TaskBlindUniSeg, UniSeg
@@ -194,3 +195,14 @@ def test_ablate_trains_each_variant_at_the_same_budget_and_measures_the_prompt(t
     assert "| task_blind |" in capsys.readouterr().out
     with pytest.raises(UsageError, match="unknown variant"):
         ablate(tmp_path, variants=["nope"])
+
+
+def test_ablate_finds_its_bundle_from_any_folder(tmp_path, monkeypatch, capsys):
+    """The default bundle is a name, resolved as predict resolves it (not a path relative to the repository)."""
+    monkeypatch.chdir(tmp_path)
+    for args, expected in [(["--variants", "nope"], "'dodnet'"), (["--bundle", "no_such_bundle"], "not found")]:
+        with pytest.raises(SystemExit) as done:
+            main(["ablate", "--out", "out", *args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert done.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+    assert not list(tmp_path.iterdir())  # refused before the phantoms are generated

@@ -188,3 +188,22 @@ def test_fine_tuning_starts_from_the_fetched_pretraining(official_fixture, offic
     # the fine-tuned model's files will carry the official weights' licence
     saved = description(network, parser.get_parsed_content("registry"))["provenance"].state_dict()
     assert "non-commercial" in saved["licence"] and saved["pretrained"] == str(bundle / "models" / "pretrained.pt")
+
+
+@pytest.mark.parametrize("url", ["a folder", "a file:// folder", "the file it would replace"])
+def test_weights_url_naming_a_folder_or_the_target_is_one_line(official_fixture, tmp_path, monkeypatch, capsys, url):
+    from uniseg_monai.cli import main
+
+    bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path)
+    target = bundle / "models" / "model.pt"
+    save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), target)  # the user's own file
+    sources = {"a folder": str(tmp_path), "a file:// folder": tmp_path.as_uri()}
+    source = sources.get(url, str(target))
+    before = {p: p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))}
+    with pytest.raises(SystemExit) as done:
+        main(["weights", "--bundle", str(bundle), "--url", source, "--overwrite"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1, lines
+    reason = f"is the source file {target} itself" if url == "the file it would replace" else "is a folder"
+    assert reason in lines[0]
+    assert {p: p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))} == before

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from uniseg_monai.bundles import DEFAULT_BUNDLE, find_bundle
 from uniseg_monai.data.phantoms import generate_phantoms
 from uniseg_monai.demo import _workflow
 from uniseg_monai.errors import UsageError
@@ -99,12 +100,13 @@ def ablate(
     variants: Sequence[str] = VARIANTS,
     epochs: int = 30,
     iterations: int = 40,
-    bundle: str | Path = "bundles/uniseg_pretrain",
+    bundle: str | Path = DEFAULT_BUNDLE,
     **ids: object,
 ) -> Path:
     """Train each variant with the same budget and seed on the phantoms (generated into ``OUT/data`` once) and write
-    ``OUT/ablation.md`` / ``.json``; finished runs are reused. Returns the Markdown file."""
-    bundle, out = Path(bundle).resolve(), Path(out).resolve()
+    ``OUT/ablation.md`` / ``.json``; finished runs are reused. ``bundle``: a folder or name
+    (:func:`~uniseg_monai.bundles.find_bundle`). Returns the Markdown file."""
+    bundle, out = find_bundle(bundle).resolve(), Path(out).resolve()
     known = variant_configs(bundle)
     unknown = [v for v in variants if v not in known]
     if unknown:

@@ -4,6 +4,11 @@ A bundle name (``uniseg_pretrain``) resolves to the first of ``./bundles/NAME``,
 source tree this package is installed from, and ``$UNISEG_HOME/bundles/NAME`` (default
 ``~/.cache/uniseg/bundles/NAME``: where ``python -m monai.bundle download --bundle_dir $UNISEG_HOME/bundles`` puts a
 downloaded bundle). A path to a folder is used as it is.
+
+A model file says which network it holds (``network_def``), so the bundle that runs it is known
+(:func:`bundle_for_model`): a multi-task network (UniSeg and the baselines, which take task ids) the pretrain
+bundle, a one-task fine-tuned network (UniSegBackbone) a fine-tuning bundle; a bundle of the other kind is refused
+in one line naming the one to use (:func:`check_network`).
 """
 
 from __future__ import annotations
@@ -19,10 +24,20 @@ from monai.transforms import Transform
 
 from uniseg_monai.atomic import write_atomic
 from uniseg_monai.errors import UniSegError, UsageError
-from uniseg_monai.model_files import MODEL_FILE, ModelFile, ModelFileError, build_network, read_model
+from uniseg_monai.model_files import (
+    MODEL_FILE,
+    NETWORK_CLASSES,
+    ModelFile,
+    ModelFileError,
+    build_network,
+    read_model,
+)
 from uniseg_monai.tasks import TaskRegistry
 
 DEFAULT_BUNDLE = "uniseg_pretrain"
+# the fine-tuning bundle of a task; a model fine-tuned on any other task runs with btcv's (their inference configs
+# differ only in the default data folder and task: the model file brings its network and task table)
+FINETUNE_BUNDLES = {"btcv": "uniseg_finetune_btcv", "vs": "uniseg_finetune_vs"}
 INFERENCE_CONFIG = Path("configs") / "inference.json"
 # a bundle zip holds configs, docs, LICENSE, large_files.yml and models/tasks.json: no weights (large_files.yml
 # fetches them; official ones are non-commercial), no provenance of absent weights, no run outputs or caches
@@ -68,25 +83,69 @@ def bundle_name(bundle: Path) -> str:
     return bundle.resolve().name
 
 
+def one_task_network(target: str | None) -> bool:
+    """Whether the network class ``target`` (a ``network_def``'s ``_target_``) is a one-task network: no task
+    ids in ``forward(x)``, no all-task inference (UniSegBackbone, what the fine-tuning bundles train)."""
+    return target in NETWORK_CLASSES and not hasattr(NETWORK_CLASSES[target], "forward_tasks")
+
+
+def bundle_for_model(model: ModelFile) -> str:
+    """The name of the bundle that runs ``model``'s network: for a one-task network the fine-tuning bundle of its
+    task (:data:`FINETUNE_BUNDLES`, else ``uniseg_finetune_btcv``), otherwise (also a file without ``network_def``)
+    :data:`DEFAULT_BUNDLE`."""
+    if not one_task_network((model.network_def or {}).get("_target_")):
+        return DEFAULT_BUNDLE
+    names = model.tasks.names if model.tasks is not None else []
+    return next((FINETUNE_BUNDLES[t] for t in names if t in FINETUNE_BUNDLES), FINETUNE_BUNDLES["btcv"])
+
+
+def check_network(folder: Path, parser: ConfigParser, model: ModelFile) -> None:
+    """Refuse (one line naming the ``--bundle`` to pass) a model file whose network is of the other kind than the
+    one the bundle's inference config runs: one-task vs multi-task (:func:`one_task_network`)."""
+    theirs = (model.network_def or {}).get("_target_")
+    ours = (parser.get("network_def") or {}).get("_target_")
+    if not {theirs, ours} <= NETWORK_CLASSES.keys() or one_task_network(ours) == one_task_network(theirs):
+        return
+
+    def kind(target: str) -> str:
+        return "a one-task (fine-tuned)" if one_task_network(target) else "a multi-task"
+
+    names = model.tasks.names if model.tasks is not None else []
+    tasks = f"{len(names)} task(s): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+    raise ModelFileError(
+        f"{model.path} holds {kind(theirs)} {theirs.rsplit('.', 1)[-1]} ({tasks}), but bundle {folder} runs "
+        f"{kind(ours)} {ours.rsplit('.', 1)[-1]}: pass --bundle {bundle_for_model(model)}"
+    )
+
+
 def open_inference(
-    bundle: str | os.PathLike, checkpoint: str | os.PathLike | None = None, settings: dict[str, Any] | None = None
+    bundle: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> tuple[ConfigParser, ModelFile]:
     """The bundle's ``configs/inference.json`` set up for a model file: the file's own network (``network_def``,
     and ``patch_size`` from it) and task table (``registry``) when it carries them, ``ckpt_dir`` = its folder,
     then ``settings`` (other ids; an unknown id is an error). Returns the parser and the read model file.
+
+    ``bundle`` None or empty: the one that runs the network of ``checkpoint`` (:func:`bundle_for_model`; without a
+    checkpoint :data:`DEFAULT_BUNDLE`). A bundle that runs the other kind of network is refused
+    (:func:`check_network`).
     """
+    if checkpoint and not Path(checkpoint).is_file():
+        raise ModelFileError(f"--checkpoint {checkpoint} not found: check the path")
+    model = read_model(checkpoint) if checkpoint and not bundle else None
+    bundle = bundle or (bundle_for_model(model) if model else DEFAULT_BUNDLE)
     folder = find_bundle(bundle)
     ckpt = Path(checkpoint) if checkpoint else folder / "models" / MODEL_FILE
     if not ckpt.is_file():
-        if checkpoint:
-            raise ModelFileError(f"--checkpoint {ckpt} not found: check the path")
         raise ModelFileError(
             f"no weights at {ckpt}: get them with `uniseg weights --bundle {bundle}` (see README, 'Use a pretrained "
             "model'), or train the bundle"
         )
-    model = read_model(ckpt)
+    model = model or read_model(ckpt)
     parser = ConfigParser()
     parser.read_config(folder / INFERENCE_CONFIG)
+    check_network(folder, parser, model)
     unknown = sorted(k for k in settings or {} if k not in parser)
     if unknown:
         raise UsageError(f"unknown bundle setting(s) {unknown}: not ids of {folder / INFERENCE_CONFIG}")

@@ -58,9 +58,14 @@ def _weights(bundle: str = DEFAULT_BUNDLE, url: str = "", overwrite: bool = Fals
 
 
 def _pack_bundles(out: str = "dist", bundles: str | list[str] = "") -> None:
-    """Write dist/<bundle>_v<version>.zip for each bundle (default: every bundle of ./bundles, else of the installed
-    source tree), in the layout of
-    `python -m monai.bundle download --source github`; weights stay out (large_files.yml fetches them)."""
+    """Write OUT/<bundle>_v<version>.zip for each bundle in the layout of `python -m monai.bundle download --source
+    github`; weights stay out (large_files.yml fetches them).
+
+    Args:
+        out: folder of the zips.
+        bundles: bundle folders or names, comma-separated (default every bundle of ./bundles, else of the
+            installed source tree).
+    """
     from pathlib import Path
 
     from uniseg_monai.bundles import pack_bundle
@@ -75,8 +80,13 @@ def _pack_bundles(out: str = "dist", bundles: str | list[str] = "") -> None:
 def _tasks(json: bool = False, datalist: str | None = None, metadata: str = "", check: bool = False) -> None:
     """Print the task registry as a table or JSON; with --datalist, the tasks that datalist uses.
 
-    --metadata BUNDLE: write the network_data_format of BUNDLE's configs/metadata.json from its models/tasks.json
-    and network (with --check: only compare, exit 1 if it differs)."""
+    Args:
+        json: print JSON instead of a table.
+        datalist: print the tasks of this datalist (the built-in ones it names and its own "tasks").
+        metadata: instead, write the network_data_format of this bundle's configs/metadata.json from its
+            models/tasks.json and network.
+        check: with --metadata, only compare and exit 1 if it differs.
+    """
     if metadata:
         from uniseg_monai.metadata import sync_metadata
 
@@ -93,8 +103,17 @@ def _tasks(json: bool = False, datalist: str | None = None, metadata: str = "", 
 def _prepare(
     source: str, task: str, out: str, format: str = "msd", val_fraction: float = 0.2, test_fraction: float | None = None
 ) -> None:
-    """Add a release folder to a datalist as TASK (merging): --format msd | nnunet | btcv (Synapse RawData) |
-    vs (Vestibular-Schwannoma-SEG as NIfTI). --test_fraction defaults to the paper's split for btcv / vs."""
+    """Add the cases of a release folder to a datalist as TASK (the datalist is created or merged).
+
+    Args:
+        source: the release folder.
+        task: the task name its cases get.
+        out: the datalist file.
+        format: msd, nnunet, btcv (Synapse RawData) or vs (Vestibular-Schwannoma-SEG as NIfTI).
+        val_fraction: share of the labelled training cases that become validation.
+        test_fraction: share of the labelled cases that become testing (default the paper's split for btcv / vs,
+            none otherwise).
+    """
     from uniseg_monai.data.prepare import prepare
 
     counts = prepare(source, task, out, fmt=format, val_fraction=val_fraction, test_fraction=test_fraction)
@@ -102,8 +121,13 @@ def _prepare(
 
 
 def _generate_phantoms(out: str, seed: int = 0, overwrite: bool = False) -> None:
-    """Write the deterministic synthetic multi-task data set (the demo's default data) and its datalist; an existing
-    OUT/datalist.json is never replaced without --overwrite."""
+    """Write the deterministic synthetic multi-task data set (the demo's default data) and its datalist.
+
+    Args:
+        out: the folder of the images and OUT/datalist.json.
+        seed: random seed of the phantoms.
+        overwrite: replace an existing OUT/datalist.json and its phantom files (otherwise they are never touched).
+    """
     from pathlib import Path
 
     from uniseg_monai.data.phantoms import generate_phantoms
@@ -117,7 +141,11 @@ def _generate_phantoms(out: str, seed: int = 0, overwrite: bool = False) -> None
 
 
 def _check_data(datalist: str) -> None:
-    """Check a datalist and every file it names; print each problem with its fix; exit 1 if any."""
+    """Check a datalist and every file it names; print each problem with its fix; exit 1 if any.
+
+    Args:
+        datalist: the datalist JSON file.
+    """
     from uniseg_monai.data.check import check_datalist
 
     problems = check_datalist(datalist)
@@ -130,9 +158,15 @@ def _check_data(datalist: str) -> None:
 
 
 def _report(run_dir: str, out: str = "", datalist: str = "") -> None:
-    """Write RUN_DIR/report.html (or into --out) with PNGs: training curves (TensorBoard logs under RUN_DIR), per-task
-    Dice / NSD over the cases (per_case.csv) beside the paper's numbers, best / median / worst overlays per task and
-    the prompt's effect (they need RUN_DIR/predictions and --datalist)."""
+    """Write RUN_DIR/report.html with PNGs: training curves (TensorBoard logs under RUN_DIR), per-task Dice / NSD
+    over the cases (per_case.csv) beside the paper's numbers, best / median / worst overlays per task and the
+    prompt's effect (they need RUN_DIR/predictions and --datalist).
+
+    Args:
+        run_dir: the output folder of a training or evaluation run.
+        out: write the report into this folder instead of RUN_DIR.
+        datalist: the datalist that locates the images and references of the overlays.
+    """
     from uniseg_monai.report import write_report
 
     print(write_report(run_dir, out or None, datalist or None))
@@ -140,11 +174,17 @@ def _report(run_dir: str, out: str = "", datalist: str = "") -> None:
 
 def _demo(
     out: str = "demo_output",
-    bundle: str = "bundles/uniseg_pretrain",
-    finetune_bundle: str = "bundles/uniseg_finetune_btcv",
+    bundle: str = DEFAULT_BUNDLE,
+    finetune_bundle: str = "uniseg_finetune_btcv",
 ) -> None:
     """Train, evaluate and apply the pretrain bundle on the phantom data in OUT, then fine-tune FINETUNE_BUNDLE
-    on an unseen phantom task from scratch and from it (what `make demo` runs)."""
+    on an unseen phantom task from scratch and from it (what `make demo` runs).
+
+    Args:
+        out: output folder (phantoms, runs, reports); finished training runs are reused.
+        bundle: the pretrain bundle (folder or name).
+        finetune_bundle: the fine-tuning bundle (folder or name).
+    """
     from uniseg_monai.demo import run_demo
 
     run_demo(out, bundle, finetune_bundle)
@@ -155,7 +195,7 @@ def _ablate(
     variants: str | list[str] = "",
     epochs: int = 30,
     iterations: int = 40,
-    bundle: str = "bundles/uniseg_pretrain",
+    bundle: str = DEFAULT_BUNDLE,
 ) -> None:
     """Train the paper's ablations and universal baselines side by side on the phantoms (same budget and seed: the
     demo network and optimiser) and write OUT/ablation.md: per-task Dice, mean, label-2 Dice of the two tasks that
@@ -163,9 +203,11 @@ def _ablate(
 
     Args:
         out: output folder (phantoms, one run folder per variant, ablation.md / .json); finished runs are reused.
-        variants: comma-separated names (default: uniseg, fixed_prompt, multiple_prompts, uniseg_t, dodnet,
-            task_blind); any overlay in BUNDLE/configs/variants, e.g. fuse_2 or prompt_4n.
-        epochs, iterations: the budget, epochs x iterations per epoch (batch 2).
+        variants: comma-separated names (default uniseg, fixed_prompt, multiple_prompts, uniseg_t, dodnet,
+            task_blind), any overlay in BUNDLE/configs/variants, e.g. fuse_2 or prompt_4n.
+        epochs: the budget is epochs x iterations per epoch (batch 2).
+        iterations: iterations per epoch.
+        bundle: the pretrain bundle (folder or name) whose configs/variants hold the overlays.
     """
     from uniseg_monai.ablation import VARIANTS, ablate
 
@@ -222,8 +264,17 @@ def _export(
 ) -> None:
     """Export a bundle's trained network to ONNX (--onnx FILE): inputs image (B, C, X, Y, Z) and task_id (B,),
     dynamic batch and spatial axes, checked against PyTorch with ONNX Runtime before the file is written.
-    One modality stem per file (--in_channels 1, 2 or 4). Other --ids override the bundle config. TorchScript:
-    `python -m monai.bundle ckpt_export` (see the bundle docs)."""
+
+    TorchScript: `python -m monai.bundle ckpt_export` (see the bundle docs).
+
+    Args:
+        bundle: bundle folder or name whose inference config builds the network.
+        onnx: the .onnx file to write.
+        checkpoint: model file (default BUNDLE/models/model.pt).
+        in_channels: image channels (1, 2 or 4), which select the one modality stem in the file.
+        overwrite: replace an existing .onnx file.
+        overrides: other ids of the bundle's inference.json, e.g. --patch_size [64,64,32].
+    """
     from uniseg_monai.export import export_bundle_onnx
 
     try:
@@ -233,6 +284,8 @@ def _export(
         raise UsageError(f"ONNX export needs onnx and onnxruntime ({err}): pip install -e '.[onnx]'") from None
     if not onnx:
         raise UsageError("give the output file: --onnx model.onnx")
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise UsageError(f"--in_channels must be a channel count (1, 2 or 4), got {in_channels!r}")
     report = export_bundle_onnx(bundle, onnx, in_channels, ckpt=checkpoint, overwrite=overwrite, **overrides)
     print(_json.dumps(report, indent=2))
 

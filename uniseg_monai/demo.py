@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 from monai.bundle import ConfigWorkflow
 
+from uniseg_monai.bundles import DEFAULT_BUNDLE, FINETUNE_BUNDLES, find_bundle
 from uniseg_monai.data.phantoms import DOWNSTREAM_TASKS, generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
 from uniseg_monai.report import write_report
@@ -114,13 +115,14 @@ def _side_by_side(reports: dict[str, Path]) -> str:
 
 def run_demo(
     out: str = "demo_output",
-    bundle: str = "bundles/uniseg_pretrain",
-    finetune_bundle: str = "bundles/uniseg_finetune_btcv",
+    bundle: str = DEFAULT_BUNDLE,
+    finetune_bundle: str = FINETUNE_BUNDLES["btcv"],
 ) -> Path:
     """Generate the phantoms, train the pretrain bundle with ``configs/demo.json``, evaluate and segment the
     test cases, fine-tune ``finetune_bundle`` on an unseen phantom task from scratch and from the pretrained
-    model; print the results; returns the pretraining's ``summary.json`` path. Finished training runs are reused."""
-    out_dir, bundle_dir = Path(out).resolve(), Path(bundle).resolve()
+    model; print the results; returns the pretraining's ``summary.json`` path. Finished training runs are reused.
+    Bundles are folders or names (:func:`~uniseg_monai.bundles.find_bundle`)."""
+    out_dir, bundle_dir = Path(out).resolve(), find_bundle(bundle).resolve()
     datalist = out_dir / "data" / "datalist.json"
     if not datalist.exists():
         generate_phantoms(datalist.parent)
@@ -145,7 +147,7 @@ def run_demo(
     _workflow(bundle_dir, "infer", ["inference", "demo"], **dirs, output_dir=str(run), overwrite=True)
     report = write_report(run, datalist=datalist)
     done = time.perf_counter()
-    reports = _fine_tune(out_dir, Path(finetune_bundle).resolve(), run / "models" / "model.pt")
+    reports = _fine_tune(out_dir, find_bundle(finetune_bundle).resolve(), run / "models" / "model.pt")
     tuned = time.perf_counter()
 
     print(f"\n=== UniSeg demo: {len(json.loads(datalist.read_text())['testing'])} test cases of the phantom tasks ===")

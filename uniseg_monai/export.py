@@ -116,8 +116,11 @@ def export_onnx(
 
     net = _traceable_copy(network)
     example = _example(net, 1, in_channels, window, seed=0)
-    if hasattr(net, "check_input"):
-        net.check_input(example[0])  # a clear error for a bad window or channel count, before tracing
+    if hasattr(net, "check_input"):  # a clear error for a bad window or channel count, before tracing
+        try:
+            net.check_input(example[0])
+        except ValueError as err:
+            raise UsageError(f"cannot export with in_channels {in_channels} at window {window}: {err}") from None
     input_names = ["image", "task_id"][: len(example)]
     output_names = ["logits"]
     spatial = SPATIAL_AXES if dynamic_spatial else {}

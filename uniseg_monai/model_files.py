@@ -316,6 +316,7 @@ def convert_official(
     downstream one, ``task`` (a built-in task with its class count) or the one built-in task of that class count.
     """
     dst = Path(dst)
+    check_destination(src, dst, "DST")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
     model = read_model(src)
@@ -337,6 +338,16 @@ def convert_official(
         "dst": str(dst),
         "licence": OFFICIAL_LICENCE,
     }
+
+
+def check_destination(src: str | os.PathLike, dst: str | os.PathLike, option: str) -> None:
+    """Refuse (one line naming ``option``) a model file destination that is a folder, or that is the source file
+    itself (also through a symbolic or hard link): writing would replace the user's source."""
+    src, dst = Path(src), Path(dst)
+    if dst.is_dir():
+        raise UsageError(f"{option} {dst} is a folder: give the file to write, e.g. {dst / MODEL_FILE}")
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise UsageError(f"{option} {dst} is the source file {src} itself (it would be replaced): convert a copy")
 
 
 def downstream_tasks(num_classes: int, task: str, src: str | os.PathLike) -> TaskRegistry:

@@ -7,7 +7,6 @@ bundle's own inference.
 from __future__ import annotations
 
 import gzip
-import inspect
 import json
 import math
 import os
@@ -26,11 +25,10 @@ from monai.transforms import Compose
 from tqdm import tqdm
 
 from uniseg_monai.atomic import Writer, inside, temporaries, write_group
-from uniseg_monai.bundles import DEFAULT_BUNDLE, open_inference
+from uniseg_monai.bundles import one_task_network, open_inference
 from uniseg_monai.data.check import Volume, case_header
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.errors import InputError, UsageError
-from uniseg_monai.inferers import TaskSlidingWindowInferer
 from uniseg_monai.locks import owned
 from uniseg_monai.memory import GIB, available_memory, case_memory
 from uniseg_monai.model_files import ModelFile, load_into
@@ -107,24 +105,6 @@ def assumed_modalities(tasks: Sequence[Task]) -> str:
         f"has that task's modality ({runs}); pass --modality MR (or CT, PET, T2, ...) to run only the tasks of your "
         "images' modality"
     )
-
-
-def _check_task_prompt(network: torch.nn.Module, inferer: Any, model: ModelFile, bundle: str) -> None:
-    """Refuse a multi-task network (it takes a task id) with a bundle whose inferer gives none (``--task`` would be
-    ignored), and a single-task network with a bundle that prompts one (:class:`UsageError` naming both)."""
-    takes = "task_id" in inspect.signature(network.forward).parameters
-    gives = isinstance(inferer, TaskSlidingWindowInferer)
-    if takes and not gives:
-        raise UsageError(
-            f"{model.path} holds a multi-task network ({len(model.tasks or ())} tasks) but bundle {bundle} runs "
-            f"single-task networks, so --task would be ignored: predict it with --bundle {DEFAULT_BUNDLE}"
-        )
-    if gives and not takes:
-        raise UsageError(
-            f"{model.path} holds a single-task network ({', '.join(model.tasks or ())}) but bundle {bundle} prompts "
-            "multi-task networks with the task: predict it with the fine-tuning bundle it was made for "
-            "(--bundle uniseg_finetune_<task>)"
-        )
 
 
 def _nifti(labels: np.ndarray, affine: np.ndarray) -> bytes:
@@ -253,7 +233,7 @@ def merge(maps: dict[str, np.ndarray], tasks: Sequence[Task]) -> tuple[np.ndarra
 
 
 def predict_config(
-    bundle: str, checkpoint: str | None, task: str, settings: dict[str, Any], progress: bool
+    bundle: str | None, checkpoint: str | None, task: str, settings: dict[str, Any], progress: bool
 ) -> tuple[ConfigParser, ModelFile]:
     """The bundle's inference config for the model file (:func:`uniseg_monai.bundles.open_inference`) with the ids
     ``uniseg predict`` sets: windows on the device, the volume stitched on the CPU, no ``SaveImaged``."""
@@ -311,7 +291,7 @@ class Predictor:
 
     def __init__(
         self,
-        bundle: str,
+        bundle: str | None,
         checkpoint: str | None,
         task: str,
         settings: dict[str, Any],
@@ -321,7 +301,9 @@ class Predictor:
     ) -> None:
         self.max_memory, self.nan_policy = max_memory, nan_policy  # bytes (None: the available memory per case)
         parser, self.model = predict_config(bundle, checkpoint, task, settings, progress)
-        self.all = task == "all"
+        if task == "all" and one_task_network((self.model.network_def or {}).get("_target_")):
+            task = parser["task"] = self.model.tasks.names[0]  # a fine-tuned model: all = its one task
+        self.task, self.all = task, task == "all"
         self.registry = parser.get_parsed_content("registry")
         self.network = parser.get_parsed_content("network_def")
         load_into(self.network, self.model)
@@ -340,7 +322,6 @@ class Predictor:
         if not isinstance(per_batch, int) or per_batch < 1:
             raise UsageError(f"--sw_batch_size must be a positive integer, got {per_batch!r}")
         self.inferer = parser.get_parsed_content("all_inferer" if self.all else "inferer")
-        _check_task_prompt(self.network, self.inferer, self.model, bundle)
         self.window, self.windows_on_cpu = window, None  # windows on the CPU: their share of host memory
         network_def = getattr(self.network, "network_def", dict)()
         if self.device.type == "cpu" and {"features", "strides"} <= set(network_def):
@@ -461,7 +442,7 @@ def predict(
     input: str | Sequence[str],
     output: str,
     task: str,
-    bundle: str = DEFAULT_BUNDLE,
+    bundle: str | None = None,
     checkpoint: str | None = None,
     tta: bool = False,
     overwrite: bool = False,
@@ -476,31 +457,53 @@ def predict(
     """Segment images with a trained model; returns 0, or 1 if any case failed (its file and reason on stderr,
     the other cases still written, a summary line at the end).
 
+    Refused per case (file and reason on stderr, the other cases still run), from the files' headers before a
+    voxel is read (a DICOM series once loaded): a file that is not 3D, channel files on different grids, a
+    non-finite or singular affine (e.g. a zero pixdim) or a voxel size outside the task's range (its spacing / 10 to
+    x 10), a case that needs more memory than ``max_memory``; once loaded, NaN / Inf voxels (see ``nan_policy``).
+    A constant image (e.g. all zeros) is segmented with a warning. ``all`` without ``modality`` warns that each
+    case is assumed to have the modality of every task of its channel count.
+
+    The output folder is owned by one run at a time (``.uniseg.lock`` with its pid, removed at the end), so a
+    second run into it stops naming the first's pid; a lock whose process is gone is taken over with a warning.
+
+    Memory: only windows (sw_batch_size x C x patch) go to the device, so its memory does not grow with the
+    volume; the volume is resampled, padded and the logits stitched on the CPU. Host memory per case, estimated
+    before it is resampled (:func:`uniseg_monai.memory.case_memory`), grows linearly with the volume: loading (8
+    bytes per input voxel and channel), the resampling to the task spacing (float32 grids, 28 bytes per resampled
+    voxel; the input is freed once resampled), the stitched logits + weight map (float32 x classes of the pass + 1,
+    summed over its tasks with ``all``), the inversion to the input grid (probabilities on the task grid in place
+    of the logits, 1-2 bytes per input voxel for the labels: :class:`~uniseg_monai.transforms.InvertArgmaxd`),
+    plus the network's windows when it runs on the CPU. A single ``--task`` needs less than ``all``.
+
     Args:
         input: a NIfTI / NRRD / MHA file, a DICOM series folder, a folder of such (one case per image file or
             sub-folder), or several (comma-separated). Channels of one multi-modal case are joined by ``+`` in the
-            task's modality order: ``ct.nii.gz+pet.nii.gz``. A case is named after its (first) file or folder.
+            task's modality order, e.g. ``ct.nii.gz+pet.nii.gz``. A case is named after its (first) file or folder.
         output: folder for ``<case>_<task>.nii.gz`` (uint8 labels = the task's classes, input shape and affine,
             NIfTI whatever the input format) and ``<case>_<task>.json`` (labels, task, checkpoint, bundle, inputs,
-            timings in s: ``load`` (read and checks), ``preprocess`` (reorientation, resampling, normalisation),
-            ``inference`` (the sliding window; shared by the tasks of a pass), ``postprocess`` (softmax, inverse
-            resampling, argmax), ``write`` (merging and compressing the case's maps); with ``all`` each task's sidecar
-            repeats the case's ``load`` / ``write`` and its pass's (``pass`` field) ``preprocess`` / ``inference``:
-            do not add them up over tasks). Created if needed and
-            checked writable before the model is loaded; refused if it holds an input. Owned by one run at a time
-            (``.uniseg.lock`` with its pid, removed at the end): a second run into it stops naming the first's pid
-            (a lock whose process is gone is taken over with a warning). A case's files appear together or not at
-            all (temporary files, renamed once all are written; those an interrupted run left are removed), with the
-            mode a plain ``open()`` gives under the umask.
+            timings in seconds of ``load`` (read and checks), ``preprocess`` (reorientation, resampling,
+            normalisation), ``inference`` (the sliding window; shared by the tasks of a pass), ``postprocess``
+            (softmax, inverse resampling, argmax), ``write`` (merging and compressing the case's maps); with ``all``
+            each task's sidecar repeats the case's ``load`` / ``write`` and its pass's (``pass`` field)
+            ``preprocess`` / ``inference``, so do not add them up over tasks). Created if needed and
+            checked writable before the model is loaded; refused if it holds an input. A case's files appear
+            together or not at all (temporary files, renamed once all are written; those an interrupted run left
+            are removed), with the mode a plain ``open()`` gives under the umask.
         task: a task of the model (its ``tasks.json``), or ``all``: every task whose channel count fits the case,
             in one sliding-window pass per spacing/normalisation (encoder once, decoder per task), plus
-            ``<case>_all_merged.nii.gz`` / ``.json``: tasks in id order, merged label = running index over their
-            non-background classes, later tasks win where they overlap; the table is in the JSON.
+            ``<case>_all_merged.nii.gz`` / ``.json`` (tasks in id order, merged label = running index over their
+            non-background classes, later tasks win where they overlap; the table is in the JSON). For a fine-tuned
+            (one-task) model ``all`` is its task.
         bundle: bundle folder or name (``./bundles/NAME``, the installed source tree's ``bundles/NAME``, then
             ``$UNISEG_HOME/bundles/NAME``); its ``configs/inference.json`` defines pre-/post-processing and inferer.
-        checkpoint: model file, default ``<bundle>/models/model.pt``: one this package wrote (it carries its network
-            and task table, so it works from anywhere), an official UniSeg ``.model`` (converted on the fly), or an
-            older state dict with ``tasks.json`` beside it; never unpickled code.
+            By default the one that runs the checkpoint's network (``uniseg_pretrain`` for a multi-task UniSeg, for a
+            fine-tuned one-task model ``uniseg_finetune_vs`` if its task is ``vs``, else ``uniseg_finetune_btcv``);
+            a bundle for the other kind of network is refused, naming the one to pass.
+        checkpoint: model file, default ``<bundle>/models/model.pt`` (``uniseg_pretrain``'s without ``--bundle``):
+            one this package wrote (it carries its network and task table, so it works from anywhere), an official
+            UniSeg ``.model`` (converted on the fly), or an older state dict with ``tasks.json`` beside it; never
+            unpickled code.
         tta: average the 8 mirrorings of every window (8x time).
         overwrite: replace outputs of an earlier run; without it (and without ``--skip_existing``), existing
             ``<case>_<task>`` files stop the command before any inference.
@@ -512,26 +515,10 @@ def predict(
             that this ``--checkpoint`` wrote (files of another model stop the command); not with ``--overwrite``.
         max_memory: host memory (GiB) a case may need; default the memory available when the case starts
             (``MemAvailable``, else the physical memory). A case estimated to need more is refused before it is
-            resampled, with the estimate (see Memory).
+            resampled, with the estimate (see Memory above).
         nan_policy: ``refuse`` (default): an image with NaN / Inf voxels fails with their counts; ``min``: they are
             filled with the image channel's lowest finite value (a warning, counts in the sidecar's ``nan_policy``).
         overrides: other ids of ``inference.json``, e.g. ``--base_features 4 --patch_size [64,64,32]``.
-
-    Refused per case (file and reason on stderr, the other cases still run), from the files' headers before a
-    voxel is read (a DICOM series once loaded): a file that is not 3D, channel files on different grids, a
-    non-finite or singular affine (e.g. a zero pixdim) or a voxel size outside the task's range (its spacing / 10 to
-    x 10), a case that needs more memory than ``max_memory``; once loaded, NaN / Inf voxels (see ``nan_policy``).
-    A constant image (e.g. all zeros) is segmented with a warning. ``all`` without ``modality`` warns that each
-    case is assumed to have the modality of every task of its channel count.
-
-    Memory: only windows (sw_batch_size x C x patch) go to the device, so its memory does not grow with the
-    volume; the volume is resampled, padded and the logits stitched on the CPU. Host memory per case, estimated
-    before it is resampled (:func:`uniseg_monai.memory.case_memory`), grows linearly with the volume: loading (8
-    bytes per input voxel and channel), the resampling to the task spacing (float32 grids, 28 bytes per resampled
-    voxel; the input is freed once resampled), the stitched logits + weight map (float32 x classes of the pass + 1,
-    summed over its tasks with ``all``), the inversion to the input grid (probabilities on the task grid in place
-    of the logits, 1-2 bytes per input voxel for the labels: :class:`~uniseg_monai.transforms.InvertArgmaxd`),
-    plus the network's windows when it runs on the CPU. A single ``--task`` needs less than ``all``.
     """
     if task != "all":
         check_task_name(task, "--task")
@@ -580,7 +567,7 @@ def _predict_cases(
     out: Path,
     cases: dict[str, Case],
     task: str,
-    bundle: str,
+    bundle: str | None,
     checkpoint: str | None,
     settings: dict[str, Any],
     modality: str | None,
@@ -591,6 +578,7 @@ def _predict_cases(
 ) -> int:
     """:func:`predict` once its options are checked and the output folder is known to be writable."""
     predictor = Predictor(bundle, checkpoint, task, settings, len(cases) == 1, limit, nan_policy)
+    task = predictor.task
     tasks = predictor.tasks(task, modality)
     if task == "all" and not modality:
         _warn(assumed_modalities(tasks))

@@ -23,9 +23,11 @@ import yaml
 
 from uniseg_monai.atomic import write_text_atomic
 from uniseg_monai.bundles import find_bundle
+from uniseg_monai.errors import UsageError
 from uniseg_monai.model_files import (
     ModelFile,
     ModelFileError,
+    check_destination,
     mismatch,
     official_provenance,
     read_model,
@@ -53,14 +55,21 @@ def large_file_entry(bundle: Path) -> dict[str, Any]:
     return entry
 
 
+def local_source(source: str) -> Path | None:
+    """The file a weights source names when it is a path (C:\\ on Windows) or a ``file://`` URL, else None."""
+    parsed = urlparse(source)
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:
+        return Path(unquote(parsed.path) if parsed.scheme == "file" else source)
+    return None
+
+
 def fetch(source: str, dst: Path, hash_val: str = "", hash_type: str = "sha256") -> None:
     """Copy a local path or ``file://`` URL, or download an http(s) / Google Drive URL with MONAI's
     ``download_url`` (gdown for Google Drive), to ``dst``; ``hash_val`` is checked when given."""
     from monai.apps.utils import download_url
 
-    parsed = urlparse(source)
-    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # a path (C:\ on Windows) or file://
-        local = Path(unquote(parsed.path) if parsed.scheme == "file" else source)
+    local = local_source(source)
+    if local is not None:
         if not local.is_file():
             raise FileNotFoundError(f"weights {source} not found (a file path, file://, http(s) or Google Drive URL)")
         shutil.copyfile(local, dst)
@@ -132,9 +141,15 @@ def download_weights(bundle: str | os.PathLike, url: str = "", overwrite: bool =
     folder = find_bundle(bundle)
     entry = large_file_entry(folder)
     dst = folder / entry["path"]
+    source = url or entry.get("url") or ""
+    local = local_source(source) if source else None
+    if local is not None and local.is_dir():
+        given = "--url" if url else "the url of large_files.yml"
+        raise UsageError(f"{given} {source} is a folder: give the weights file")
+    if local is not None:  # never the file it would replace
+        check_destination(local, dst, "the weights path")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists (trained or fetched earlier); pass --overwrite to replace it")
-    source = url or entry.get("url") or ""
     if not source:
         raise ModelFileError(f"{folder / 'large_files.yml'} names no url for {entry['path']}: pass --url")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +170,7 @@ def convert_into_bundle(src: str | os.PathLike, bundle: str | os.PathLike, overw
     network = _bundle_network(folder, model)
     upstream_into_backbone = "num_tasks" in (model.network_def or {}) and not hasattr(network, "num_tasks")
     dst = folder / "models" / ("pretrained.pt" if upstream_into_backbone else "model.pt")
+    check_destination(src, dst, "the bundle's model file")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
     return install(model, folder, dst, str(src.resolve()), "uniseg convert-official --bundle")  # read once
