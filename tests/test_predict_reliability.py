@@ -30,7 +30,7 @@ from uniseg_monai.cli import main
 from uniseg_monai.errors import InputError, UsageError
 from uniseg_monai.locks import LOCK_NAME, FolderInUseError
 from uniseg_monai.memory import GIB, case_memory
-from uniseg_monai.model_files import ModelFileError, convert_official, read_model, save_model
+from uniseg_monai.model_files import ModelFileError, read_model, save_model
 from uniseg_monai.networks import UniSeg, UniSegBackbone, nnunet_features
 from uniseg_monai.predict import predict
 from uniseg_monai.tasks import TaskRegistry, save_model_tasks
@@ -389,28 +389,6 @@ def test_all_tasks_without_a_modality_warn_of_the_assumption(predict_model, crop
     assert "1 channel(s): ph_organs (CT), ph_liver (CT);" in warning[0] and "pass --modality MR" in warning[0]
     assert run(predict_model, str(good), tmp_path / "ct", "all", modality="CT") == 0
     assert "--task all without --modality" not in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(("kind", "bundle", "message"), [
-    ("upstream", "uniseg_finetune_btcv", "holds a multi-task network (11 tasks) but bundle uniseg_finetune_btcv runs "
-     "single-task networks, so --task would be ignored: predict it with --bundle uniseg_pretrain"),
-    ("downstream", "uniseg_pretrain", "holds a single-task network (btcv) but bundle uniseg_pretrain prompts "
-     "multi-task networks with the task"),
-])  # fmt: skip
-def test_a_network_and_bundle_that_disagree_on_the_task_are_refused(official_fixture, crop, tmp_path, kind, bundle,
-                                                                     message):  # fmt: skip
-    """An official upstream model through a fine-tuning bundle would drop ``--task`` (the network needs it), a
-    downstream one through the pretrain bundle would be handed one: one line each, before any case."""
-    good = save(tmp_path / "ct.nii.gz", *crop)
-    model = save_nnunet_v1(nnunet_v1_container(official_fixture[f"{kind}_state_dict"]), tmp_path / f"{kind}.model")
-    if kind == "downstream":
-        convert_official(model, tmp_path / "btcv.pt", task="btcv")
-        model = tmp_path / "btcv.pt"
-    with pytest.raises(UsageError) as refused:
-        predict(str(good), str(tmp_path / "out"), "btcv" if kind == "downstream" else "liver", bundle=bundle,
-                checkpoint=str(model), device="cpu")  # fmt: skip
-    assert str(refused.value).startswith(f"{model} {message}")
-    assert not (tmp_path / "out").exists()
 
 
 def test_the_task_reaches_an_official_upstream_model(official_fixture, crop, tmp_path):
