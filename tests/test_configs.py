@@ -19,7 +19,10 @@ from monai.data import MetaTensor
 from monai.handlers import CheckpointSaver, StatsHandler
 from monai.transforms import Rand3DElasticd
 
+from uniseg_monai.bundles import FINETUNE_BUNDLES
+from uniseg_monai.cli import main
 from uniseg_monai.errors import UniSegError, UsageError, flag
+from uniseg_monai.finetune_bundles import TABLE, TEMPLATE, differences, write_bundles
 from uniseg_monai.handlers import GradientClipping, ResumeCheckpointLoader
 from uniseg_monai.metadata import bundle_network_data_format, sync_metadata
 from uniseg_monai.model_files import ModelLoader
@@ -136,6 +139,103 @@ def test_metadata_follows_the_task_table(tmp_path):
     assert sync_metadata(bundle, check=True)[1] is False
     assert json.loads(path.read_text())["version"] == json.loads((BUNDLES / "uniseg_finetune_vs" / "configs" /
                                                                   "metadata.json").read_text())["version"]  # fmt: skip
+
+
+def finetune_copy(tmp_path):
+    """A bundles folder with the fine-tuning template and copies of the fine-tuning bundles (no weights)."""
+    root = tmp_path / "bundles"
+    shutil.copytree(BUNDLES / "templates", root / "templates")
+    for name in FINETUNE_BUNDLES.values():
+        shutil.copytree(BUNDLES / name, root / name, ignore=shutil.ignore_patterns("*.pt", "eval", "__pycache__"))
+    return root
+
+
+def finetune_bundles(root, *options, capsys) -> tuple[int, list[str], str]:
+    """``uniseg finetune-bundles --root ROOT OPTIONS``: exit code, printed lines and stderr."""
+    with pytest.raises(SystemExit) as done:
+        main(["finetune-bundles", "--root", str(root), *options])
+        sys.exit(0)
+    printed = capsys.readouterr()
+    return done.value.code or 0, printed.out.splitlines(), printed.err
+
+
+def test_committed_finetune_bundles_are_the_generated_ones(capsys):
+    assert differences(BUNDLES) == []
+    code, lines, _ = finetune_bundles(BUNDLES, "--check", capsys=capsys)
+    assert code == 0 and lines == [f"{BUNDLES}: fine-tuning bundles up to date"]
+
+
+def test_a_template_change_reaches_every_finetune_bundle(tmp_path, capsys):
+    root = finetune_copy(tmp_path)
+    template = root / TEMPLATE / "configs" / "train.json"
+    template.write_text(template.read_text().replace("{\n", '{\n    "probe": "{{task}} of {{name}}",\n', 1))
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    trains = [root / name / "configs" / "train.json" for name in FINETUNE_BUNDLES.values()]
+    code, lines, _ = finetune_bundles(root, "--check", capsys=capsys)
+    assert code == 1 and lines == [f"{p}: differs from the template" for p in trains]
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # --check writes nothing
+    code, lines, _ = finetune_bundles(root, capsys=capsys)
+    assert code == 0 and lines == [f"{p}: updated" for p in trains]
+    for (task, name), train in zip(FINETUNE_BUNDLES.items(), trains):
+        assert json.loads(train.read_text())["probe"] == f"{task} of {name}"
+    changed = {p for p in root.rglob("*") if p.is_file() and before.get(p) != p.read_bytes()}
+    assert changed == set(trains)
+    assert finetune_bundles(root, "--check", capsys=capsys)[0] == 0
+
+
+def test_finetune_bundles_follow_the_task_registry_and_their_table(tmp_path, monkeypatch):
+    root = finetune_copy(tmp_path)
+    vs = root / FINETUNE_BUNDLES["vs"]
+    parts = {"labels": ["background", "intrameatal", "extrameatal"], "short_labels": ["bg", "IM", "EM"]}
+    monkeypatch.setitem(BUILTIN_TASKS, "vs", {**BUILTIN_TASKS["vs"], **parts})
+    table = json.loads((root / TABLE).read_text())
+    table[vs.name]["text"]["metadata_name"] = "UniSeg fine-tuned on two VS parts"
+    (root / TABLE).write_text(json.dumps(table))
+    written = write_bundles(root)
+    assert written and all(vs in p.parents for p in written)  # btcv's task and texts did not change
+    meta = json.loads((vs / "configs" / "metadata.json").read_text())
+    assert meta["name"] == "UniSeg fine-tuned on two VS parts" and meta["pred_classes"].startswith("3 logits")
+    assert json.loads((vs / "models" / "tasks.json").read_text())["tasks"]["vs"]["short_labels"] == ["bg", "IM", "EM"]
+    assert "| metric | IM | EM | Mean |" in (vs / "docs" / "README.md").read_text()
+    assert sync_metadata(vs, check=True)[1] is False  # the template's network_data_format is metadata.py's
+    assert differences(root) == []
+
+
+def spoil_finetune_source(root, what: str) -> None:
+    """A template placeholder no value fills, a table entry with an unknown task, or one leaving out no file."""
+    table = json.loads((root / TABLE).read_text())
+    if what == "placeholder":
+        (root / TEMPLATE / "docs" / "notes.md").write_text("{{no_such_key}}\n")
+    elif what == "task":
+        table[FINETUNE_BUNDLES["vs"]]["task"] = "no_such_task"
+    else:
+        table[FINETUNE_BUNDLES["vs"]]["leave_out"] = ["configs/no_such.json"]
+    (root / TABLE).write_text(json.dumps(table))
+
+
+@pytest.mark.parametrize(
+    "what, expected",
+    [
+        ("placeholder", "notes.md: no value for {{no_such_key}}"),
+        ("task", "has task 'no_such_task'; use a built-in one"),
+        ("leave_out", "leave_out ['configs/no_such.json'] not in"),
+    ],
+)
+def test_a_broken_finetune_source_is_one_line_and_nothing_written(tmp_path, capsys, what, expected):
+    root = finetune_copy(tmp_path)
+    spoil_finetune_source(root, what)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    code, _, err = finetune_bundles(root, capsys=capsys)
+    assert code == 2 and expected in err and len(err.splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_a_file_no_template_makes_is_listed(tmp_path, capsys):
+    root = finetune_copy(tmp_path)
+    extra = root / FINETUNE_BUNDLES["vs"] / "configs" / "demo.json"  # btcv's, left out of vs by the table
+    shutil.copy(root / FINETUNE_BUNDLES["btcv"] / "configs" / "demo.json", extra)
+    code, lines, _ = finetune_bundles(root, "--check", capsys=capsys)
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"{extra}: not made by the template")
 
 
 def test_pretrain_metadata_lists_the_papers_upstream_tasks():

@@ -100,6 +100,31 @@ def _tasks(json: bool = False, datalist: str | None = None, metadata: str = "", 
     print(_json.dumps(registry.to_json(), indent=2) if json else registry.table())
 
 
+def _finetune_bundles(check: bool = False, root: str = "") -> None:
+    """Write the fine-tuning bundles from their one template (bundles/templates/finetune/ with the task facts and
+    the texts of bundles/templates/finetune_bundles.json): only the files that change.
+
+    Args:
+        check: only compare: list the files that differ from what it would write (one line each), exit 1 if any.
+        root: the bundles folder (default ./bundles, else the one of the installed source tree).
+    """
+    from pathlib import Path
+
+    from uniseg_monai.finetune_bundles import default_root, differences, write_bundles
+
+    folder = Path(root) if root else default_root()
+    written = [] if check else write_bundles(folder)
+    for path in written:
+        print(f"{path}: updated")
+    remaining = differences(folder)  # after writing: only files no template makes
+    for line in remaining:
+        print(line)
+    if remaining:
+        sys.exit(1)
+    if not written:
+        print(f"{folder}: fine-tuning bundles up to date")
+
+
 def _prepare(
     source: str, task: str, out: str, format: str = "msd", val_fraction: float = 0.2, test_fraction: float | None = None
 ) -> None:
@@ -324,6 +349,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
         "weights": _weights,
         "pack-bundles": _pack_bundles,
         "tasks": _tasks,
+        "finetune-bundles": _finetune_bundles,
         "prepare": _prepare,
         "generate-phantoms": _generate_phantoms,
         "check-data": _check_data,
