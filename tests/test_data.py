@@ -17,9 +17,8 @@ from uniseg_monai.data import DatalistError, load_items
 from uniseg_monai.data.check import check_datalist
 from uniseg_monai.data.phantoms import generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
-from uniseg_monai.errors import InputError
+from uniseg_monai.engine.wiring import registry_for_datalist
 from uniseg_monai.tasks import TaskError
-from uniseg_monai.wiring import registry_for_datalist
 
 
 def test_phantoms_are_deterministic_and_clean(phantoms, tmp_path):

@@ -17,7 +17,7 @@ from conftest import PREDICT_BUNDLE, PREDICT_TINY, shared_path
 from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd
 from network_outputs import assert_equal_but_near_ties
 
-from uniseg_monai.predict import Predictor, find_cases, predict, predict_config
+from uniseg_monai.apps.predict import Predictor, find_cases, predict, predict_config
 
 BUNDLE, TINY = PREDICT_BUNDLE, PREDICT_TINY
 ORGANS = {"0": "background", "1": "liver", "2": "spleen"}

@@ -21,15 +21,15 @@ import torch
 from conftest import BUNDLES, held_by_another_process
 from monai.bundle import ConfigWorkflow
 
+from uniseg_monai.core.errors import InputError, NonFiniteError, UsageError, user_error
+from uniseg_monai.core.locks import LOCK_NAME, FolderInUseError, acquire, release
 from uniseg_monai.data.check import check_datalist, check_run_items
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
-from uniseg_monai.errors import InputError, NonFiniteError, UsageError, user_error
-from uniseg_monai.guards import NonFiniteGuard
-from uniseg_monai.handlers import ResumeCheckpointLoader
-from uniseg_monai.locks import LOCK_NAME, FolderInUseError, acquire, release
-from uniseg_monai.model_files import ModelFileError, _AtomicDiskSaver, load_weights_only
-from uniseg_monai.precision import LossScaling, autocast_kwargs
-from uniseg_monai.wiring import registry_for_datalist
+from uniseg_monai.engine.checkpoints import ResumeCheckpointLoader, _AtomicDiskSaver
+from uniseg_monai.engine.guards import NonFiniteGuard
+from uniseg_monai.engine.precision import LossScaling, autocast_kwargs
+from uniseg_monai.engine.wiring import registry_for_datalist
+from uniseg_monai.model_io.model_files import ModelFileError, load_weights_only
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
 

@@ -23,9 +23,9 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monai.transforms import Compose, RandFlipd, RandZoomd
 
-from uniseg_monai.errors import UsageError, user_error
-from uniseg_monai.model_files import ModelCheckpointSaver, prune_checkpoints, trainer_entries
-from uniseg_monai.random_states import RandomStates
+from uniseg_monai.core.errors import UsageError, user_error
+from uniseg_monai.engine.checkpoints import ModelCheckpointSaver, prune_checkpoints, trainer_entries
+from uniseg_monai.engine.random_states import RandomStates
 from uniseg_monai.tasks import TaskRegistry
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"

@@ -24,11 +24,11 @@ from monai.data.utils import pickle_hashing
 from monai.utils import convert_to_tensor
 from tqdm import tqdm
 
-from uniseg_monai.atomic import write_atomic
+from uniseg_monai.core.atomic import write_atomic
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.data.check import read_header
 from uniseg_monai.data.geometry import resampled_voxels
-from uniseg_monai.errors import UsageError
-from uniseg_monai.memory import GIB, available_memory
+from uniseg_monai.data.memory import GIB, available_memory
 from uniseg_monai.tasks import TaskRegistry, resolve_task
 
 logger = logging.getLogger(__name__)

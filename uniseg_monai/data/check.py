@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, read_datalist
 from uniseg_monai.data.geometry import geometry_problem
-from uniseg_monai.errors import InputError
 from uniseg_monai.tasks import Task, TaskError, TaskRegistry, resolve_task
 
 LABELLED = ("training", "validation")  # sections whose items need a label (training, Dice during training)
@@ -215,7 +214,7 @@ def _channel_grid_problems(images: Sequence[Volume]) -> list[Problem]:
 
 def case_header(paths: Sequence[str]) -> Volume:
     """One case's files (one, or one per channel) read from their headers (:func:`read_header`) as one volume:
-    channels summed, the first file's shape and affine. An :class:`~uniseg_monai.errors.InputError` naming the file
+    channels summed, the first file's shape and affine. An :class:`~uniseg_monai.core.errors.InputError` naming the file
     and the fix for a missing, unreadable or non-3D file and for channel files on different grids."""
     problems: list[Problem] = []
     images = [img for img in (_read(p, read_header, problems) for p in paths) if img is not None]
@@ -332,7 +331,7 @@ def _repeated(
 def check_run_items(groups: Sequence[Sequence[Mapping[str, Any]]], registry: TaskRegistry, default: str = "") -> None:
     """Header-level :func:`item_problems` of the items a bundle run reads (lists of items with absolute paths and
     labels, e.g. training and validation; ``default``: the task of items that name none); an
-    :class:`~uniseg_monai.errors.InputError` naming the first problem and how many there are."""
+    :class:`~uniseg_monai.core.errors.InputError` naming the first problem and how many there are."""
     items = [item for group in groups for item in group]
     problems: list[Problem] = []
     for i, item in enumerate(tqdm(items, desc="checking files", unit="case", disable=len(items) < 500)):

@@ -15,7 +15,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
-from uniseg_monai.errors import flag
+from uniseg_monai.core.errors import flag
 from uniseg_monai.networks.task_ids import TaskId, TaskLogits, as_task_ids
 
 MIRROR_AXES = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]  # 8 flips incl. none
@@ -31,7 +31,7 @@ def _task_ids(
 
 
 def _meta_task_ids(inputs: torch.Tensor) -> Any:
-    """The task ids :class:`~uniseg_monai.transforms.RecordTaskd` put into a MetaTensor's meta data, else None."""
+    """The task ids :class:`~uniseg_monai.data.transforms.RecordTaskd` put into a MetaTensor's meta data, else None."""
     return inputs.meta.get("task_id") if isinstance(inputs, MetaTensor) else None
 
 

@@ -35,7 +35,7 @@ from monai.transforms import (
 from monai.transforms.utils import generate_label_classes_crop_centers
 from monai.utils import TraceKeys, convert_to_dst_type
 
-from uniseg_monai.atomic import inside
+from uniseg_monai.core.atomic import inside
 from uniseg_monai.tasks import Normalization, Task, TaskRegistry, resolve_task
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -285,8 +285,8 @@ class RecordTaskd(MapTransform):
 
 def task_file_name(metadict: dict, saver: Transform) -> dict[str, Any]:
     """``SaveImaged(output_name_formatter=...)``: ``<case>_<task>``, so one image segmented under several tasks
-    gives one file per task (case: see :class:`RecordTaskd`); an :class:`~uniseg_monai.errors.InputError` unless that
-    is a file name in the saver's output folder (:func:`~uniseg_monai.atomic.inside`). The subject carries a
+    gives one file per task (case: see :class:`RecordTaskd`); an :class:`~uniseg_monai.core.errors.InputError` unless
+    that is a file name in the saver's output folder (:func:`~uniseg_monai.core.atomic.inside`). The subject carries a
     ``.nii.gz`` that MONAI strips, so dots in the name stay (MONAI would cut ``case_v1.2`` to ``case_v1``)."""
     metadict = metadict or {}
     stem = metadict.get("case") or image_stem(metadict.get("filename_or_obj", ""))

@@ -34,8 +34,8 @@ from uniseg_monai.model_files import (
     save_model,
     sha256,
 )
+from uniseg_monai.model_io.transfer import PretrainedCheckpointError, transfer_state
 from uniseg_monai.tasks import load_model_tasks
-from uniseg_monai.transfer import PretrainedCheckpointError, transfer_state
 
 UNSTATED_LICENCE = "not stated in the file: ask its provider"
 
@@ -96,7 +96,8 @@ def _bundle_network(bundle: Path, model: ModelFile):
 
 def check_fits(model: ModelFile, bundle: Path, dst: Path, source: str) -> None:
     """``models/model.pt``: the file loads strictly into the bundle's network; ``models/pretrained.pt``: its
-    encoder-decoder transfers into it (:func:`uniseg_monai.transfer.transfer_state`). Errors name ``source``."""
+    encoder-decoder transfers into it (:func:`uniseg_monai.model_io.transfer.transfer_state`). Errors name
+    ``source``."""
     network = _bundle_network(bundle, model)
     kind = (model.network_def or {}).get("_target_", "a model").rsplit(".", 1)[-1]
     if dst.name == "pretrained.pt":
