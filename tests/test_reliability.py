@@ -342,5 +342,19 @@ def test_red_team_follow_ups_end_in_one_line(tmp_path):
             load_weights_only(tmp_path / "model.pt")
     (tmp_path / "checkpoint_epoch=2.pt").write_bytes(b"PK\x03\x04 truncated")
     loader = ResumeCheckpointLoader(tmp_path, True, {"model": torch.nn.Linear(1, 1)})
-    with pytest.raises(UsageError, match=r"checkpoint_epoch=2.pt: cannot be read .*previous checkpoint_epoch=N.pt"):
+    with pytest.raises(UsageError, match=r"checkpoint_epoch=2.pt: not a readable PyTorch file .*previous checkpoint_"):
+        loader(None)
+
+
+def test_a_bug_while_reading_a_checkpoint_keeps_its_traceback(tmp_path, monkeypatch):
+    """The resume loader reads through the model files' weights-only reader: an unreadable file is a one-line
+    UsageError (above), a bug in the reading code is not disguised as one."""
+    torch.save({"model": {}, "trainer": {}}, tmp_path / "checkpoint_epoch=1.pt")
+
+    def bug(*args, **kwargs):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(torch, "load", bug)
+    loader = ResumeCheckpointLoader(tmp_path, True, {"model": torch.nn.Linear(1, 1)})
+    with pytest.raises(AttributeError, match="a bug"):
         loader(None)

@@ -24,9 +24,11 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from uniseg_monai.atomic import Writer, inside, temporaries, write_group
-from uniseg_monai.bundles import one_task_network, open_inference
-from uniseg_monai.data.check import Volume, case_header
+from uniseg_monai.apps.bundles import one_task_network, open_inference
+from uniseg_monai.core.atomic import Writer, inside, temporaries, write_group
+from uniseg_monai.core.errors import USER_ERRORS, InputError, UsageError, one_line
+from uniseg_monai.core.locks import owned
+from uniseg_monai.data.check import READ_ERRORS, Volume, case_header
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.data.memory import GIB, available_memory, case_memory
 from uniseg_monai.data.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
@@ -412,7 +414,10 @@ class Predictor:
         series = Path(files[0]).is_dir()  # a DICOM series folder: checked once loaded
         if not series:
             fits = self.check(case_header(files), tasks)  # a 2D file, a huge or singular header: refused unread
-        image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
+        try:
+            image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
+        except READ_ERRORS as err:  # voxels its header did not show to be bad: a truncated or corrupt file
+            raise InputError(f"{' + '.join(files)}: unreadable ({one_line(err)}); re-export or replace it") from err
         if series:
             volume = Volume(files[0], image.shape[0], tuple(image.shape[1:]), np.asarray(image.affine))
             fits = self.check(volume, tasks, image.element_size() * image.numel())
@@ -607,7 +612,7 @@ def _predict_cases(
                        file=sys.stderr)  # fmt: skip
         try:
             predictor.write(out, name, source, tasks, run)
-        except Exception as err:  # one bad case must not stop the others
+        except USER_ERRORS as err:  # one bad case (its files, header or values) must not stop the others; a bug does
             while err.__cause__ is not None:
                 err = err.__cause__
             failed[name] = f"{type(err).__name__}: {str(err).strip()}"
