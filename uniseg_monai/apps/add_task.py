@@ -12,7 +12,7 @@ UniSeg's task count N lives only in the universal prompt (U = N channels), FUSE 
 
 Every old tensor is used with its old shape, in its own convolution, so old tasks compute the same numbers bit for
 bit on any machine (appending zero weights or output rows to one convolution does not: kernels pick other
-blocking, measured 1e-6 to 5e-5 differences on this CPU). What trains (``mode``; the rest has
+blocking, and the numbers differ by rounding). What trains (``mode``; the rest has
 ``requires_grad=False``):
 
 - ``prompt``: only parts no old task reads: the new FUSE filter, the new prompt channel and new head rows. The

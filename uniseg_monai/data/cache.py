@@ -48,7 +48,7 @@ CACHE_GLOBALS = {
 
 class _CacheUnpickler(pickle.Unpickler):
     """Python's (C) unpickler restricted to :data:`CACHE_GLOBALS` (the Python documentation's "restricting
-    globals"): a file can build nothing else, and a case loads 5x faster than with ``weights_only=True``."""
+    globals"): a file can build nothing else, and a case loads faster than with ``weights_only=True``."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in CACHE_GLOBALS:

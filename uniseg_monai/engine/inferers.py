@@ -42,7 +42,7 @@ def plain(x: torch.Tensor) -> torch.Tensor:
 
 class PlainTensorInferer(SimpleInferer):
     """``network(inputs, ...)`` on a plain tensor: training needs no meta data, and on CPU every op on a
-    MetaTensor pays Python overhead (measured: 2x slower iterations of the demo network)."""
+    MetaTensor pays Python overhead (``benchmarks/trainer_overhead.py``)."""
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs):  # type: ignore[override]
         return network(plain(inputs), *args, **kwargs)

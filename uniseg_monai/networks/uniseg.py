@@ -401,7 +401,7 @@ class UniSeg(UniSegBackbone):
     def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> torch.Tensor:
         """All-task inference: encoder and FUSE once, then the decoder once per task in ``task_ids``, one task
         after the other, so memory does not grow with the number of tasks (batching the tasks through the decoder
-        was slower and took 5x the memory for 7 tasks: ``benchmarks/all_task_decoding.py``), and what does not
+        was slower and took more memory: ``benchmarks/all_task_decoding.py``), and what does not
         depend on the task once: each decoder stage's convolution of its skip (a third of the decoder's
         multiply-accumulates) and, with ``prompt_at`` ``end``, every stage but the last. Equals ``forward(x, t)``
         for each t (to float rounding). x (B, C, X, Y, Z), T task ids -> full-resolution logits (B, T, K, X, Y, Z).
