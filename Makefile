@@ -18,6 +18,7 @@ setup: $(STAMP)
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the layer contract of pyproject.toml (docs/ARCHITECTURE.md)
 
 test: lint
 	$(BIN)/pytest

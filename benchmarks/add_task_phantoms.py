@@ -22,9 +22,9 @@ import json
 import time
 from pathlib import Path
 
-from uniseg_monai.add_task import REPORT_FILE, add_task
+from uniseg_monai.apps.add_task import REPORT_FILE, add_task
+from uniseg_monai.apps.demo import _workflow, kidneys_datalist
 from uniseg_monai.data.phantoms import generate_phantoms
-from uniseg_monai.demo import _workflow, kidneys_datalist
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
 OLD = ("ph_organs", "ph_brain", "ph_petct")

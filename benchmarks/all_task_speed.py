@@ -21,7 +21,7 @@ import statistics
 import torch
 from network_speed import timed
 
-from uniseg_monai.inferers import AllTaskSlidingWindowInferer, TaskSlidingWindowInferer
+from uniseg_monai.engine.inferers import AllTaskSlidingWindowInferer, TaskSlidingWindowInferer
 from uniseg_monai.networks import UniSeg
 
 

@@ -14,10 +14,10 @@ import time
 import torch
 from monai.transforms import Compose
 
-from uniseg_monai.bundles import bundle_transforms
+from uniseg_monai.apps.bundles import bundle_transforms
 from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_phantoms
-from uniseg_monai.wiring import registry_for_datalist
+from uniseg_monai.engine.wiring import registry_for_datalist
 
 
 def main() -> None:

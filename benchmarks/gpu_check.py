@@ -34,8 +34,8 @@ import torch
 from all_task_speed import macs, seconds
 from network_speed import PAPER, TINY, timed
 
-from uniseg_monai.losses import TaskDeepSupervisionLoss
-from uniseg_monai.model_files import save_model
+from uniseg_monai.engine.losses import TaskDeepSupervisionLoss
+from uniseg_monai.model_io.model_files import save_model
 from uniseg_monai.networks import TaskLogits, UniSeg, compiled
 from uniseg_monai.networks.uniseg import PAPER_PATCH_SIZE
 from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS, TaskRegistry

@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 from monai.networks.nets import DynUNet
 
+from uniseg_monai.engine.precision import AMP_DTYPES
 from uniseg_monai.networks import UniSeg, compiled
 from uniseg_monai.networks.uniseg import PAPER_FEATURES, PAPER_KERNEL_SIZES, PAPER_STRIDES
-from uniseg_monai.precision import AMP_DTYPES
 
 TINY = {
     "features": (8, 16, 32, 64),

@@ -6,7 +6,7 @@ inverted and written on the CPU):
 1. host: the whole ``uniseg predict`` of one case (load, resample, sliding window with stitching on the CPU,
    softmax, inverse resampling, argmax, write) with the paper window and a 1-channel-wide network, so the
    network's share is negligible and the rest is what the volume costs; next to it the estimate that
-   ``uniseg predict`` checks against ``--max_memory`` (``uniseg_monai.memory.case_memory``). The CT (random HU
+   ``uniseg predict`` checks against ``--max_memory`` (``uniseg_monai.data.memory.case_memory``). The CT (random HU
    values) is written by another process, so the peak is the predict's alone;
 2. network: one paper-size window (base 32, 11 tasks) through the paper network without gradients; on a GPU with
    AMP (float16) expect about half.
@@ -44,7 +44,7 @@ def setup(shape: list[int], spacing: list[float], folder: Path) -> None:
     import numpy as np
     from monai.bundle import ConfigParser
 
-    from uniseg_monai.model_files import save_model
+    from uniseg_monai.model_io.model_files import save_model
     from uniseg_monai.tasks import TaskRegistry
 
     rng, ct = np.random.default_rng(0), np.empty(shape, np.int16)
@@ -64,8 +64,8 @@ def host(folder: Path, compare: bool) -> None:
     import nibabel as nib
     import numpy as np
 
-    from uniseg_monai.memory import GIB, case_memory
-    from uniseg_monai.predict import Predictor, predict
+    from uniseg_monai.apps.predict import Predictor, predict
+    from uniseg_monai.data.memory import GIB, case_memory
 
     settings = {"bundle": str(BUNDLE), "checkpoint": str(folder / "model.pt"), "device": "cpu"}
     before = peak_gib()
@@ -96,7 +96,7 @@ def old_maps(folder: Path, tasks) -> dict:
     import numpy as np
     from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd
 
-    from uniseg_monai.predict import Predictor
+    from uniseg_monai.apps.predict import Predictor
 
     steps = json.loads((BUNDLE / "configs" / "inference.json").read_text())["preprocessing"]["transforms"]
     resample = next(i for i, t in enumerate(steps) if t["_target_"].endswith("ResampleToTaskSpacingd"))

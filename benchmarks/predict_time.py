@@ -35,7 +35,7 @@ def paper_model(path: Path, base: int) -> None:
     weights."""
     import torch
 
-    from uniseg_monai.model_files import save_model
+    from uniseg_monai.model_io.model_files import save_model
     from uniseg_monai.networks import UniSeg, nnunet_features
     from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS, TaskRegistry
 

@@ -77,7 +77,7 @@ def trainer_seconds(
     if batches is not None:
         parser["train#trainer#train_data_loader"] = "$batches"
     if not handlers:
-        parser["train#trainer#train_handlers"] = [{"_target_": "uniseg_monai.handlers.GradientClipping",
+        parser["train#trainer#train_handlers"] = [{"_target_": "uniseg_monai.engine.handlers.GradientClipping",
                                                    "max_norm": "@grad_clip"}]  # fmt: skip
     set_determinism(seed=0)
     trainer = parser.get_parsed_content("train#trainer")

@@ -62,7 +62,7 @@ def phantoms(tmp_path_factory) -> Path:
 def tiny_bundle(official_fixture: dict, kind: str, name: str, root: Path) -> Path:
     """A copy of bundles/<name> whose inference.json describes the official fixture's tiny ``kind`` network
     (upstream / downstream; pure JSON edits)."""
-    from uniseg_monai.official import infer_network_def
+    from uniseg_monai.model_io.official import infer_network_def
 
     bundle = shutil.copytree(BUNDLES / name, root / name)
     network_def = infer_network_def(official_fixture[f"{kind}_state_dict"])
@@ -76,7 +76,7 @@ def tiny_bundle(official_fixture: dict, kind: str, name: str, root: Path) -> Pat
 
 HOLDER = """
 import sys
-from uniseg_monai.locks import owned
+from uniseg_monai.core.locks import owned
 with owned(sys.argv[1], sys.argv[2]):
     print("held", flush=True)
     sys.stdin.read()
@@ -85,7 +85,7 @@ with owned(sys.argv[1], sys.argv[2]):
 
 @contextmanager
 def held_by_another_process(folder: Path, what: str) -> Iterator[int]:
-    """``folder`` owned (:func:`uniseg_monai.locks.owned`) by a live child process for ``what`` during the block;
+    """``folder`` owned (:func:`uniseg_monai.core.locks.owned`) by a live child process for ``what`` during the block;
     yields the child's pid. The child releases it when the block ends."""
     child = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), what], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)  # fmt: skip

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from monai.transforms import Transform
 
-from uniseg_monai.bundles import bundle_transforms
+from uniseg_monai.apps.bundles import bundle_transforms
 from uniseg_monai.tasks import TaskRegistry
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"

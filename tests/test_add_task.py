@@ -14,13 +14,13 @@ import torch
 from conftest import PREDICT_BUNDLE, zyx_to_xyz
 from network_outputs import all_heads
 
-from uniseg_monai.add_task import TaskExtension, add_task, grow_network
+from uniseg_monai.apps.add_task import TaskExtension, add_task, grow_network
+from uniseg_monai.apps.predict import predict
 from uniseg_monai.cli import main
-from uniseg_monai.errors import UsageError
-from uniseg_monai.model_files import build_network, load_into, network_from_file, read_model, save_model
+from uniseg_monai.core.errors import UsageError
+from uniseg_monai.model_io.model_files import build_network, load_into, network_from_file, read_model, save_model
+from uniseg_monai.model_io.official import convert_state_dict, infer_network_def
 from uniseg_monai.networks import UniSeg
-from uniseg_monai.official import convert_state_dict, infer_network_def
-from uniseg_monai.predict import predict
 from uniseg_monai.tasks import TaskRegistry
 
 NEW = "ph_tumour6"  # ph_liver's cases as a new task with 6 classes (more than the phantom models' 4 heads)
@@ -247,7 +247,7 @@ def test_refused_settings(base_file, tmp_path, capsys):
 
 
 def test_install_replaces_the_bundle_model_keeping_backups(prompt_run, predict_model, tmp_path):
-    from uniseg_monai.add_task import install
+    from uniseg_monai.apps.add_task import install
 
     models = tmp_path / "models"
     models.mkdir()

@@ -17,14 +17,14 @@ import torch
 from conftest import shared_path
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
+from uniseg_monai.apps.metadata import channel_def
 from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_downstream_phantoms
 from uniseg_monai.data.prepare import prepare
-from uniseg_monai.metadata import channel_def
+from uniseg_monai.engine.wiring import registry_for_datalist
+from uniseg_monai.model_io.transfer import PretrainedCheckpointError
 from uniseg_monai.networks import UniSeg
 from uniseg_monai.tasks import TaskRegistry, load_model_tasks
-from uniseg_monai.transfer import PretrainedCheckpointError
-from uniseg_monai.wiring import registry_for_datalist
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 KINDS = {"btcv": "uniseg_finetune_btcv", "vs": "uniseg_finetune_vs"}

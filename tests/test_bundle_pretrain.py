@@ -19,13 +19,13 @@ from conftest import shared_path
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
+from uniseg_monai.apps.metadata import channel_def
+from uniseg_monai.core.errors import UsageError, user_error
 from uniseg_monai.data import TaskUniformSampler, load_items
-from uniseg_monai.errors import UsageError, user_error
-from uniseg_monai.metadata import channel_def
-from uniseg_monai.model_files import build_network
+from uniseg_monai.engine.wiring import item_task_ids, registry_for_datalist
+from uniseg_monai.model_io.model_files import build_network
 from uniseg_monai.networks import nnunet_features
 from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS, TaskRegistry, load_model_tasks
-from uniseg_monai.wiring import item_task_ids, registry_for_datalist
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
 CONFIGS = BUNDLE / "configs"

@@ -13,10 +13,10 @@ from monai.bundle import ConfigParser
 from monai.data import CacheDataset
 from monai.utils import set_determinism
 
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.data import cache
 from uniseg_monai.data.cache import DiskCacheDataset, bundle_dataset, cache_bytes, load_case
-from uniseg_monai.errors import UsageError
-from uniseg_monai.memory import GIB
+from uniseg_monai.data.memory import GIB
 
 
 def parser(phantoms, root, **ids) -> ConfigParser:

@@ -19,15 +19,16 @@ from monai.data import MetaTensor
 from monai.handlers import CheckpointSaver, StatsHandler
 from monai.transforms import Rand3DElasticd
 
-from uniseg_monai.bundles import FINETUNE_BUNDLES
+from uniseg_monai.apps.bundles import FINETUNE_BUNDLES
+from uniseg_monai.apps.finetune_bundles import TABLE, TEMPLATE, differences, write_bundles
+from uniseg_monai.apps.metadata import bundle_network_data_format, sync_metadata
 from uniseg_monai.cli import main
-from uniseg_monai.errors import UniSegError, UsageError, flag
-from uniseg_monai.finetune_bundles import TABLE, TEMPLATE, differences, write_bundles
-from uniseg_monai.handlers import GradientClipping, ResumeCheckpointLoader
-from uniseg_monai.metadata import bundle_network_data_format, sync_metadata
-from uniseg_monai.model_files import ModelLoader
+from uniseg_monai.core.errors import UniSegError, UsageError, flag
+from uniseg_monai.engine.checkpoints import ResumeCheckpointLoader
+from uniseg_monai.engine.handlers import GradientClipping
+from uniseg_monai.engine.wiring import bundle_items, default_task, rank_handlers, requested_task, start_run, task_names
+from uniseg_monai.model_io.model_files import ModelLoader
 from uniseg_monai.tasks import BUILTIN_TASKS, PAPER_UPSTREAM_TASKS, TaskRegistry
-from uniseg_monai.wiring import bundle_items, default_task, rank_handlers, requested_task, start_run, task_names
 
 NAMES = ["uniseg_pretrain", "uniseg_finetune_btcv", "uniseg_finetune_vs"]
 MODEL_ZOO_IDIOMS = (
@@ -351,3 +352,35 @@ def test_the_trainer_hands_the_network_plain_tensors_and_the_evaluator_meta_tens
     evaluator = parser.get_parsed_content("validate#evaluator#prepare_batch", default=None)
     if evaluator is not None:
         assert isinstance(evaluator(batch, torch.device("cpu"))[0], MetaTensor)
+
+
+def test_the_module_paths_before_the_layers_still_resolve_with_a_warning_naming_the_new_one():
+    """A user's overlay or code written for the flat layout (0.4): old ``_target_``, ``$`` expression and import
+    resolve to the same objects (a split module's names in both new homes); a name that never existed still fails."""
+    import uniseg_monai
+    from uniseg_monai.data.transforms import InvertArgmaxd
+    from uniseg_monai.engine.checkpoints import ModelCheckpointSaver
+
+    with pytest.warns(DeprecationWarning, match=r"uniseg_monai\.transforms\.InvertArgmaxd moved to uniseg_monai\.data\."
+                      r"transforms\.InvertArgmaxd"):  # fmt: skip
+        from uniseg_monai.transforms import InvertArgmaxd as old_transform
+    assert old_transform is InvertArgmaxd
+    with pytest.warns(DeprecationWarning, match=r"moved to uniseg_monai\.engine\.checkpoints\.ModelCheckpointSaver"):
+        from uniseg_monai.model_files import ModelCheckpointSaver as old_saver
+    assert old_saver is ModelCheckpointSaver
+    overlay = {
+        "imports": ["$import torch", "$import uniseg_monai"],
+        "loader": {"_target_": "uniseg_monai.model_files.ModelLoader", "load_path": "m.pt", "network": "$None"},
+        "resume": "$uniseg_monai.errors.flag('yes', 'resume')",
+    }
+    parser = ConfigParser(overlay)
+    with pytest.warns(DeprecationWarning, match=r"uniseg_monai\.model_io\.model_files\.ModelLoader"):
+        assert type(parser.get_parsed_content("loader")) is ModelLoader
+    with pytest.warns(DeprecationWarning, match=r"uniseg_monai\.core\.errors\.flag"):
+        assert parser.get_parsed_content("resume") is True
+    with pytest.raises(ModuleNotFoundError, match=r"uniseg_monai\.no_such_module"):
+        __import__("uniseg_monai.no_such_module")
+    with pytest.raises(AttributeError, match="no attribute 'no_such_module'"):
+        _ = uniseg_monai.no_such_module
+    with pytest.raises(ImportError, match="NoSuchThing"):
+        from uniseg_monai.transforms import NoSuchThing  # noqa: F401

@@ -12,14 +12,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from nibabel.filebasedimages import ImageFileError
 
-from uniseg_monai.data import DatalistError, load_items
+from uniseg_monai.core.errors import InputError
+from uniseg_monai.data import DatalistError, check, load_items
 from uniseg_monai.data.check import check_datalist
 from uniseg_monai.data.phantoms import generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
-from uniseg_monai.errors import InputError
+from uniseg_monai.engine.wiring import registry_for_datalist
 from uniseg_monai.tasks import TaskError
-from uniseg_monai.wiring import registry_for_datalist
 
 
 def test_phantoms_are_deterministic_and_clean(phantoms, tmp_path):
@@ -119,6 +120,26 @@ def test_check_data_reports_every_problem_with_its_file(phantoms, tmp_path):
         assert any(marker in str(p) for p in check_datalist(datalist, progress=False))
     run = subprocess.run([sys.executable, "-m", "uniseg_monai", "check-data", str(datalist)], capture_output=True)
     assert run.returncode == 1 and b"share id 0" in run.stdout
+
+
+def test_a_bug_while_reading_a_header_is_not_reported_as_a_bad_file(phantoms, monkeypatch):
+    """Only what a bad file raises reads as "unreadable or corrupt"; a bug in the reading code keeps its traceback."""
+    ct = str(phantoms.parent / "abdomen/abdomen_000_ct.nii.gz")
+    assert check.case_header([ct]).channels == 1
+
+    def bad_file(path: str):
+        raise ImageFileError(f"Cannot work out file type of {path}")
+
+    monkeypatch.setattr(check, "read_header", bad_file)
+    with pytest.raises(InputError, match="unreadable or corrupt"):
+        check.case_header([ct])
+
+    def bug(path: str):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(check, "read_header", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        check.case_header([ct])
 
 
 @pytest.mark.parametrize("defined", [True, False])

@@ -23,11 +23,11 @@ from monai.bundle.properties import InferProperties, MetaProperties
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
 from uniseg_monai import cli
-from uniseg_monai.bundles import BundleNotFoundError, find_bundle, pack_bundle
+from uniseg_monai.apps.bundles import BundleNotFoundError, find_bundle, pack_bundle
+from uniseg_monai.apps.predict import predict
 from uniseg_monai.cli import main
-from uniseg_monai.errors import UsageError, user_error
-from uniseg_monai.model_files import convert_official
-from uniseg_monai.predict import predict
+from uniseg_monai.core.errors import UsageError, user_error
+from uniseg_monai.model_io.model_files import convert_official
 
 NAMES = ["uniseg_pretrain", "uniseg_finetune_btcv", "uniseg_finetune_vs"]
 

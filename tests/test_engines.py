@@ -10,17 +10,17 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 
-from uniseg_monai.evaluation import EvaluationReport, TaskDice
-from uniseg_monai.inferers import (
+from uniseg_monai.core.run_folder import check_run_dir, latest_checkpoint, resume_checkpoint
+from uniseg_monai.engine.evaluation import EvaluationReport, TaskDice
+from uniseg_monai.engine.inferers import (
     MIRROR_AXES,
     AllTaskSlidingWindowInferer,
     MirroringSlidingWindowInferer,
     TaskSlidingWindowInferer,
     TaskTrainingInferer,
 )
-from uniseg_monai.losses import TaskDeepSupervisionLoss, deep_supervision_weights
+from uniseg_monai.engine.losses import TaskDeepSupervisionLoss, deep_supervision_weights
 from uniseg_monai.networks import TaskLogits, UniSeg, UniSegBackbone
-from uniseg_monai.run_folder import check_run_dir, latest_checkpoint, resume_checkpoint
 from uniseg_monai.tasks import TaskRegistry
 
 SMALL = {"features": (4, 8, 16, 32, 64, 64), "patch_size": (64, 64, 32)}

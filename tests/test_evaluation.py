@@ -17,10 +17,10 @@ from ignite.engine import Engine
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 
-from uniseg_monai.evaluation import EvaluationReport, TaskDice, score_case
-from uniseg_monai.model_files import model_tasks
+from uniseg_monai.engine.evaluation import EvaluationReport, TaskDice, score_case
+from uniseg_monai.engine.wiring import registry_for_evaluation
+from uniseg_monai.model_io.model_files import model_tasks
 from uniseg_monai.tasks import TaskError, TaskRegistry
-from uniseg_monai.wiring import registry_for_evaluation
 
 REGISTRY = TaskRegistry().extended({"liver": {"nsd_tolerance": 1.0}}).subset(["liver"])
 SPACING = (2.0, 1.0, 1.0)

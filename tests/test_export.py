@@ -9,9 +9,9 @@ import onnx
 import pytest
 import torch
 
+from uniseg_monai.apps.export import OnnxCheckError, export_bundle_onnx, export_onnx, run_onnx
 from uniseg_monai.cli import main
-from uniseg_monai.export import OnnxCheckError, export_bundle_onnx, export_onnx, run_onnx
-from uniseg_monai.model_files import save_model
+from uniseg_monai.model_io.model_files import save_model
 from uniseg_monai.networks import UniSeg, UniSegBackbone
 from uniseg_monai.tasks import TaskRegistry, save_model_tasks
 

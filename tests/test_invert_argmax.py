@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import Activationsd, AsDiscreted, Compose, EnsureTyped, Invertd, Orientationd, Spacingd
 
-from uniseg_monai.transforms import InvertArgmaxd
+from uniseg_monai.data.transforms import InvertArgmaxd
 
 
 def oblique(angle: float, zooms: tuple[float, float, float]) -> np.ndarray:

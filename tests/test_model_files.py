@@ -1,6 +1,6 @@
-"""Model files (uniseg_monai.model_files): official nnU-Net v1 containers as the release saves them (numpy 1.x and 2
-pickles, tiny fixture and full-size shapes), refusal of files whose unpickling would run code, self-describing files
-and files of earlier versions."""
+"""Model files (uniseg_monai.model_io.model_files): official nnU-Net v1 containers as the release saves them (numpy
+1.x and 2 pickles, tiny fixture and full-size shapes), refusal of files whose unpickling would run code,
+self-describing files and files of earlier versions."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from conftest import shared_path, zyx_to_xyz
 from network_outputs import all_heads
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
-from uniseg_monai.model_files import (
+from uniseg_monai.model_io.model_files import (
     ModelFileError,
     convert_official,
     network_from_file,
     read_model,
     save_model,
 )
+from uniseg_monai.model_io.official import convert_state_dict
 from uniseg_monai.networks import UniSeg, UniSegBackbone
-from uniseg_monai.official import convert_state_dict
 from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS, TaskRegistry, save_model_tasks
 
 SPELLINGS = ["numpy1", "numpy2"]

@@ -15,11 +15,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from uniseg_monai.core.errors import user_error
 from uniseg_monai.data.phantoms import generate_downstream_phantoms
-from uniseg_monai.errors import user_error
-from uniseg_monai.model_files import read_model, save_model
+from uniseg_monai.engine.wiring import registry_for_datalist
+from uniseg_monai.model_io.model_files import read_model, save_model
 from uniseg_monai.tasks import TaskRegistry, save_model_tasks
-from uniseg_monai.wiring import registry_for_datalist
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 TINY = {"patch_size": [64, 64, 32], "base_features": 4, "num_workers": 0, "sw_batch_size": 4}

@@ -7,7 +7,7 @@ import torch
 from network_outputs import all_heads
 from torch import nn
 
-from uniseg_monai.model_files import network_from_file, save_model
+from uniseg_monai.model_io.model_files import network_from_file, save_model
 from uniseg_monai.networks import UniSeg, UniSegBackbone, compiled, nnunet_features
 from uniseg_monai.tasks import TaskRegistry
 

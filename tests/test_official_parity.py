@@ -12,9 +12,9 @@ import torch
 from conftest import shared_path, tiny_bundle, zyx_to_xyz
 from network_outputs import all_heads
 
-from uniseg_monai.model_files import build_network
+from uniseg_monai.model_io.model_files import build_network
+from uniseg_monai.model_io.official import convert_state_dict, infer_network_def, official_key
 from uniseg_monai.networks import UniSeg, UniSegBackbone
-from uniseg_monai.official import convert_state_dict, infer_network_def, official_key
 from uniseg_monai.tasks import PAPER_UPSTREAM_TASKS
 
 KINDS = {"upstream": "upstream_cases", "downstream": "downstream_cases"}
@@ -175,8 +175,8 @@ def test_cli_converts_into_a_bundle_with_provenance(official_fixture, tmp_path, 
 
 
 def test_converting_into_the_wrong_bundle_is_refused(official_fixture, tmp_path):
-    from uniseg_monai.model_files import ModelFileError
-    from uniseg_monai.weights import convert_into_bundle
+    from uniseg_monai.apps.weights import convert_into_bundle
+    from uniseg_monai.model_io.model_files import ModelFileError
 
     bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path)
     src = tmp_path / "downstream.model"

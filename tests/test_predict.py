@@ -17,7 +17,7 @@ from conftest import PREDICT_BUNDLE, PREDICT_TINY, shared_path
 from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd
 from network_outputs import assert_equal_but_near_ties
 
-from uniseg_monai.predict import Predictor, find_cases, predict, predict_config
+from uniseg_monai.apps.predict import Predictor, find_cases, predict, predict_config
 
 BUNDLE, TINY = PREDICT_BUNDLE, PREDICT_TINY
 ORGANS = {"0": "background", "1": "liver", "2": "spleen"}
@@ -205,6 +205,24 @@ def test_a_corrupt_input_is_reported_and_the_others_written(model, small, tmp_pa
     captured = capsys.readouterr()
     assert str(folder / "bad.nii.gz") in captured.err
     assert captured.out.strip().endswith(f"2 case(s) written to {tmp_path / 'out'}, 1 failed: bad")
+
+
+def test_a_truncated_input_fails_alone_but_a_bug_stops_the_run(model, small, tmp_path, capsys, monkeypatch):
+    """A file whose header reads but whose voxels are cut off is one failed case; a bug in the code (here a KeyError
+    while segmenting) keeps its traceback instead of reading as a bad case."""
+    raw = small["lps"].read_bytes()
+    small["lps"].write_bytes(raw[: len(raw) // 2])  # the header intact, the voxels cut off
+    assert run(model, f"{small['ras']},{small['lps']}", tmp_path / "out", "ph_organs") == 1
+    captured = capsys.readouterr()
+    assert f"small_lps ({small['lps']}) failed: " in captured.err
+    assert captured.out.strip().endswith(f"1 case(s) written to {tmp_path / 'out'}, 1 failed: small_lps")
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(Predictor, "segment", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        run(model, str(small["ras"]), tmp_path / "again", "ph_organs")
 
 
 def test_never_overwrites_an_input_nor_leaves_partial_files(model, small, tmp_path, monkeypatch):

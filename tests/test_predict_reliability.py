@@ -22,17 +22,17 @@ import torch
 from conftest import PREDICT_BUNDLE, PREDICT_TINY, held_by_another_process
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
-from uniseg_monai import atomic
-from uniseg_monai import predict as predict_module
-from uniseg_monai.atomic import inside, write_group
-from uniseg_monai.bundles import bundle_for_model
+from uniseg_monai.apps import predict as predict_module
+from uniseg_monai.apps.bundles import bundle_for_model
+from uniseg_monai.apps.predict import predict
 from uniseg_monai.cli import main
-from uniseg_monai.errors import InputError, UsageError
-from uniseg_monai.locks import LOCK_NAME, FolderInUseError
-from uniseg_monai.memory import GIB, case_memory
-from uniseg_monai.model_files import ModelFileError, read_model, save_model
+from uniseg_monai.core import atomic
+from uniseg_monai.core.atomic import inside, write_group
+from uniseg_monai.core.errors import InputError, UsageError
+from uniseg_monai.core.locks import LOCK_NAME, FolderInUseError
+from uniseg_monai.data.memory import GIB, case_memory
+from uniseg_monai.model_io.model_files import ModelFileError, read_model, save_model
 from uniseg_monai.networks import UniSeg, UniSegBackbone, nnunet_features
-from uniseg_monai.predict import predict
 from uniseg_monai.tasks import TaskRegistry, save_model_tasks
 
 
@@ -122,7 +122,7 @@ def test_a_case_needing_more_memory_than_the_limit_is_refused(predict_model, cro
 
 
 def test_the_memory_estimate_follows_the_volume():
-    """The calibrated estimate (benchmarks/predict_memory.py; see uniseg_monai.memory) for the benchmark's CT."""
+    """The calibrated estimate (benchmarks/predict_memory.py; see uniseg_monai.data.memory) for the benchmark's CT."""
     liver = TaskRegistry()["liver"]
     ct = np.diag([0.8, 0.8, 1.0, 1.0])
     paper = {"features": list(nnunet_features(32)), "strides": [[1, 1, 1], [2, 2, 1]] + [[2, 2, 2]] * 4, "batch": 1}

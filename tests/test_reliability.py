@@ -21,15 +21,15 @@ import torch
 from conftest import BUNDLES, held_by_another_process
 from monai.bundle import ConfigWorkflow
 
+from uniseg_monai.core.errors import InputError, NonFiniteError, UsageError, user_error
+from uniseg_monai.core.locks import LOCK_NAME, FolderInUseError, acquire, release
 from uniseg_monai.data.check import check_datalist, check_run_items
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
-from uniseg_monai.errors import InputError, NonFiniteError, UsageError, user_error
-from uniseg_monai.guards import NonFiniteGuard
-from uniseg_monai.handlers import ResumeCheckpointLoader
-from uniseg_monai.locks import LOCK_NAME, FolderInUseError, acquire, release
-from uniseg_monai.model_files import ModelFileError, _AtomicDiskSaver, load_weights_only
-from uniseg_monai.precision import LossScaling, autocast_kwargs
-from uniseg_monai.wiring import registry_for_datalist
+from uniseg_monai.engine.checkpoints import ResumeCheckpointLoader, _AtomicDiskSaver
+from uniseg_monai.engine.guards import NonFiniteGuard
+from uniseg_monai.engine.precision import LossScaling, autocast_kwargs
+from uniseg_monai.engine.wiring import registry_for_datalist
+from uniseg_monai.model_io.model_files import ModelFileError, load_weights_only
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
 
@@ -342,5 +342,19 @@ def test_red_team_follow_ups_end_in_one_line(tmp_path):
             load_weights_only(tmp_path / "model.pt")
     (tmp_path / "checkpoint_epoch=2.pt").write_bytes(b"PK\x03\x04 truncated")
     loader = ResumeCheckpointLoader(tmp_path, True, {"model": torch.nn.Linear(1, 1)})
-    with pytest.raises(UsageError, match=r"checkpoint_epoch=2.pt: cannot be read .*previous checkpoint_epoch=N.pt"):
+    with pytest.raises(UsageError, match=r"checkpoint_epoch=2.pt: not a readable PyTorch file .*previous checkpoint_"):
+        loader(None)
+
+
+def test_a_bug_while_reading_a_checkpoint_keeps_its_traceback(tmp_path, monkeypatch):
+    """The resume loader reads through the model files' weights-only reader: an unreadable file is a one-line
+    UsageError (above), a bug in the reading code is not disguised as one."""
+    torch.save({"model": {}, "trainer": {}}, tmp_path / "checkpoint_epoch=1.pt")
+
+    def bug(*args, **kwargs):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(torch, "load", bug)
+    loader = ResumeCheckpointLoader(tmp_path, True, {"model": torch.nn.Linear(1, 1)})
+    with pytest.raises(AttributeError, match="a bug"):
         loader(None)

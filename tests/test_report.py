@@ -14,12 +14,12 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from torch.utils.tensorboard import SummaryWriter
 
+from uniseg_monai.apps.report import CURVES_SIZE, FIGURE_DPI, write_report
 from uniseg_monai.cli import main
 from uniseg_monai.data.datalist import load_items
-from uniseg_monai.evaluation import EvaluationReport, TaskDice
-from uniseg_monai.report import CURVES_SIZE, FIGURE_DPI, write_report
-from uniseg_monai.transforms import image_stem
-from uniseg_monai.wiring import registry_for_datalist
+from uniseg_monai.data.transforms import image_stem
+from uniseg_monai.engine.evaluation import EvaluationReport, TaskDice
+from uniseg_monai.engine.wiring import registry_for_datalist
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,15 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monai.transforms import Compose, RandFlipd, RandZoomd
 
-from uniseg_monai.errors import UsageError, user_error
-from uniseg_monai.model_files import ModelCheckpointSaver, prune_checkpoints, trainer_entries
-from uniseg_monai.random_states import RandomStates
+from uniseg_monai.core.errors import UsageError, user_error
+from uniseg_monai.engine.checkpoints import (
+    ModelCheckpointSaver,
+    ResumeCheckpointLoader,
+    prune_checkpoints,
+    trainer_entries,
+)
+from uniseg_monai.engine.random_states import RandomStates
+from uniseg_monai.networks import UniSeg, nnunet_features
 from uniseg_monai.tasks import TaskRegistry
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"
@@ -309,3 +315,17 @@ def test_prune_keeps_the_newest_checkpoints_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
     with pytest.raises(UsageError, match="keep_checkpoints"):
         ModelCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, TaskRegistry(), keep_checkpoints=0)
+
+
+def test_resuming_with_other_network_settings_names_the_field_and_the_option(tmp_path):
+    """The resume loader explains a network that does not fit the checkpoint as a model file does
+    (``model_files.mismatch``): the ``network_def`` field that differs and the option that restores it."""
+    arch = {"num_tasks": 2, "num_classes": 3, "patch_size": (32, 32, 16), "kernel_sizes": [3] * 3, "strides": [1, 2, 2]}
+    trained = UniSeg(features=nnunet_features(4, num_stages=3), **arch)
+    checkpoint = {"model": trained.state_dict(), "trainer": {}, "network_def": trained.network_def()}
+    torch.save(checkpoint, tmp_path / "checkpoint_epoch=1.pt")
+    wider = UniSeg(features=nnunet_features(8, num_stages=3), **arch)
+    loader = ResumeCheckpointLoader(tmp_path, True, {"model": wider})
+    with pytest.raises(UsageError, match=r"epoch=1.pt: was trained with other settings \(features: file \[4, 8, 16\] "
+                       r"vs config \[8, 16, 32\]: pass --base_features 4\)"):  # fmt: skip
+        loader(Engine(lambda engine, batch: None))

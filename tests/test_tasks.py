@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from uniseg_monai.engine.wiring import registry_for_run, requested_task
 from uniseg_monai.tasks import (
     TASK_NAME_RULE,
     TaskError,
@@ -18,7 +19,6 @@ from uniseg_monai.tasks import (
     resolve_task,
     save_model_tasks,
 )
-from uniseg_monai.wiring import registry_for_run, requested_task
 
 PAPER_TASKS = [
     "liver",

@@ -1,4 +1,4 @@
-"""Transfer of pretrained weights into the downstream backbone (uniseg_monai.transfer)."""
+"""Transfer of pretrained weights into the downstream backbone (uniseg_monai.model_io.transfer)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from uniseg_monai.model_files import build_network
+from uniseg_monai.model_io.model_files import build_network
+from uniseg_monai.model_io.official import convert_state_dict, infer_network_def, official_key
+from uniseg_monai.model_io.transfer import (
+    PretrainedCheckpointError,
+    load_pretrained,
+    pretrained_network,
+    transfer_state,
+)
 from uniseg_monai.networks import UniSeg, UniSegBackbone
-from uniseg_monai.official import convert_state_dict, infer_network_def, official_key
-from uniseg_monai.transfer import PretrainedCheckpointError, load_pretrained, pretrained_network, transfer_state
 
 SMALL = {"features": (8, 16, 32, 32, 32, 32)}
 FIRST_UPSAMPLE = "decoder.0.upsample.conv.weight"  # UniSegBackbone.prompt_widened_key
@@ -168,7 +173,7 @@ def test_file_without_a_state_dict_is_a_clear_error(tmp_path):
 def test_empty_path_trains_from_scratch(path, caplog):
     net = UniSegBackbone(num_classes=2, **SMALL)
     before = snapshot(net)
-    with caplog.at_level(logging.INFO, logger="uniseg_monai.transfer"):
+    with caplog.at_level(logging.INFO, logger="uniseg_monai.model_io.transfer"):
         assert pretrained_network(net, path) is net
     assert_same(net.state_dict(), before)
     assert "from scratch" in caplog.text
@@ -180,14 +185,14 @@ def test_bundle_config_expression_loads_and_logs(tmp_path, caplog):
     torch.save({"model": up.state_dict()}, path)
     parser = ConfigParser(
         {
-            "imports": ["$import uniseg_monai", "$import uniseg_monai.transfer"],
+            "imports": ["$import uniseg_monai", "$import uniseg_monai.model_io.transfer"],
             "pretrained": str(path),
             "network_def": {"_target_": "uniseg_monai.networks.UniSegBackbone", "num_classes": 2, **SMALL},
-            "network": "$uniseg_monai.transfer.pretrained_network(@network_def, @pretrained)",
+            "network": "$uniseg_monai.model_io.transfer.pretrained_network(@network_def, @pretrained)",
         }
     )
     parser.get_parsed_content("imports")
-    with caplog.at_level(logging.INFO, logger="uniseg_monai.transfer"):
+    with caplog.at_level(logging.INFO, logger="uniseg_monai.model_io.transfer"):
         net = parser.get_parsed_content("network")
     assert torch.equal(net.state_dict()["bottleneck.1.conv.weight"], up.state_dict()["bottleneck.1.conv.weight"])
     assert f"{path}: loaded {len(net.state_dict()) - 5} tensors" in caplog.text

@@ -17,13 +17,13 @@ from monai.transforms import Compose, SaveImaged
 from monai.utils import TraceKeys
 from pipelines import BUNDLE, crop_and_augmentation, inference_preprocessing, train_preprocessing
 
+from uniseg_monai.core.errors import InputError
 from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_phantoms
-from uniseg_monai.errors import InputError
-from uniseg_monai.guards import _names
+from uniseg_monai.data.transforms import class_ratios, task_file_name
+from uniseg_monai.engine.guards import _names
+from uniseg_monai.engine.wiring import registry_for_datalist
 from uniseg_monai.tasks import TaskRegistry
-from uniseg_monai.transforms import class_ratios, task_file_name
-from uniseg_monai.wiring import registry_for_datalist
 
 REGISTRY = TaskRegistry().extended(
     {

@@ -12,10 +12,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from uniseg_monai.ablation import ablate
+from uniseg_monai.apps.ablation import ablate
 from uniseg_monai.cli import main
-from uniseg_monai.errors import UsageError
-from uniseg_monai.model_files import build_network
+from uniseg_monai.core.errors import UsageError
+from uniseg_monai.model_io.model_files import build_network
 from uniseg_monai.networks import CLIPDoDNet, DoDNet, TaskBlindUniSeg, UniSeg
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "uniseg_pretrain"

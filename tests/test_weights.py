@@ -17,10 +17,11 @@ from conftest import BUNDLES, tiny_bundle
 from monai.bundle import ConfigParser
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
-from uniseg_monai.model_files import ModelLoader, description, read_model
-from uniseg_monai.official import convert_state_dict
-from uniseg_monai.transfer import bundle_pretrained
-from uniseg_monai.weights import download_weights
+from uniseg_monai.apps.weights import download_weights, fetch
+from uniseg_monai.engine.checkpoints import description
+from uniseg_monai.model_io.model_files import ModelFileError, ModelLoader, read_model
+from uniseg_monai.model_io.official import convert_state_dict
+from uniseg_monai.model_io.transfer import bundle_pretrained
 
 OFFICIAL_URL = "https://drive.google.com/uc?id=1Ldgd5Ebc8VQrvGIpIgzUG2PTSDPUpEQJ"
 TARGETS = {"uniseg_pretrain": "models/model.pt", "uniseg_finetune_btcv": "models/pretrained.pt"}
@@ -164,6 +165,26 @@ def test_weights_fetch_google_drive_through_gdown(official_fixture, official_fil
     assert calls == [OFFICIAL_URL]
     assert report["dst"] == str(bundle / "models" / "model.pt") and len(report["tasks"]) == 11
     assert json.loads(Path(report["provenance"]).read_text())["source"] == OFFICIAL_URL
+
+
+def test_a_failed_download_is_one_line_but_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """What a download raises (here gdown's refusal) is a one-line ModelFileError; a bug is not disguised as one."""
+    import gdown
+    from gdown.exceptions import FileURLRetrievalError
+
+    def refused(url, output, quiet=False, **kwargs):
+        raise FileURLRetrievalError("Cannot retrieve the public link of the file")
+
+    monkeypatch.setattr(gdown, "download", refused)
+    with pytest.raises(ModelFileError, match=r"could not fetch the weights from .*: FileURLRetrievalError: Cannot"):
+        fetch(OFFICIAL_URL, tmp_path / "model.pt")
+
+    def bug(url, output, quiet=False, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(gdown, "download", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        fetch(OFFICIAL_URL, tmp_path / "model.pt")
 
 
 def test_fine_tuning_starts_from_the_fetched_pretraining(official_fixture, official_file, tmp_path):

@@ -11,13 +11,13 @@ from typing import Any
 
 import fire
 
-from uniseg_monai.bundles import DEFAULT_BUNDLE
-from uniseg_monai.errors import UsageError, debugging, flag, one_line, user_error
-from uniseg_monai.model_files import convert_official
-from uniseg_monai.predict import predict
+from uniseg_monai.apps.bundles import DEFAULT_BUNDLE
+from uniseg_monai.apps.predict import predict
+from uniseg_monai.apps.weights import convert_into_bundle, download_weights
+from uniseg_monai.core.errors import UsageError, debugging, flag, one_line, user_error
+from uniseg_monai.engine.wiring import registry_for_datalist
+from uniseg_monai.model_io.model_files import convert_official
 from uniseg_monai.tasks import TaskRegistry
-from uniseg_monai.weights import convert_into_bundle, download_weights
-from uniseg_monai.wiring import registry_for_datalist
 
 
 def _convert_official(src: str, dst: str = "", bundle: str = "", task: str = "", overwrite: bool = False) -> None:
@@ -68,7 +68,7 @@ def _pack_bundles(out: str = "dist", bundles: str | list[str] = "") -> None:
     """
     from pathlib import Path
 
-    from uniseg_monai.bundles import pack_bundle
+    from uniseg_monai.apps.bundles import pack_bundle
 
     root = Path("bundles") if Path("bundles").is_dir() else Path(__file__).resolve().parents[1] / "bundles"
     names = [bundles] if isinstance(bundles, str) and bundles else list(bundles)
@@ -88,7 +88,7 @@ def _tasks(json: bool = False, datalist: str | None = None, metadata: str = "", 
         check: with --metadata, only compare and exit 1 if it differs.
     """
     if metadata:
-        from uniseg_monai.metadata import sync_metadata
+        from uniseg_monai.apps.metadata import sync_metadata
 
         path, differs = sync_metadata(metadata, check=check)
         print(f"{path}: network_data_format " + ("differs from the task table" if check and differs
@@ -110,7 +110,7 @@ def _finetune_bundles(check: bool = False, root: str = "") -> None:
     """
     from pathlib import Path
 
-    from uniseg_monai.finetune_bundles import default_root, differences, write_bundles
+    from uniseg_monai.apps.finetune_bundles import default_root, differences, write_bundles
 
     folder = Path(root) if root else default_root()
     written = [] if check else write_bundles(folder)
@@ -192,7 +192,7 @@ def _report(run_dir: str, out: str = "", datalist: str = "") -> None:
         out: write the report into this folder instead of RUN_DIR.
         datalist: the datalist that locates the images and references of the overlays.
     """
-    from uniseg_monai.report import write_report
+    from uniseg_monai.apps.report import write_report
 
     print(write_report(run_dir, out or None, datalist or None))
 
@@ -210,7 +210,7 @@ def _demo(
         bundle: the pretrain bundle (folder or name).
         finetune_bundle: the fine-tuning bundle (folder or name).
     """
-    from uniseg_monai.demo import run_demo
+    from uniseg_monai.apps.demo import run_demo
 
     run_demo(out, bundle, finetune_bundle)
 
@@ -234,7 +234,7 @@ def _ablate(
         iterations: iterations per epoch.
         bundle: the pretrain bundle (folder or name) whose configs/variants hold the overlays.
     """
-    from uniseg_monai.ablation import VARIANTS, ablate
+    from uniseg_monai.apps.ablation import VARIANTS, ablate
 
     names = [v for v in (variants.split(",") if isinstance(variants, str) else variants) if v] or list(VARIANTS)
     ablate(out, names, int(epochs), int(iterations), bundle)
@@ -270,7 +270,7 @@ def _add_task(
             limits how much they change (with false, on the new task's cases only).
         ids: other bundle ids, e.g. --epochs 50 --iterations_per_epoch 250 --learning_rate 0.005.
     """
-    from uniseg_monai.add_task import add_task
+    from uniseg_monai.apps.add_task import add_task
 
     if not datalist:
         raise UsageError("give the datalist that defines the task and holds its cases: --datalist FILE")
@@ -300,7 +300,7 @@ def _export(
         overwrite: replace an existing .onnx file.
         overrides: other ids of the bundle's inference.json, e.g. --patch_size [64,64,32].
     """
-    from uniseg_monai.export import export_bundle_onnx
+    from uniseg_monai.apps.export import export_bundle_onnx
 
     try:
         import onnx as _onnx  # noqa: F401

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uniseg_monai.atomic import write_text_atomic
-from uniseg_monai.errors import UniSegError
+from uniseg_monai.core.atomic import write_text_atomic
+from uniseg_monai.core.errors import UniSegError
 
 NORMALIZATIONS = ("ct", "zscore", "zscore_nonzero")
 DEFAULT_CT_WINDOW = (-325.0, 325.0)

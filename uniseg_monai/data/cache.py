@@ -24,11 +24,11 @@ from monai.data.utils import pickle_hashing
 from monai.utils import convert_to_tensor
 from tqdm import tqdm
 
-from uniseg_monai.atomic import write_atomic
+from uniseg_monai.core.atomic import write_atomic
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.data.check import read_header
 from uniseg_monai.data.geometry import resampled_voxels
-from uniseg_monai.errors import UsageError
-from uniseg_monai.memory import GIB, available_memory
+from uniseg_monai.data.memory import GIB, available_memory
 from uniseg_monai.tasks import TaskRegistry, resolve_task
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ CACHE_GLOBALS = {
 
 class _CacheUnpickler(pickle.Unpickler):
     """Python's (C) unpickler restricted to :data:`CACHE_GLOBALS` (the Python documentation's "restricting
-    globals"): a file can build nothing else, and a case loads 5x faster than with ``weights_only=True``."""
+    globals"): a file can build nothing else, and a case loads faster than with ``weights_only=True``."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in CACHE_GLOBALS:

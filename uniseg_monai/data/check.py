@@ -8,6 +8,7 @@ seconds, not hours into a run. Both apply the same per-item rules (:func:`item_p
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,19 @@ import numpy as np
 import torch
 from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import LoadImage
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 from tqdm import tqdm
 
+from uniseg_monai.core.errors import USER_ERRORS, InputError
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, read_datalist
 from uniseg_monai.data.geometry import geometry_problem
-from uniseg_monai.errors import InputError
 from uniseg_monai.tasks import Task, TaskError, TaskRegistry, resolve_task
 
 LABELLED = ("training", "validation")  # sections whose items need a label (training, Dice during training)
+# what reading a bad image file raises (nibabel: not a NIfTI / bad header; gzip / zlib: corrupt or truncated data;
+# ITK, through MONAI's readers: RuntimeError or ValueError); anything else while reading is a bug
+READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, RuntimeError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ def _read(path: str, read: Callable[[str], Volume], problems: list[Problem]) -> 
         return None
     try:
         return read(path)
-    except Exception as err:  # any reader failure means the file cannot be used
+    except USER_ERRORS + READ_ERRORS as err:  # the file cannot be used
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         problems.append(Problem(path, f"unreadable or corrupt ({first[:200]})", "re-export or replace the file"))
         return None
@@ -215,7 +221,7 @@ def _channel_grid_problems(images: Sequence[Volume]) -> list[Problem]:
 
 def case_header(paths: Sequence[str]) -> Volume:
     """One case's files (one, or one per channel) read from their headers (:func:`read_header`) as one volume:
-    channels summed, the first file's shape and affine. An :class:`~uniseg_monai.errors.InputError` naming the file
+    channels summed, the first file's shape and affine. An :class:`~uniseg_monai.core.errors.InputError` naming the file
     and the fix for a missing, unreadable or non-3D file and for channel files on different grids."""
     problems: list[Problem] = []
     images = [img for img in (_read(p, read_header, problems) for p in paths) if img is not None]
@@ -332,7 +338,7 @@ def _repeated(
 def check_run_items(groups: Sequence[Sequence[Mapping[str, Any]]], registry: TaskRegistry, default: str = "") -> None:
     """Header-level :func:`item_problems` of the items a bundle run reads (lists of items with absolute paths and
     labels, e.g. training and validation; ``default``: the task of items that name none); an
-    :class:`~uniseg_monai.errors.InputError` naming the first problem and how many there are."""
+    :class:`~uniseg_monai.core.errors.InputError` naming the first problem and how many there are."""
     items = [item for group in groups for item in group]
     problems: list[Problem] = []
     for i, item in enumerate(tqdm(items, desc="checking files", unit="case", disable=len(items) < 500)):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from uniseg_monai.errors import UniSegError
+from uniseg_monai.core.errors import UniSegError
 from uniseg_monai.tasks import TaskRegistry, check_task_name
 
 SECTIONS = ("training", "validation", "testing")
@@ -69,10 +69,10 @@ def load_items(
     path: str | Path, section: str, registry: TaskRegistry, task: str | None = None, only: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
     """Items of one section with absolute paths and ``task`` (name); pre-processing adds ``task_id``
-    (:class:`~uniseg_monai.transforms.ResolveTaskd`).
+    (:class:`~uniseg_monai.data.transforms.ResolveTaskd`).
 
-    ``registry`` must know every task the section uses (see :func:`uniseg_monai.wiring.registry_for_datalist`); an
-    unknown task fails here, before any image is read.
+    ``registry`` must know every task the section uses (see :func:`uniseg_monai.engine.wiring.registry_for_datalist`);
+    an unknown task fails here, before any image is read.
     ``task``: segment every item as this task instead of the item's own (a bundle's ``--task``).
     ``only``: the items of these tasks only (others are not checked).
     """

@@ -14,7 +14,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from uniseg_monai.atomic import write_text_atomic
+from uniseg_monai.core.atomic import write_text_atomic
 from uniseg_monai.data.datalist import DatalistError, read_datalist
 from uniseg_monai.tasks import TaskRegistry, check_task_name
 

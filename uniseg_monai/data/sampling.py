@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from uniseg_monai.errors import UsageError, flag
+from uniseg_monai.core.errors import UsageError, flag
 
 
 class TaskUniformSampler(Sampler[int]):

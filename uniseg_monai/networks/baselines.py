@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from uniseg_monai.errors import UsageError
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.networks.task_ids import TaskId, as_task_ids
 from uniseg_monai.networks.uniseg import (
     PAPER_FEATURES,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from uniseg_monai.errors import flag
+from uniseg_monai.core.errors import flag
 
 
 def compiled(network: nn.Module, enabled: bool | str = False) -> nn.Module:

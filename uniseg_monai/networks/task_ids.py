@@ -47,8 +47,8 @@ def as_task_ids(
 class TaskLogits(list):
     """Deep-supervision logits (highest resolution first) tagged with each sample's task id, ``task_id`` (B,).
 
-    Produced by :class:`uniseg_monai.inferers.TaskTrainingInferer`, read by
-    :class:`uniseg_monai.losses.TaskDeepSupervisionLoss`.
+    Produced by :class:`uniseg_monai.engine.inferers.TaskTrainingInferer`, read by
+    :class:`uniseg_monai.engine.losses.TaskDeepSupervisionLoss`.
     """
 
     def __init__(self, logits: Sequence[torch.Tensor] | torch.Tensor, task_id: torch.Tensor) -> None:

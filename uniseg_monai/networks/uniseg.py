@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from uniseg_monai.errors import UsageError
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.networks.blocks import DecoderStage, ModalityStems, conv_block, stage
 from uniseg_monai.networks.task_ids import TaskId, as_task_ids
 
@@ -69,7 +69,7 @@ class UniSegBackbone(nn.Module):
 
     task_prompt_channels = 0  # channels concatenated to the bottleneck before the decoder
     end_prompt_channels = 0  # channels concatenated to the last decoder stage's input (UniSeg-T)
-    # the parts by state-dict key, for weight transfer (uniseg_monai.transfer):
+    # the parts by state-dict key, for weight transfer (uniseg_monai.model_io.transfer):
     prompt_widened_key = "decoder.0.upsample.conv.weight"  # (F + task_prompt_channels, F', x, y, z), prompt last
     head_keys: tuple[str, ...] = ("heads.",)  # prefixes of the output heads
     prompt_keys: tuple[str, ...] = ()  # prefixes of the upstream-only parts (universal prompt, FUSE)
@@ -401,7 +401,7 @@ class UniSeg(UniSegBackbone):
     def forward_tasks(self, x: torch.Tensor, task_ids: Sequence[int]) -> torch.Tensor:
         """All-task inference: encoder and FUSE once, then the decoder once per task in ``task_ids``, one task
         after the other, so memory does not grow with the number of tasks (batching the tasks through the decoder
-        was slower and took 5x the memory for 7 tasks: ``benchmarks/all_task_decoding.py``), and what does not
+        was slower and took more memory: ``benchmarks/all_task_decoding.py``), and what does not
         depend on the task once: each decoder stage's convolution of its skip (a third of the decoder's
         multiply-accumulates) and, with ``prompt_at`` ``end``, every stage but the last. Equals ``forward(x, t)``
         for each t (to float rounding). x (B, C, X, Y, Z), T task ids -> full-resolution logits (B, T, K, X, Y, Z).

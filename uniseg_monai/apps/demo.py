@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 from monai.bundle import ConfigWorkflow
 
-from uniseg_monai.bundles import DEFAULT_BUNDLE, FINETUNE_BUNDLES, find_bundle
+from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, FINETUNE_BUNDLES, find_bundle
+from uniseg_monai.apps.report import write_report
 from uniseg_monai.data.phantoms import DOWNSTREAM_TASKS, generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
-from uniseg_monai.report import write_report
 from uniseg_monai.tasks import load_model_tasks
 
 
@@ -121,7 +121,7 @@ def run_demo(
     """Generate the phantoms, train the pretrain bundle with ``configs/demo.json``, evaluate and segment the
     test cases, fine-tune ``finetune_bundle`` on an unseen phantom task from scratch and from the pretrained
     model; print the results; returns the pretraining's ``summary.json`` path. Finished training runs are reused.
-    Bundles are folders or names (:func:`~uniseg_monai.bundles.find_bundle`)."""
+    Bundles are folders or names (:func:`~uniseg_monai.apps.bundles.find_bundle`)."""
     out_dir, bundle_dir = Path(out).resolve(), find_bundle(bundle).resolve()
     datalist = out_dir / "data" / "datalist.json"
     if not datalist.exists():

@@ -16,7 +16,7 @@ def _plain(x: Any) -> Any:
 class PlainPrepareBatch(PrepareBatchExtraInput):
     """``PrepareBatchExtraInput`` (image (B, C, X, Y, Z), label (B, 1, X, Y, Z), ``extra_keys`` as keyword arguments)
     with image and label as plain tensors. A MetaTensor input makes every operation of the forward and backward pass
-    a MetaTensor operation (``__torch_function__``, meta data copied to each output): 5 % of a demo training step
+    a MetaTensor operation (``__torch_function__``, meta data copied to each output), a share of every training step
     (``benchmarks/trainer_overhead.py``). Training only: an evaluator's post-processing reads the image's meta data
     from its output, which holds the prepared image."""
 

@@ -80,8 +80,8 @@ class RandomStates:
     from the torch generator too), which is the state the next epoch starts from. :meth:`load_state_dict` must
     run after ``set_determinism`` and after everything built before training starts (a DataLoader with
     ``num_workers = 0`` reseeds the transforms and resets the torch generator when it is created), and nothing may
-    draw before the first epoch: :class:`uniseg_monai.handlers.ResumeCheckpointLoader` loads when the trainer is
-    built. A checkpoint whose transforms differ (another config) restores the global generators only, with a
+    draw before the first epoch: :class:`uniseg_monai.engine.checkpoints.ResumeCheckpointLoader` loads when the trainer
+    is built. A checkpoint whose transforms differ (another config) restores the global generators only, with a
     warning.
     """
 

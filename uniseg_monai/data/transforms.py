@@ -35,7 +35,7 @@ from monai.transforms import (
 from monai.transforms.utils import generate_label_classes_crop_centers
 from monai.utils import TraceKeys, convert_to_dst_type
 
-from uniseg_monai.atomic import inside
+from uniseg_monai.core.atomic import inside
 from uniseg_monai.tasks import Normalization, Task, TaskRegistry, resolve_task
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -117,7 +117,7 @@ def _source_rows(
 
 def _lerp(x: torch.Tensor, dim: int, low: torch.Tensor, high: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of ``x`` along ``dim`` between its rows ``low`` and ``high`` (1-D indices), on a
-    (outer, rows, inner) view (``index_select`` on a 4-D tensor's last dimension is 6x slower)."""
+    (outer, rows, inner) view (``index_select`` on a 4-D tensor's last dimension is slower)."""
     size = x.shape
     flat = x.reshape(math.prod(size[:dim]), size[dim], math.prod(size[dim + 1 :]))
     out = flat.index_select(1, low).lerp_(flat.index_select(1, high), weight.view(1, -1, 1))
@@ -126,7 +126,7 @@ def _lerp(x: torch.Tensor, dim: int, low: torch.Tensor, high: torch.Tensor, weig
 
 def _argmax(x: torch.Tensor, out: torch.Tensor) -> None:
     """``out`` = argmax of x (C, ...) over C, the first maximum winning ties (as ``torch.argmax``), by a running
-    maximum: 5x faster than ``argmax(0)``, which reduces over the slowest dimension."""
+    maximum: faster than ``argmax(0)``, which reduces over the slowest dimension."""
     best = x[0]
     out.zero_()
     for k in range(1, len(x)):
@@ -285,8 +285,8 @@ class RecordTaskd(MapTransform):
 
 def task_file_name(metadict: dict, saver: Transform) -> dict[str, Any]:
     """``SaveImaged(output_name_formatter=...)``: ``<case>_<task>``, so one image segmented under several tasks
-    gives one file per task (case: see :class:`RecordTaskd`); an :class:`~uniseg_monai.errors.InputError` unless that
-    is a file name in the saver's output folder (:func:`~uniseg_monai.atomic.inside`). The subject carries a
+    gives one file per task (case: see :class:`RecordTaskd`); an :class:`~uniseg_monai.core.errors.InputError` unless
+    that is a file name in the saver's output folder (:func:`~uniseg_monai.core.atomic.inside`). The subject carries a
     ``.nii.gz`` that MONAI strips, so dots in the name stay (MONAI would cut ``case_v1.2`` to ``case_v1``)."""
     metadict = metadict or {}
     stem = metadict.get("case") or image_stem(metadict.get("filename_or_obj", ""))
@@ -391,8 +391,8 @@ class TrainingMetad(MapTransform):
     entries (the file names, for error messages) and drops the rest (~40 header fields) and its transform records.
 
     A DataLoader worker sends every tensor of a batch to the main process through its own shared-memory handle, a
-    socket round trip each: with full meta data (92 tensors per phantom batch) unpacking took 143 ms per batch in the
-    main process, more than half a training step; with this, 5 tensors. The last transform of training only: the
+    socket round trip each: with full meta data (92 tensors per phantom batch) unpacking took more than half a training
+    step in the main process (README, "Training speed"); with this, 5 tensors. The last transform of training only: the
     inverse of the pre-processing needs what it drops.
     """
 

@@ -12,7 +12,7 @@ UniSeg's task count N lives only in the universal prompt (U = N channels), FUSE 
 
 Every old tensor is used with its old shape, in its own convolution, so old tasks compute the same numbers bit for
 bit on any machine (appending zero weights or output rows to one convolution does not: kernels pick other
-blocking, measured 1e-6 to 5e-5 differences on this CPU). What trains (``mode``; the rest has
+blocking, and the numbers differ by rounding). What trains (``mode``; the rest has
 ``requires_grad=False``):
 
 - ``prompt``: only parts no old task reads: the new FUSE filter, the new prompt channel and new head rows. The
@@ -41,11 +41,11 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from uniseg_monai.atomic import inside, write_group, write_text_atomic
-from uniseg_monai.bundles import find_bundle
+from uniseg_monai.apps.bundles import find_bundle
+from uniseg_monai.core.atomic import inside, write_group, write_text_atomic
+from uniseg_monai.core.errors import UsageError, flag
 from uniseg_monai.data.datalist import load_items, read_datalist
-from uniseg_monai.errors import UsageError, flag
-from uniseg_monai.model_files import (
+from uniseg_monai.model_io.model_files import (
     MODEL_FILE,
     ModelFile,
     build_network,
@@ -319,8 +319,8 @@ class TaskExtension:
 
 def install(model_dir: str | os.PathLike, bundle_models: str | os.PathLike) -> list[Path]:
     """Make the model in ``model_dir`` the bundle's: ``bundle_models``/model.pt and tasks.json replaced together
-    (:func:`~uniseg_monai.atomic.write_group`) after the current ones are copied to ``*_before_<UTC time>.*`` beside
-    them. Returns the backups."""
+    (:func:`~uniseg_monai.core.atomic.write_group`) after the current ones are copied to ``*_before_<UTC time>.*``
+    beside them. Returns the backups."""
     missing = [str(Path(model_dir) / n) for n in (MODEL_FILE, MODEL_TASKS_FILE) if not (Path(model_dir) / n).is_file()]
     if missing:
         raise UsageError(f"nothing installed: {', '.join(missing)} missing")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePath
 from typing import BinaryIO
 
-from uniseg_monai.errors import InputError
+from uniseg_monai.core.errors import InputError
 
 Writer = Callable[[BinaryIO], object]
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")  # mkstemp(prefix=".<name>.") beside <name>
@@ -19,7 +19,7 @@ TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")  # mkstemp(prefix=".<n
 
 def inside(folder: str | os.PathLike, name: str) -> Path:
     """``folder / name`` for an output file (or folder) whose ``name`` is built from task or case names; an
-    :class:`~uniseg_monai.errors.InputError` unless ``name`` is one file name (no folder part, not ``.`` or ``..``)
+    :class:`~uniseg_monai.core.errors.InputError` unless ``name`` is one file name (no folder part, not ``.`` or ``..``)
     and the path, links resolved, lies in ``folder`` (a link there pointing elsewhere is refused too)."""
     path = Path(folder) / name
     if PurePath(name).name != name or name in ("", "..") or not path.resolve().is_relative_to(Path(folder).resolve()):

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from uniseg_monai.atomic import write_atomic
-from uniseg_monai.bundles import open_inference
-from uniseg_monai.errors import UsageError
-from uniseg_monai.model_files import load_into
+from uniseg_monai.apps.bundles import open_inference
+from uniseg_monai.core.atomic import write_atomic
+from uniseg_monai.core.errors import UsageError
+from uniseg_monai.model_io.model_files import load_into
 from uniseg_monai.networks import UniSeg
 
 SPATIAL_AXES = {2: "x", 3: "y", 4: "z"}
@@ -214,12 +214,12 @@ def export_bundle_onnx(
     its weights.
 
     Args:
-        bundle_dir: the bundle folder or name (:func:`uniseg_monai.bundles.find_bundle`).
+        bundle_dir: the bundle folder or name (:func:`uniseg_monai.apps.bundles.find_bundle`).
         out_path: the ``.onnx`` file.
         in_channels, overwrite: as :func:`export_onnx`.
         window: default the model's ``patch_size``.
         ckpt: the model file, default ``<bundle>/models/model.pt`` (every file
-            :func:`uniseg_monai.model_files.read_model` reads).
+            :func:`uniseg_monai.model_io.model_files.read_model` reads).
         overrides: config ids to set before parsing (e.g. ``base_features``, ``patch_size``).
 
     Returns:

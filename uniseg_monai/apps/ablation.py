@@ -13,12 +13,12 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from uniseg_monai.bundles import DEFAULT_BUNDLE, find_bundle
+from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, find_bundle
+from uniseg_monai.apps.demo import _workflow
+from uniseg_monai.core.errors import UsageError
+from uniseg_monai.core.run_folder import latest_checkpoint
 from uniseg_monai.data.phantoms import generate_phantoms
-from uniseg_monai.demo import _workflow
-from uniseg_monai.errors import UsageError
-from uniseg_monai.model_files import network_from_file
-from uniseg_monai.run_folder import latest_checkpoint
+from uniseg_monai.model_io.model_files import network_from_file
 
 VARIANTS = ("uniseg", "fixed_prompt", "multiple_prompts", "uniseg_t", "dodnet", "task_blind")  # the default table
 SHARED = ("ph_organs", "ph_liver")  # the two tasks on the same CT volumes; label 2 differs
@@ -105,7 +105,7 @@ def ablate(
 ) -> Path:
     """Train each variant with the same budget and seed on the phantoms (generated into ``OUT/data`` once) and write
     ``OUT/ablation.md`` / ``.json``; finished runs are reused. ``bundle``: a folder or name
-    (:func:`~uniseg_monai.bundles.find_bundle`). Returns the Markdown file."""
+    (:func:`~uniseg_monai.apps.bundles.find_bundle`). Returns the Markdown file."""
     bundle, out = find_bundle(bundle).resolve(), Path(out).resolve()
     known = variant_configs(bundle)
     unknown = [v for v in variants if v not in known]

@@ -5,13 +5,14 @@ A model file written by this package is a ``torch.save`` dict read back with ``t
 - ``model``: the state dict (our key names, (x, y, z) axes);
 - ``network_def``: the MONAI bundle config that builds the network (``_target_`` + constructor arguments);
 - ``tasks``: the model's task table (:meth:`TaskRegistry.to_json`: names, ids, labels, spacing, normalisation);
-- training checkpoints add ``optimizer``, ``lr_scheduler`` and ``trainer``; converted files add ``provenance``.
+- training checkpoints add ``optimizer``, ``lr_scheduler`` and ``trainer`` (:mod:`uniseg_monai.engine.checkpoints`);
+  converted files add ``provenance``.
 
 Also read, so that files of earlier versions and of the official release keep working:
 
 - a bare state dict or ``{"model": state_dict}``: the task table comes from the ``tasks.json`` beside the file;
 - an official UniSeg (nnU-Net v1) container ``{"state_dict", "optimizer_state_dict", "plot_stuff", ...}`` with
-  numpy scalars pickled by numpy 1.x or 2: converted on the fly (:mod:`uniseg_monai.official`); only the numpy
+  numpy scalars pickled by numpy 1.x or 2: converted on the fly (:mod:`uniseg_monai.model_io.official`); only the numpy
   globals in :data:`NUMPY_SAFE_GLOBALS` are allowed, anything else that would run code is refused unexecuted.
 """
 
@@ -22,7 +23,6 @@ import hashlib
 import logging
 import os
 import pickle
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,15 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import DiskSaver
-from monai.handlers import CheckpointSaver
 
-from uniseg_monai.atomic import write_atomic
-from uniseg_monai.errors import NonFiniteError, UniSegError, UsageError
+from uniseg_monai.core.atomic import write_atomic
+from uniseg_monai.core.errors import UniSegError, UsageError
+from uniseg_monai.model_io.official import OfficialCheckpointError, convert_state_dict, infer_network_def, strip_prefix
 from uniseg_monai.networks import CLIPDoDNet, DoDNet, TaskBlindUniSeg, UniSeg, UniSegBackbone
 from uniseg_monai.networks.uniseg import PROMPTS
-from uniseg_monai.official import OfficialCheckpointError, convert_state_dict, infer_network_def, strip_prefix
-from uniseg_monai.run_folder import CHECKPOINT_PATTERN
 from uniseg_monai.tasks import MODEL_TASKS_FILE, PAPER_UPSTREAM_TASKS, Task, TaskError, TaskRegistry, load_model_tasks
 
 logger = logging.getLogger(__name__)
@@ -91,28 +88,35 @@ class ModelFile:
     provenance: dict[str, Any] | None = None
 
 
-def load_weights_only(path: str | os.PathLike, error: type[Exception] = ModelFileError, name: str = "") -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, allowing only :data:`NUMPY_SAFE_GLOBALS` besides
-    torch's own; a file that needs anything else (code that would run) raises ``error`` (naming the file, or
-    ``name``: e.g. the URL of a download) and nothing runs."""
+def load_weights_only(
+    path: str | os.PathLike,
+    error: type[Exception] = ModelFileError,
+    name: str = "",
+    fix: str = "download or save it again",
+    map_location: Any = "cpu",
+) -> Any:
+    """``torch.load(path, weights_only=True)`` (on the CPU unless ``map_location``), allowing only
+    :data:`NUMPY_SAFE_GLOBALS` besides torch's own; a file that needs anything else (code that would run) raises
+    ``error`` (naming the file, or ``name``: e.g. the URL of a download) and nothing runs. A file that is not a
+    PyTorch file raises ``error`` with ``fix``: what the user does about it."""
     path = Path(path)
     label = name or str(path)
     if not path.is_file():
         raise error(f"{label}: model file not found")
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         refused = _refused_globals(path)
         if refused is None:  # not even a PyTorch file
-            raise error(f"{label}: not a readable PyTorch file; download or save it again") from err
+            raise error(f"{label}: not a readable PyTorch file; {fix}") from err
         raise error(
             f"{label}: refused to load: unpickling it would call {', '.join(refused) or 'objects'} (not plain weights; "
             "weights_only=True refused it). Re-save only its state_dict with torch.save, or get the file again."
         ) from err
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as err:  # garbage bytes: any of them
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise error(f"{label}: not a readable PyTorch file ({reason}); download or save it again") from err
+        raise error(f"{label}: not a readable PyTorch file ({reason}); {fix}") from err
 
 
 def _refused_globals(path: Path) -> list[str] | None:
@@ -379,198 +383,6 @@ def sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-class Entry:
-    """A plain value as a ``CheckpointSaver`` entry (ignite saves ``state_dict()``; loading ignores it)."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def state_dict(self) -> Any:
-        return self.value
-
-    def load_state_dict(self, state: Any) -> None:
-        """The description of a loaded checkpoint is not state to restore."""
-
-
-def description(network: torch.nn.Module, registry: TaskRegistry) -> dict[str, Entry]:
-    """``CheckpointSaver`` entries that make a checkpoint self-describing: ``tasks``, for UniSeg networks
-    ``network_def``, and for a network fine-tuned from pretrained weights their ``provenance`` (file, licence)."""
-    target = network.module if hasattr(network, "module") else network
-    entries = {"tasks": Entry(registry.to_json())}
-    if hasattr(target, "network_def"):
-        entries["network_def"] = Entry(target.network_def())
-    if getattr(target, "pretrained_provenance", None):
-        entries["provenance"] = Entry(target.pretrained_provenance)
-    return entries
-
-
-class GradScalerState:
-    """A MONAI trainer's AMP ``GradScaler`` as a checkpoint entry (``{}`` without AMP). ``SupervisedTrainer.run``
-    makes a new scaler, so a state loaded before the run starts is applied when it starts."""
-
-    def __init__(self, trainer: Engine) -> None:
-        self.trainer = trainer
-
-    def state_dict(self) -> dict[str, Any]:
-        scaler = getattr(self.trainer, "scaler", None)
-        return dict(scaler.state_dict()) if scaler is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self.trainer.add_event_handler(Events.STARTED, self._load, dict(state))
-
-    def _load(self, engine: Engine, state: dict[str, Any]) -> None:
-        if getattr(engine, "scaler", None) is not None:
-            engine.scaler.load_state_dict(state)
-        engine.remove_event_handler(self._load, Events.STARTED)
-
-
-class GradientBuffers:
-    """Which parameters of a network hold a ``.grad`` tensor, as a checkpoint entry. MONAI's trainer zeroes the
-    gradients (``zero_grad(set_to_none=False)``) instead of dropping them, so a parameter used once keeps a zero
-    gradient and SGD keeps applying momentum and weight decay to it in the iterations that do not use it (UniSeg's
-    task-specific layers); a resumed run recreates these zero gradients, else it would skip those updates."""
-
-    def __init__(self, network: torch.nn.Module) -> None:
-        self.network = network.module if hasattr(network, "module") else network
-
-    def state_dict(self) -> list[str]:
-        return [name for name, p in self.network.named_parameters() if p.grad is not None]
-
-    def load_state_dict(self, names: list[str]) -> None:
-        parameters = dict(self.network.named_parameters())
-        for name in names:
-            if name in parameters and parameters[name].grad is None:
-                parameters[name].grad = torch.zeros_like(parameters[name])
-
-
-def trainer_entries(trainer: Engine, network: torch.nn.Module) -> dict[str, Any]:
-    """The checkpoint entries of a trainer's state beyond ignite's and the objects the bundle lists: its AMP
-    scaler (``grad_scaler``) and the network's gradient buffers (``gradient_buffers``). Written by
-    :class:`ModelCheckpointSaver` with every ``save_dict`` that has a ``trainer``, restored by
-    :class:`uniseg_monai.handlers.ResumeCheckpointLoader`."""
-    return {"grad_scaler": GradScalerState(trainer), "gradient_buffers": GradientBuffers(network)}
-
-
-class _AtomicDiskSaver(DiskSaver):
-    """ignite's ``DiskSaver`` writing through :func:`save_atomic`: never a half-written file (a run killed while
-    saving keeps the previous checkpoint), mode from the umask like a plain ``open()`` (ignite's atomic writes
-    leave 0600 files), ``filename`` a fixed name when given (MONAI's ``model.pt``)."""
-
-    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
-        super().__init__(dirname, atomic=True, create_dir=True, require_empty=False)
-        self.filename = filename
-
-    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
-        path = self.dirname / (self.filename or filename)
-        model = checkpoint.get("model", {}) if isinstance(checkpoint, Mapping) else {}
-        bad = [k for k, v in model.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
-        if bad:  # never a NaN model on disk; the previous file stays
-            raise NonFiniteError(
-                f"refusing to write {path}: {len(bad)} of {len(model)} weight tensors hold NaN / Inf (first: {bad[0]});"
-                " the previous file is kept: resume from the last good checkpoint_epoch=N.pt with a lower learning rate"
-            )
-        save_atomic(checkpoint, path)
-
-    def remove(self, filename: str) -> None:
-        if self.filename is None:  # a fixed name is replaced by the next save, not deleted first
-            (self.dirname / filename).unlink(missing_ok=True)
-
-
-def prune_checkpoints(folder: str | os.PathLike, keep: int, saved: str | os.PathLike | None = None) -> list[Path]:
-    """Delete all but the ``keep`` highest-numbered ``checkpoint_epoch=N.pt`` in ``folder`` (those of earlier runs
-    a resumed run continues included), never ``saved`` (the file just written) nor any other file; returns the
-    deleted files."""
-    found = sorted(
-        (int(m.group(1)), p) for p in Path(folder).iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_file()
-    )
-    keep_names = {p.name for _, p in found[-keep:]} | ({Path(saved).name} if saved else set())
-    deleted = [p for _, p in found if p.name not in keep_names]
-    for path in deleted:
-        path.unlink(missing_ok=True)
-    return deleted
-
-
-class ModelCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` writing self-describing model files: ``save_dict`` (which holds ``model``) plus
-    the :func:`description` of that network and the run's ``registry``; other arguments as ``CheckpointSaver``.
-
-    Files are written atomically with the umask's mode. With ``save_dict["trainer"]`` the :func:`trainer_entries`
-    are saved too.
-
-    Args:
-        keep_checkpoints: with ``save_interval``: after each interval checkpoint, delete all but the newest
-            ``keep_checkpoints`` ``checkpoint_epoch=N.pt`` of ``save_dir``, earlier runs' included (replaces
-            ``n_saved``, which knows only the files of this process). None: ``n_saved`` decides.
-
-    With ``save_key_metric`` (the best model, ``model.pt``) it has a state a resumed run needs: the best score
-    so far, which decides whether the next validation replaces the file, and the evaluator's ``best_metric`` /
-    ``best_metric_epoch``; :meth:`state_dict` / :meth:`load_state_dict` make it a checkpoint entry.
-    """
-
-    def __init__(
-        self,
-        save_dir: str,
-        save_dict: dict[str, Any],
-        registry: TaskRegistry,
-        keep_checkpoints: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if keep_checkpoints is not None:
-            if not str(keep_checkpoints).isdigit() or int(keep_checkpoints) < 1:
-                raise UsageError(f"--keep_checkpoints must be 1 or more, got {keep_checkpoints}")
-            kwargs["n_saved"] = None
-        entries = {**save_dict, **description(save_dict["model"], registry)}
-        if "trainer" in save_dict:
-            entries.update(trainer_entries(save_dict["trainer"], save_dict["model"]))
-        super().__init__(save_dir, entries, **kwargs)
-        self.keep_checkpoints = None if keep_checkpoints is None else int(keep_checkpoints)
-        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if checkpoint is not None:
-                checkpoint.save_handler = _AtomicDiskSaver(save_dir, checkpoint.save_handler.filename)
-        self._engine: Engine | None = None
-        self._best: dict[str, Any] = {}
-
-    def attach(self, engine: Engine) -> None:
-        self._engine = engine
-        self._restore_best()
-        super().attach(engine)
-
-    def interval_completed(self, engine: Engine) -> None:
-        super().interval_completed(engine)
-        if self.keep_checkpoints is not None:
-            saved = self._interval_checkpoint.last_checkpoint if self._interval_checkpoint is not None else None
-            for path in prune_checkpoints(self.save_dir, self.keep_checkpoints, saved):
-                self.logger.info(f"Deleted the older checkpoint {path.name} (keep_checkpoints={self.keep_checkpoints})")
-
-    def state_dict(self) -> dict[str, Any]:
-        """The best-model tracking: ``saved`` (ignite's list of (score, name)) and the evaluator's best metric and
-        its epoch; ``{}`` for a saver without ``save_key_metric``."""
-        if self._key_metric_checkpoint is None:
-            return {}
-        state: dict[str, Any] = {"saved": [(float(p), str(f)) for p, f in self._key_metric_checkpoint._saved]}
-        engine_state = self._engine.state if self._engine is not None else None
-        if getattr(engine_state, "best_metric_epoch", None) is not None:  # a MONAI workflow's
-            state["best_metric"] = float(engine_state.best_metric)
-            state["best_metric_epoch"] = int(engine_state.best_metric_epoch)
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore :meth:`state_dict`'s (or, as MONAI's ``CheckpointSaver``, ignite's ``{"_saved": ...}``)."""
-        if not state_dict:
-            return
-        saved = state_dict.get("saved", state_dict.get("_saved"))
-        if saved is not None:
-            super().load_state_dict({"_saved": [tuple(item) for item in saved]})
-        self._best = {k: state_dict[k] for k in ("best_metric", "best_metric_epoch") if k in state_dict}
-        self._restore_best()
-
-    def _restore_best(self) -> None:
-        if self._engine is not None and self._best:
-            for key, value in self._best.items():
-                setattr(self._engine.state, key, value)
 
 
 class ModelLoader:

@@ -21,10 +21,10 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from uniseg_monai.atomic import write_text_atomic
-from uniseg_monai.bundles import find_bundle
-from uniseg_monai.errors import UsageError
-from uniseg_monai.model_files import (
+from uniseg_monai.apps.bundles import find_bundle
+from uniseg_monai.core.atomic import write_text_atomic
+from uniseg_monai.core.errors import USER_ERRORS, UsageError
+from uniseg_monai.model_io.model_files import (
     ModelFile,
     ModelFileError,
     check_destination,
@@ -34,8 +34,8 @@ from uniseg_monai.model_files import (
     save_model,
     sha256,
 )
+from uniseg_monai.model_io.transfer import PretrainedCheckpointError, transfer_state
 from uniseg_monai.tasks import load_model_tasks
-from uniseg_monai.transfer import PretrainedCheckpointError, transfer_state
 
 UNSTATED_LICENCE = "not stated in the file: ask its provider"
 
@@ -68,6 +68,11 @@ def fetch(source: str, dst: Path, hash_val: str = "", hash_type: str = "sha256")
     ``download_url`` (gdown for Google Drive), to ``dst``; ``hash_val`` is checked when given."""
     from monai.apps.utils import download_url
 
+    try:  # gdown >= 6 (its FileURLRetrievalError derives from DownloadError)
+        from gdown.exceptions import DownloadError as GdownError
+    except ImportError:  # gdown 5
+        from gdown.exceptions import FileURLRetrievalError as GdownError
+
     local = local_source(source)
     if local is not None:
         if not local.is_file():
@@ -78,7 +83,8 @@ def fetch(source: str, dst: Path, hash_val: str = "", hash_type: str = "sha256")
             return
     try:
         download_url(source, filepath=dst, hash_val=hash_val or None, hash_type=hash_type, progress=True)
-    except Exception as err:  # network, hash and gdown errors alike: one line for the user
+    except (*USER_ERRORS, ValueError, RuntimeError, GdownError) as err:  # one line for the user: network (OSError),
+        # a wrong hash or URL (ValueError), MONAI's and gdown's failed downloads (RuntimeError, gdown's DownloadError)
         raise ModelFileError(f"could not fetch the weights from {source}: {type(err).__name__}: {err}") from err
 
 
@@ -96,7 +102,8 @@ def _bundle_network(bundle: Path, model: ModelFile):
 
 def check_fits(model: ModelFile, bundle: Path, dst: Path, source: str) -> None:
     """``models/model.pt``: the file loads strictly into the bundle's network; ``models/pretrained.pt``: its
-    encoder-decoder transfers into it (:func:`uniseg_monai.transfer.transfer_state`). Errors name ``source``."""
+    encoder-decoder transfers into it (:func:`uniseg_monai.model_io.transfer.transfer_state`). Errors name
+    ``source``."""
     network = _bundle_network(bundle, model)
     kind = (model.network_def or {}).get("_target_", "a model").rsplit(".", 1)[-1]
     if dst.name == "pretrained.pt":

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from uniseg_monai.errors import UniSegError
+from uniseg_monai.core.errors import UniSegError
 
 LOCK_NAME = ".uniseg.lock"
 logger = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ class TaskDeepSupervisionLoss(nn.Module):
         if not isinstance(pred, TaskLogits):
             raise TypeError(
                 "TaskDeepSupervisionLoss needs the task of every sample: use "
-                "uniseg_monai.inferers.TaskTrainingInferer as the trainer's inferer"
+                "uniseg_monai.engine.inferers.TaskTrainingInferer as the trainer's inferer"
             )
         weights = self.weights or deep_supervision_weights(len(pred))
         if len(weights) != len(pred):

@@ -18,8 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from uniseg_monai.atomic import Writer, write_group
-from uniseg_monai.errors import UsageError
+from uniseg_monai.core.atomic import Writer, write_group
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.tasks import MODEL_TASKS_FILE, PAPER_DICE, Task, TaskRegistry
 
 TEMPLATE = Path("templates") / "finetune"  # in the bundles folder

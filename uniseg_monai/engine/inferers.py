@@ -15,7 +15,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 
-from uniseg_monai.errors import flag
+from uniseg_monai.core.errors import flag
 from uniseg_monai.networks.task_ids import TaskId, TaskLogits, as_task_ids
 
 MIRROR_AXES = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]  # 8 flips incl. none
@@ -31,7 +31,7 @@ def _task_ids(
 
 
 def _meta_task_ids(inputs: torch.Tensor) -> Any:
-    """The task ids :class:`~uniseg_monai.transforms.RecordTaskd` put into a MetaTensor's meta data, else None."""
+    """The task ids :class:`~uniseg_monai.data.transforms.RecordTaskd` put into a MetaTensor's meta data, else None."""
     return inputs.meta.get("task_id") if isinstance(inputs, MetaTensor) else None
 
 
@@ -42,7 +42,7 @@ def plain(x: torch.Tensor) -> torch.Tensor:
 
 class PlainTensorInferer(SimpleInferer):
     """``network(inputs, ...)`` on a plain tensor: training needs no meta data, and on CPU every op on a
-    MetaTensor pays Python overhead (measured: 2x slower iterations of the demo network)."""
+    MetaTensor pays Python overhead (``benchmarks/trainer_overhead.py``)."""
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs):  # type: ignore[override]
         return network(plain(inputs), *args, **kwargs)

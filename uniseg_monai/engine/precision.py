@@ -6,7 +6,7 @@ exponent range, so no loss scaling; Ampere and newer GPUs) or ``float16`` (older
 RTX 2080 Ti; gradients need a ``GradScaler``). InstanceNorm is not on autocast's float32 list: it runs on the
 low-precision conv output and returns it in that dtype, but its mean and variance accumulate in float32 (the CUDA
 batch-norm kernels it calls, and inductor's decomposition, compute statistics in float32), as in nnU-Net's AMP
-training; Dice + CE get the float32 softmax of :class:`~uniseg_monai.losses.TaskDeepSupervisionLoss`.
+training; Dice + CE get the float32 softmax of :class:`~uniseg_monai.engine.losses.TaskDeepSupervisionLoss`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from ignite.engine import Engine, Events
 
-from uniseg_monai.errors import UsageError
+from uniseg_monai.core.errors import UsageError
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,7 +36,7 @@ class LossScaling:
     """MONAI's trainer makes a ``GradScaler`` whenever ``amp`` is on (and autocasts only then); loss scaling exists
     for float16's narrow range. Under bfloat16 this handler swaps in a disabled scaler when the run starts:
     ``scale``, ``unscale_`` and ``update`` pass through, ``step`` is the optimiser's, no step is skipped, and a
-    non-finite loss stops the run at once (:class:`~uniseg_monai.guards.NonFiniteGuard`)."""
+    non-finite loss stops the run at once (:class:`~uniseg_monai.engine.guards.NonFiniteGuard`)."""
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)

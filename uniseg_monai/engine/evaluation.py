@@ -28,8 +28,8 @@ from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from monai.networks.utils import one_hot
 
+from uniseg_monai.data.transforms import image_stem
 from uniseg_monai.tasks import TaskRegistry
-from uniseg_monai.transforms import image_stem
 
 GROUPS = ("both", "missed", "false_positive", "neither")  # reference / prediction non-empty: yes-yes, yes-no, ...
 
@@ -48,7 +48,7 @@ class CaseScore:
 
 
 def case_name(item: dict[str, Any]) -> str:
-    """The case name :class:`~uniseg_monai.transforms.RecordTaskd` recorded, else the image file stem."""
+    """The case name :class:`~uniseg_monai.data.transforms.RecordTaskd` recorded, else the image file stem."""
     meta = getattr(item["image"], "meta", {})
     return meta.get("case") or image_stem(meta.get("filename_or_obj", ""))
 

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from uniseg_monai.atomic import write_text_atomic
-from uniseg_monai.bundles import INFERENCE_CONFIG, find_bundle
-from uniseg_monai.errors import UsageError
+from uniseg_monai.apps.bundles import INFERENCE_CONFIG, find_bundle
+from uniseg_monai.core.atomic import write_text_atomic
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.tasks import Task, TaskRegistry, load_model_tasks
 
 METADATA = Path("configs") / "metadata.json"

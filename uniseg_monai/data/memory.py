@@ -2,7 +2,7 @@
 any voxel is resampled, and the memory the machine can give (:func:`available_memory`).
 
 Calibrated with ``benchmarks/predict_memory.py`` (peak RSS of a whole ``uniseg predict`` of one CT): the estimate
-lies above the measured peak and within 1.5x of it (numbers in :func:`case_memory`).
+lies above the measured peak (the numbers: README, "Memory").
 """
 
 from __future__ import annotations
@@ -72,18 +72,15 @@ def case_memory(
       28 N' (float32 sampling grids) + 4 C N' (resampled image);
       inference = 4 C (N' + W) (resampled and padded image) + 4 (K + 1) W (stitched logits and weight map) + the
       network's windows when it runs on the CPU (``network``: features, strides, batch, window voxels V:
-      4 V (24 + 4.5 sum_s features_s / stride_s), measured for UniSeg at base 1-32);
-      postprocessing (:class:`~uniseg_monai.transforms.InvertArgmaxd`) = 4 C N' + 4 K W (the probabilities,
+      4 V (24 + 4.5 sum_s features_s / stride_s), fitted for UniSeg at base 1-32);
+      postprocessing (:class:`~uniseg_monai.data.transforms.InvertArgmaxd`) = 4 C N' + 4 K W (the probabilities,
       in place of the logits) + 2 N (labels and their reorientation) + 8 min(2^24, c N) (one block) + the pass's
       maps;
     - with several tasks, the merge: (6 + T) N (merged map, mask and temporaries; uint8 up to 255 labels);
     - then :data:`OVERHEAD`, and 10 % for the allocator.
 
-    Calibration: ``python benchmarks/predict_memory.py --depths 150 300 600 --no-network`` (a 512x512 CT at
-    0.8x0.8x1.0 mm, liver, base_features 1 on the CPU), peak RSS above the 0.42 GiB the process holds before the
-    case -> estimate: 512x512x150 0.41 -> 0.57 GiB, 512x512x300 0.59 -> 0.80 GiB, 512x512x600 1.17 -> 1.45 GiB
-    (1.23-1.39x). Windows of UniSeg at 192x192x64 on the CPU, base 1 / 4 / 8 / 16 / 32: 0.25 / 0.44 / 0.59 / 1.11
-    / 2.12 GiB measured, 0.28 / 0.47 / 0.74 / 1.26 / 2.31 GiB estimated.
+    Calibration: ``python benchmarks/predict_memory.py --depths 150 300 600 --no-network`` (measured against
+    estimated: README, "Memory").
     """
     n, c = int(np.prod(shape[-3:])), int(channels)
     ras = (nib.orientations.io_orientation(np.asarray(affine, dtype=float)) == [[0, 1], [1, 1], [2, 1]]).all()

@@ -1,6 +1,6 @@
 """Run wiring: which tasks a bundle run knows, which items it reads and under which task, for the bundle configs.
 
-Every function here is called from a bundle config as a component (``{"_target_": "uniseg_monai.wiring.<name>",
+Every function here is called from a bundle config as a component (``{"_target_": "uniseg_monai.engine.wiring.<name>",
 ...}``), so the configs hold wiring and values, no logic. MONAI Label's special cases live here and nowhere else:
 a MONAI Label request sets ``displayable_configs#task`` to the chosen task name (the bundle files hold the
 drop-down list there), hands the items over itself (``train#dataset#data``, without ``"task"``) and trains in place.
@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from uniseg_monai.core.errors import UsageError, flag
+from uniseg_monai.core.locks import claimed
+from uniseg_monai.core.run_folder import check_output_dir, check_predictions_dir, check_run_dir
 from uniseg_monai.data.check import check_run_items
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, load_items, read_datalist, task_items
-from uniseg_monai.errors import UsageError, flag
-from uniseg_monai.locks import claimed
-from uniseg_monai.model_files import MODEL_FILE, model_tasks
-from uniseg_monai.precision import autocast_kwargs
-from uniseg_monai.run_folder import check_output_dir, check_predictions_dir, check_run_dir
+from uniseg_monai.engine.precision import autocast_kwargs
+from uniseg_monai.model_io.model_files import MODEL_FILE, model_tasks
 from uniseg_monai.tasks import (
     MODEL_TASKS_FILE,
     TaskError,
@@ -65,10 +65,10 @@ def registry_for_run(
 
 
 def registry_for_evaluation(datalist: str | Path, ckpt_dir: str | Path) -> TaskRegistry:
-    """The tasks an evaluation run scores: the model's in ``ckpt_dir`` (:func:`~uniseg_monai.model_files.model_tasks`)
-    with the datalist's definitions of them applied when the file exists (:meth:`TaskRegistry.with_definitions`: its
-    ``label_map`` and class names win, as in training; other ids, channel or class counts, spacing or normalisation
-    than the model's are refused)."""
+    """The tasks an evaluation run scores: the model's in ``ckpt_dir``
+    (:func:`~uniseg_monai.model_io.model_files.model_tasks`) with the datalist's definitions of them applied when the
+    file exists (:meth:`TaskRegistry.with_definitions`: its ``label_map`` and class names win, as in training; other
+    ids, channel or class counts, spacing or normalisation than the model's are refused)."""
     registry = model_tasks(ckpt_dir)
     if not Path(datalist).is_file():
         return registry
@@ -141,12 +141,12 @@ def start_run(
     amp_dtype: str = "bfloat16",
 ) -> bool:
     """Before a training run: refuse an unknown ``amp_dtype``, own ``ckpt_dir`` for the run
-    (:func:`uniseg_monai.locks.claimed`, released by the bundle's ``run`` list or when the process ends), refuse to
-    overwrite an earlier run (:func:`uniseg_monai.run_folder.check_run_dir`; a MONAI Label request trains in place),
-    check the headers of the files of ``items`` (lists of items, e.g. training and validation;
-    :func:`uniseg_monai.data.check.check_run_items`, ``default``: the task of items that name none), then record
-    the run's tasks in ``<ckpt_dir>/tasks.json``. A refusal releases the folder. True, for ``initialize`` (before
-    any data is cached)."""
+    (:func:`uniseg_monai.core.locks.claimed`, released by the bundle's ``run`` list or when the process ends), refuse
+    to overwrite an earlier run (:func:`uniseg_monai.core.run_folder.check_run_dir`; a MONAI Label request trains in
+    place), check the headers of the files of ``items`` (lists of items, e.g. training and validation;
+    :func:`uniseg_monai.data.check.check_run_items`, ``default``: the task of items that name none), then record the
+    run's tasks in ``<ckpt_dir>/tasks.json``. A refusal releases the folder. True, for ``initialize`` (before any data
+    is cached)."""
     resume = flag(resume, "resume")
     autocast_kwargs(amp_dtype)
     with claimed(ckpt_dir, "training"):
@@ -163,9 +163,9 @@ def start_evaluation(
     registry: TaskRegistry,
     default: str = "",
 ) -> bool:
-    """Before an evaluation run: own ``output_dir`` (:func:`uniseg_monai.locks.claimed`, released by the bundle's
+    """Before an evaluation run: own ``output_dir`` (:func:`uniseg_monai.core.locks.claimed`, released by the bundle's
     ``run`` list or when the process ends), refuse to replace an earlier report in it unless ``overwrite``
-    (:func:`uniseg_monai.run_folder.check_output_dir`) and check the headers of the files of ``items``. A refusal
+    (:func:`uniseg_monai.core.run_folder.check_output_dir`) and check the headers of the files of ``items``. A refusal
     releases the folder. True, for ``initialize``."""
     overwrite = flag(overwrite, "overwrite")
     with claimed(output_dir, "evaluation"):
@@ -185,9 +185,9 @@ def start_inference(
 ) -> bool:
     """Before a bundle inference run (first in its ``run`` list: model-zoo CI initialises the workflow without
     data): refuse to run with no ``items`` (naming ``--dataset_dir`` or the datalist's ``section``); when it saves
-    predictions, own ``output_dir`` (:func:`uniseg_monai.locks.claimed`, released by the ``run`` list or when the
+    predictions, own ``output_dir`` (:func:`uniseg_monai.core.locks.claimed`, released by the ``run`` list or when the
     process ends) and refuse earlier predictions in it unless ``overwrite``
-    (:func:`uniseg_monai.run_folder.check_predictions_dir`). True, for the ``run`` list."""
+    (:func:`uniseg_monai.core.run_folder.check_predictions_dir`). True, for the ``run`` list."""
     overwrite = flag(overwrite, "overwrite")
     if not items:
         if Path(datalist).is_file():

@@ -2,7 +2,7 @@
 
 The architecture is inferred from tensor shapes alone; every 5-D tensor (conv kernels and the universal
 prompt) is permuted from (.., z, y, x) to MONAI's (.., x, y, z). Reading and writing files is
-:mod:`uniseg_monai.model_files`' job.
+:mod:`uniseg_monai.model_io.model_files`' job.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from uniseg_monai.errors import UniSegError
+from uniseg_monai.core.errors import UniSegError
 
 OFFICIAL_LICENCE = (
     "Converted from the official UniSeg release (https://github.com/yeerwen/UniSeg), whose weights are licensed "

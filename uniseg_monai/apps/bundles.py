@@ -22,9 +22,9 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.transforms import Transform
 
-from uniseg_monai.atomic import write_atomic
-from uniseg_monai.errors import UniSegError, UsageError
-from uniseg_monai.model_files import (
+from uniseg_monai.core.atomic import write_atomic
+from uniseg_monai.core.errors import UniSegError, UsageError
+from uniseg_monai.model_io.model_files import (
     MODEL_FILE,
     NETWORK_CLASSES,
     ModelFile,
@@ -56,7 +56,7 @@ def uniseg_home() -> Path:
 
 def bundle_search_path(name: str) -> list[Path]:
     """Where the bundle called ``name`` is looked for, in order."""
-    source_tree = Path(__file__).resolve().parents[1] / "bundles" / name
+    source_tree = Path(__file__).resolve().parents[2] / "bundles" / name
     return list(dict.fromkeys([Path("bundles") / name, source_tree, uniseg_home() / "bundles" / name]))
 
 

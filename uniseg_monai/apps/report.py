@@ -29,10 +29,10 @@ import numpy as np
 from ignite.engine import Engine, Events
 from tqdm import tqdm
 
-from uniseg_monai.atomic import inside, write_atomic, write_text_atomic
-from uniseg_monai.errors import UsageError, flag
+from uniseg_monai.core.atomic import inside, write_atomic, write_text_atomic
+from uniseg_monai.core.errors import UsageError, flag
+from uniseg_monai.data.transforms import MapTaskLabelsd, image_stem
 from uniseg_monai.tasks import PAPER_DICE, PAPER_UPSTREAM_MEAN_DICE, PAPER_UPSTREAM_TASKS, Task, TaskRegistry
-from uniseg_monai.transforms import MapTaskLabelsd, image_stem
 
 REPORT = "report.html"
 FIGURE_DPI = 80
@@ -240,7 +240,7 @@ def write_report(
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file: give a folder for report.html and its PNGs")
     if datalist and registry is None:
-        from uniseg_monai.wiring import registry_for_datalist
+        from uniseg_monai.engine.wiring import registry_for_datalist
 
         registry = registry_for_datalist(datalist)
     notes, sections = [], []

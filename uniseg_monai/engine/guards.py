@@ -9,8 +9,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines import IterationEvents
 
-from uniseg_monai.errors import NonFiniteError
-from uniseg_monai.precision import scaler_enabled
+from uniseg_monai.core.errors import NonFiniteError
+from uniseg_monai.engine.precision import scaler_enabled
 
 FIX = (
     "the weights were not updated, so the last checkpoint_epoch=N.pt is the last good state (continue with --resume "
@@ -30,16 +30,16 @@ def _names(batch: Any) -> str:
 
 
 class NonFiniteGuard:
-    """Stop training with a :class:`~uniseg_monai.errors.NonFiniteError` naming the epoch, iteration, tasks and files
-    of the batch at the first
+    """Stop training with a :class:`~uniseg_monai.core.errors.NonFiniteError` naming the epoch, iteration, tasks and
+    files of the batch at the first
     - input batch holding NaN / Inf voxels in its images or labels (when the iteration starts),
     - non-finite loss (before the backward pass) or gradient (before the optimiser step),
     so the weights stay finite and the last checkpoint remains the last good state (checkpoints are written at
     epoch ends). With float16 AMP (the engine's ``GradScaler`` is enabled) a non-finite loss or gradient is the
     scaler's business: it skips that step and lowers its scale; only ``max_skipped_steps`` consecutive skips stop the
-    run. With bfloat16 AMP the scaler is disabled (:class:`~uniseg_monai.precision.LossScaling`) and the first
+    run. With bfloat16 AMP the scaler is disabled (:class:`~uniseg_monai.engine.precision.LossScaling`) and the first
     non-finite loss or gradient stops the run, as without AMP.
-    Attach it after :class:`~uniseg_monai.handlers.GradientClipping` (which unscales AMP gradients first).
+    Attach it after :class:`~uniseg_monai.engine.handlers.GradientClipping` (which unscales AMP gradients first).
     """
 
     def __init__(self, max_skipped_steps: int = 10) -> None:

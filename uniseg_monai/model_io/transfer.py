@@ -7,7 +7,7 @@ have no downstream counterpart; the heads (``head_keys``) keep the downstream ne
 for any class count and any source (an upstream UniSeg or a downstream backbone); nothing is frozen. The networks
 declare these parts as class attributes.
 
-Accepted checkpoints: every file :func:`uniseg_monai.model_files.read_model` reads (a pretrain bundle's
+Accepted checkpoints: every file :func:`uniseg_monai.model_io.model_files.read_model` reads (a pretrain bundle's
 ``models/model.pt`` or training checkpoint, a converted official checkpoint, a raw official ``.model`` converted
 on the fly, a bare state dict), never unpickling code.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from uniseg_monai.model_files import OFFICIAL_LICENCE, ModelFileError, read_model
+from uniseg_monai.model_io.model_files import OFFICIAL_LICENCE, ModelFileError, read_model
 from uniseg_monai.networks import UniSeg, UniSegBackbone
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def load_pretrained(network: UniSegBackbone, path: str | os.PathLike) -> Transfe
 def pretrained_network(network: UniSegBackbone, path: str | os.PathLike | None = "") -> UniSegBackbone:
     """``network`` with pretrained weights from ``path`` (logged), or unchanged for an empty path.
 
-    For bundle configs: ``"network": "$uniseg_monai.transfer.pretrained_network(@network_def, @pretrained)"``.
+    For bundle configs: ``"network": "$uniseg_monai.model_io.transfer.pretrained_network(@network_def, @pretrained)"``.
     """
     if not path:
         logger.warning(

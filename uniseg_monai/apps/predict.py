@@ -24,17 +24,17 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from uniseg_monai.atomic import Writer, inside, temporaries, write_group
-from uniseg_monai.bundles import one_task_network, open_inference
-from uniseg_monai.data.check import Volume, case_header
+from uniseg_monai.apps.bundles import one_task_network, open_inference
+from uniseg_monai.core.atomic import Writer, inside, temporaries, write_group
+from uniseg_monai.core.errors import USER_ERRORS, InputError, UsageError, one_line
+from uniseg_monai.core.locks import owned
+from uniseg_monai.data.check import READ_ERRORS, Volume, case_header
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
-from uniseg_monai.errors import InputError, UsageError
-from uniseg_monai.locks import owned
-from uniseg_monai.memory import GIB, available_memory, case_memory
-from uniseg_monai.model_files import ModelFile, load_into
-from uniseg_monai.precision import autocast_kwargs
+from uniseg_monai.data.memory import GIB, available_memory, case_memory
+from uniseg_monai.data.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
+from uniseg_monai.engine.precision import autocast_kwargs
+from uniseg_monai.model_io.model_files import ModelFile, load_into
 from uniseg_monai.tasks import Task, check_task_name
-from uniseg_monai.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
 
 MERGE_RULE = (
     "tasks in id order; merged label = running index over their (task, class) pairs without background; "
@@ -206,8 +206,9 @@ def _from_model(path: Path, checkpoint: str) -> bool:
 
 
 def _remove_orphans(out: Path) -> None:
-    """Remove the temporaries of maps and sidecars (:func:`~uniseg_monai.atomic.temporaries`) that an interrupted
-    run left in ``out``; called while ``out`` is owned (:func:`~uniseg_monai.locks.owned`): no live run writes them."""
+    """Remove the temporaries of maps and sidecars (:func:`~uniseg_monai.core.atomic.temporaries`) that an interrupted
+    run left in ``out``; called while ``out`` is owned (:func:`~uniseg_monai.core.locks.owned`): no live run writes
+    them."""
     orphans = [path for path, name in temporaries(out).items() if name.endswith((".nii.gz", ".json"))]
     for path in orphans:
         path.unlink(missing_ok=True)
@@ -235,7 +236,7 @@ def merge(maps: dict[str, np.ndarray], tasks: Sequence[Task]) -> tuple[np.ndarra
 def predict_config(
     bundle: str | None, checkpoint: str | None, task: str, settings: dict[str, Any], progress: bool
 ) -> tuple[ConfigParser, ModelFile]:
-    """The bundle's inference config for the model file (:func:`uniseg_monai.bundles.open_inference`) with the ids
+    """The bundle's inference config for the model file (:func:`uniseg_monai.apps.bundles.open_inference`) with the ids
     ``uniseg predict`` sets: windows on the device, the volume stitched on the CPU, no ``SaveImaged``."""
     ids = {"sw_device": "@device", "stitch_device": "$torch.device('cpu')", "progress": progress}
     ids["save_predictions"] = False
@@ -284,7 +285,7 @@ class Predictor:
     (:meth:`write`).
 
     Everything comes from ``configs/inference.json`` (opened for the model file by
-    :func:`uniseg_monai.bundles.open_inference`): task registry, network, ``preprocessing``, ``inferer`` and
+    :func:`uniseg_monai.apps.bundles.open_inference`): task registry, network, ``preprocessing``, ``inferer`` and
     ``all_inferer``, ``postprocessing`` with its ``SaveImaged`` switched off (``save_predictions``), windows on the
     device (``sw_device``) and the volume stitched on the CPU (``stitch_device``).
     """
@@ -376,8 +377,8 @@ class Predictor:
     def check(self, case: Volume, tasks: list[Task], loaded: int = 0) -> list[Task]:
         """The tasks of ``tasks`` whose channel count fits ``case`` (its files' headers, or for a DICOM series the
         loaded image), or an :class:`InputError` naming the file: no task fits, an affine or voxel size
-        :func:`geometry_problem` refuses, or more host memory needed (:func:`~uniseg_monai.memory.case_memory`) than
-        the limit (``--max_memory``, else the available memory plus the ``loaded`` bytes of an image in use)."""
+        :func:`geometry_problem` refuses, or more host memory needed (:func:`~uniseg_monai.data.memory.case_memory`)
+        than the limit (``--max_memory``, else the available memory plus the ``loaded`` bytes of an image in use)."""
         fits = [t for t in tasks if t.in_channels == case.channels]
         if not fits:
             wanted = ", ".join(f"{t.name} takes {'+'.join(t.modalities)}" for t in tasks)
@@ -413,7 +414,10 @@ class Predictor:
         series = Path(files[0]).is_dir()  # a DICOM series folder: checked once loaded
         if not series:
             fits = self.check(case_header(files), tasks)  # a 2D file, a huge or singular header: refused unread
-        image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
+        try:
+            image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
+        except READ_ERRORS as err:  # voxels its header did not show to be bad: a truncated or corrupt file
+            raise InputError(f"{' + '.join(files)}: unreadable ({one_line(err)}); re-export or replace it") from err
         if series:
             volume = Volume(files[0], image.shape[0], tuple(image.shape[1:]), np.asarray(image.affine))
             fits = self.check(volume, tasks, image.element_size() * image.numel())
@@ -469,11 +473,11 @@ def predict(
 
     Memory: only windows (sw_batch_size x C x patch) go to the device, so its memory does not grow with the
     volume; the volume is resampled, padded and the logits stitched on the CPU. Host memory per case, estimated
-    before it is resampled (:func:`uniseg_monai.memory.case_memory`), grows linearly with the volume: loading (8
+    before it is resampled (:func:`uniseg_monai.data.memory.case_memory`), grows linearly with the volume: loading (8
     bytes per input voxel and channel), the resampling to the task spacing (float32 grids, 28 bytes per resampled
     voxel; the input is freed once resampled), the stitched logits + weight map (float32 x classes of the pass + 1,
     summed over its tasks with ``all``), the inversion to the input grid (probabilities on the task grid in place
-    of the logits, 1-2 bytes per input voxel for the labels: :class:`~uniseg_monai.transforms.InvertArgmaxd`),
+    of the logits, 1-2 bytes per input voxel for the labels: :class:`~uniseg_monai.data.transforms.InvertArgmaxd`),
     plus the network's windows when it runs on the CPU. A single ``--task`` needs less than ``all``.
 
     Args:
@@ -608,7 +612,7 @@ def _predict_cases(
                        file=sys.stderr)  # fmt: skip
         try:
             predictor.write(out, name, source, tasks, run)
-        except Exception as err:  # one bad case must not stop the others
+        except USER_ERRORS as err:  # one bad case (its files, header or values) must not stop the others; a bug does
             while err.__cause__ is not None:
                 err = err.__cause__
             failed[name] = f"{type(err).__name__}: {str(err).strip()}"
