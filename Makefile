@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lint test test-isa demo ablate bench bundles gpu-wheels
+.PHONY: setup lint test test-fast test-isa demo ablate bench bundles gpu-wheels
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,15 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports  # the layer contract of pyproject.toml (docs/ARCHITECTURE.md)
 
+# pytest-xdist: 2 workers (the tests' networks run on one thread each); each worker builds the session fixtures
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 	$(MAKE) test-isa
+
+# the inner loop: lint and the unit tier, without the integration tests (bundle runs, torchrun, CLI processes,
+# training; the marker in pyproject.toml); `make test` runs them all
+test-fast: lint
+	$(BIN)/pytest -q -n 2 -m "not integration"
 
 # the exactness tests (two computation paths of the same numbers) again with the kernels of other instruction sets
 # (oneDNN's convolutions) and on 2 threads: an equality that holds on one CPU only fails here

@@ -1,14 +1,16 @@
 """Shared test helpers: the ../shared folder (fixtures, real samples) beside the project, the phantoms and the tiny
-model ``uniseg predict`` tests share."""
+model ``uniseg predict`` tests share; the ``integration`` tier (``make test-fast`` runs ``-m "not integration"``)."""
 
 from __future__ import annotations
 
 import json
+import locale
 import os
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +30,57 @@ def shared_path(relative: str) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def integration(fixture: Callable) -> Callable:
+    """Declares a fixture (under ``@pytest.fixture``) that trains a model or runs a bundle workflow: every test using
+    it, directly or through other fixtures, is marked ``integration``."""
+    fixture.integration = True
+    return fixture
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks ``integration`` the tests that use an :func:`integration` fixture."""
+    for item in items:
+        definitions = (d for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
+        if any(getattr(d.func, "integration", False) for d in definitions):
+            item.add_marker(pytest.mark.integration)
+
+
+_Popen = subprocess.Popen
+
+
+def _reimports(command) -> bool:
+    """Whether a child process command starts Python on a module (the CLI, ``monai.bundle``, torchrun) or the
+    ``uniseg`` script: seconds of imports each time. A ``python -c`` snippet of the standard library is cheap."""
+    argv = [command] if isinstance(command, str | os.PathLike) else list(command)
+    program = Path(argv[0]).name
+    return program == "uniseg" or (program.startswith("python") and "-m" in argv[1:2])
+
+
+@pytest.fixture(autouse=True)
+def tiers_and_process_state(request):
+    """Keeps the unit tier a unit tier and tests independent of their order: a test without the ``integration`` mark
+    that starts a Python module process fails here; so does a test that leaves the C locale or the working folder
+    changed (GDCM's DICOM writer left LC_CTYPE "C": later tests read their children's UTF-8 output as ASCII)."""
+
+    class Refusing(_Popen):
+        def __init__(self, command, *args, **kwargs):
+            if _reimports(command):
+                pytest.fail(f"{request.node.nodeid} starts {command!r}: mark it @pytest.mark.integration, or call "
+                            "the CLI's main([...]) in the test's process")  # fmt: skip
+            super().__init__(command, *args, **kwargs)
+
+    if request.node.get_closest_marker("integration") is None:
+        subprocess.Popen = Refusing
+    before = locale.setlocale(locale.LC_ALL), os.getcwd()
+    yield
+    subprocess.Popen = _Popen
+    after = locale.setlocale(locale.LC_ALL), os.getcwd()
+    if after != before:
+        locale.setlocale(locale.LC_ALL, before[0])
+        os.chdir(before[1])
+        pytest.fail(f"{request.node.nodeid} changed the process's (locale, working folder) {before} to {after}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -96,11 +149,20 @@ def held_by_another_process(folder: Path, what: str) -> Iterator[int]:
         child.communicate(timeout=60)  # closes its stdin: it releases the folder and ends
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for a torchrun master: a fixed one fails when two test runs share the
+    machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 PREDICT_BUNDLE = BUNDLES / "uniseg_pretrain"
 PREDICT_TINY = {"patch_size": [64, 64, 32], "base_features": 4}  # the settings predict_model is trained with
 
 
 @pytest.fixture(scope="session")
+@integration
 def predict_model(phantoms, tmp_path_factory) -> Path:
     """Checkpoint of a tiny model (:data:`PREDICT_TINY`) trained through the pretrain bundle for one epoch of 2
     iterations on the 4 phantom tasks, validated (which saves ``model.pt``) on one PET/CT case only, to save time;

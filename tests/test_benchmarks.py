@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import nibabel as nib
+import pytest
 import torch
 from conftest import shared_path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.mark.integration
 def test_the_gpu_check_runs_on_the_cpu_and_prints_one_table(tmp_path, capsys, monkeypatch):
     ct = nib.load(shared_path("data/real_samples/totalseg_examples/ct_abdomen_3mm_crop.nii.gz"))
     nib.save(ct.slicer[40:64, 30:54, 8:24], tmp_path / "ct.nii.gz")  # 24x24x16 voxels of 3 mm

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import free_port, integration, shared_path
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
 from uniseg_monai.apps.metadata import channel_def
@@ -138,6 +138,7 @@ def test_properties_and_network_in_out(downstream, tmp_path):
 
 
 @pytest.fixture(scope="module")
+@integration
 def finetuned(downstream, pretrained, tmp_path_factory) -> tuple[str, Path, Path]:
     """One fine-tuning epoch from the pretrained checkpoint; returns (kind, datalist, run folder)."""
     kind, datalist = downstream
@@ -185,6 +186,7 @@ def test_inference_keeps_the_input_geometry(finetuned):
         assert int(np.asarray(pred.dataobj).max()) < {"btcv": 14, "vs": 2}[kind]
 
 
+@pytest.mark.integration
 def test_a_mismatched_pretrained_checkpoint_is_refused(downstream, tmp_path):
     kind, datalist = downstream
     wide = UniSeg(num_tasks=4, num_classes=4, patch_size=TINY["patch_size"], **{**ARCH, "features": [8, 16, 32, 64]})
@@ -197,6 +199,7 @@ def test_a_mismatched_pretrained_checkpoint_is_refused(downstream, tmp_path):
     assert isinstance(cause, PretrainedCheckpointError) and str(path) in str(cause) and "shape" in str(cause)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("overlay", "network", "patch"),
     [  # SwinUNETR halves the size 5 times and needs >= 2 voxels left for its instance norm
@@ -220,6 +223,7 @@ def test_baseline_overlays_train_one_iteration(overlay, network, patch, tmp_path
     assert (tmp_path / "run" / "models" / "model.pt").exists()
 
 
+@pytest.mark.integration
 def test_two_rank_gloo_fine_tuning(pretrained, tmp_path):
     kind = "btcv"
     generate_downstream_phantoms(tmp_path / "raw", kind, cases=6, spacing=PHANTOM_SPACING[kind])
@@ -229,7 +233,7 @@ def test_two_rank_gloo_fine_tuning(pretrained, tmp_path):
     dirs = run_dirs(kind, datalist, tmp_path / "run", pretrained=str(pretrained))
     args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in dirs.items()]
     folder = BUNDLES / KINDS[kind]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29572",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "monai.bundle", "run", "--config_file", json.dumps(configs(kind, "train", "multi_gpu_train")),
            "--meta_file", str(folder / "configs" / "metadata.json"),
            "--logging_file", str(folder / "configs" / "logging.conf"),

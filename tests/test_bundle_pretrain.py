@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import free_port, integration, shared_path
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
@@ -78,6 +77,7 @@ def test_train_properties_are_complete(phantoms, tmp_path):
     assert workflow("train", configs("train"), **run_dirs(phantoms, tmp_path)).check_properties() == []
 
 
+@pytest.mark.integration
 def test_training_on_one_task_of_the_datalist(phantoms, tmp_path):
     wf = workflow("train", configs("train"), **run_dirs(phantoms, tmp_path, task="ph_brain"))
     for section in ("train", "validate"):
@@ -101,6 +101,7 @@ def test_network_in_out_with_the_task_as_extra_argument(phantoms):
 
 
 @pytest.fixture(scope="module")
+@integration
 def trained(phantoms, tmp_path_factory) -> Path:
     """One epoch, then an interrupted-and-resumed second epoch; returns the run folder."""
     root = tmp_path_factory.mktemp("pretrain")
@@ -234,12 +235,13 @@ def test_torchscript_export_takes_image_and_task(trained, phantoms, tmp_path):
         torch.testing.assert_close(scripted(x, torch.tensor([2])), net(x, 2), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_two_rank_gloo_training_and_evaluation(phantoms, tmp_path):
     common = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in run_dirs(phantoms, tmp_path).items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def torchrun(*files: str, extra=()) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                "-m", "monai.bundle", "run", "--config_file", json.dumps(configs(*files)),
                "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
                "--bundle_root", str(BUNDLE), "--backend", "gloo", *common, *extra]  # fmt: skip
@@ -255,13 +257,12 @@ def test_two_rank_gloo_training_and_evaluation(phantoms, tmp_path):
     assert len(cases) == 8  # both ranks' validation cases gathered: 2 per task
 
 
+@pytest.mark.integration
 def test_two_nodes_train_with_the_sampler_split_by_global_rank(phantoms, tmp_path):
     """Two torchrun "nodes" on this machine (--nnodes 2 --node_rank 0/1, one process each, one master endpoint)
     train one epoch of 2 iterations with gloo on the same datalist, filling one disk cache: each process has its global
     rank and draws that rank's sampler stream (the streams differ); rank 0 alone writes the checkpoint."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     seen = ("{'rank': dist.get_rank(), 'world': dist.get_world_size(), 'sampler_rank': @train#sampler.rank, "
             "'iterations': @train#trainer.state.iteration, 'indices': list(@train#sampler)}")  # fmt: skip
     record = f"$torch.save({seen}, '{tmp_path}/rank%d.pt' % dist.get_rank())"

@@ -23,6 +23,7 @@ from uniseg_monai.engine.wiring import registry_for_datalist
 from uniseg_monai.tasks import TaskError
 
 
+@pytest.mark.integration
 def test_phantoms_are_deterministic_and_clean(phantoms, tmp_path):
     again = generate_phantoms(tmp_path / "again")
     assert again.read_text() == phantoms.read_text()
@@ -57,6 +58,7 @@ def write_like(src: Path, dst: Path, data=None, affine=None) -> str:
     return str(dst)
 
 
+@pytest.mark.integration
 def test_check_data_reports_every_problem_with_its_file(phantoms, tmp_path):
     root = phantoms.parent
     good = json.loads(phantoms.read_text())
@@ -142,6 +144,7 @@ def test_a_bug_while_reading_a_header_is_not_reported_as_a_bad_file(phantoms, mo
         check.case_header([ct])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("defined", [True, False])
 def test_a_datalist_task_name_that_is_not_an_identifier_is_refused(phantoms, tmp_path, defined):
     good = json.loads(phantoms.read_text())

@@ -38,6 +38,7 @@ def uniseg(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Complet
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", NAMES)
 def test_inference_workflow_passes_model_zoo_checks_without_data(name, tmp_path):
     """As model-zoo's ci/verify_bundle.py: create the inference workflow from the bundle with no data and no
@@ -79,6 +80,7 @@ def test_bundle_zip_has_the_github_release_layout(zips, name):
     assert not [n for n in names if n.endswith((".pt", ".pyc")) or "/eval/" in n]  # no weights, no run outputs
 
 
+@pytest.mark.integration
 def test_downloaded_bundle_verifies_and_segments_a_real_scan(zips, official_fixture, tmp_path):
     """`monai.bundle download --url file://` unpacks the zip; its metadata verifies offline; `uniseg predict` with the
     unpacked bundle (by name, from $UNISEG_HOME) and a converted official model segments a real CT."""
@@ -191,6 +193,7 @@ def test_only_user_errors_are_one_line(monkeypatch, capsys):
     assert seen == [{"input": "a", "output": "b"}] * 2
 
 
+@pytest.mark.integration
 def test_help_of_commands_that_pass_settings_through():
     run = uniseg("export", "--help", cwd=BUNDLES.parent)
     assert run.returncode == 0 and "--onnx" in run.stdout + run.stderr
@@ -211,6 +214,7 @@ def test_help_texts_are_whole_sentences(command):
         assert text.rstrip().endswith("."), f"--{name}: {text}"
 
 
+@pytest.mark.integration
 def test_weights_keeps_what_the_user_has(official_fixture, tmp_path):
     """--overwrite=false keeps model.pt; a relative --url works; errors name the URL (not a temporary file); a
     large_files.yml path outside the bundle is refused; installed files get the usual permissions."""
@@ -239,6 +243,7 @@ def test_weights_keeps_what_the_user_has(official_fixture, tmp_path):
     assert not (tmp_path.parent / "outside.pt").exists()
 
 
+@pytest.mark.integration
 def test_predict_never_replaces_earlier_outputs_silently(official_fixture, tmp_path):
     src = save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), tmp_path / "official.model")
     weights = tmp_path / "uniseg.pt"

@@ -99,6 +99,7 @@ class CreatesAFile:
         return (open, (str(self.path), "w"))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", ["convert-official", "weights", "predict"])
 def test_code_in_a_checkpoint_is_refused_and_never_runs(official_fixture, tmp_path, command):
     marker = tmp_path / "ran.txt"
@@ -160,6 +161,7 @@ def test_unreadable_files_are_one_clear_error(tmp_path, content, message):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.integration
 def test_converted_official_file_predicts_without_tasks_json(official_fixture, tmp_path):
     """The reported failure: `uniseg convert-official SRC DST` then `uniseg predict --checkpoint DST`, from a folder
     that is not the repository, with no tasks.json beside DST."""
@@ -185,6 +187,7 @@ def test_converted_official_file_predicts_without_tasks_json(official_fixture, t
     assert "non-commercial" in sidecar["weights_licence"] and sidecar["checkpoint"] == str(dst.resolve())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "network_def",
     [

@@ -97,6 +97,7 @@ def _bundle_prediction(bundle: Path, phantoms: Path, task: str, out: Path) -> Pa
     return found
 
 
+@pytest.mark.integration
 @pytest.mark.exactness
 def test_infer_task_segments_the_chosen_task_in_the_input_geometry(bundle, phantoms, tmp_path):
     infer = BundleInferTask(str(bundle), conf={})
@@ -123,6 +124,7 @@ def test_infer_task_segments_the_chosen_task_in_the_input_geometry(bundle, phant
         infer({"image": str(image), "task": "../x", "device": "cpu"})
 
 
+@pytest.mark.integration
 def test_fine_tuning_bundle_segments_its_one_task(tmp_path):
     bundle = _tiny_bundle("uniseg_finetune_vs", TaskRegistry().subset(["vs"]), tmp_path)
     image = next(generate_downstream_phantoms(tmp_path / "vs", "vs", cases=1).rglob("vs_gk_t1_refT1.nii.gz"))
@@ -145,6 +147,7 @@ class _Labelled:
         return self.items
 
 
+@pytest.mark.integration
 def test_train_task_fine_tunes_the_chosen_task_and_updates_model_pt(bundle, phantoms):
     data = json.loads(phantoms.read_text())
     root = phantoms.parent

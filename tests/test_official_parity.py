@@ -112,6 +112,7 @@ def test_full_size_official_key_lists_convert_completely(name, expected, default
     }
 
 
+@pytest.mark.integration
 def test_cli_converts_official_model_file(official_fixture, tmp_path):
     """An official .model (state_dict + training state) -> our checkpoint, via the CLI; no silent overwrite."""
     src = tmp_path / "model_final_checkpoint.model"
@@ -144,6 +145,7 @@ def test_cli_converts_official_model_file(official_fixture, tmp_path):
     assert sorted(p.name for p in dst.parent.iterdir()) == ["model.pt"]  # no temporary file left behind
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("kind", "name"), [("upstream", "uniseg_pretrain"), ("downstream", "uniseg_finetune_btcv")])
 def test_cli_converts_into_a_bundle_with_provenance(official_fixture, tmp_path, kind, name):
     import json
@@ -190,6 +192,7 @@ class Arbitrary:
     """A class that only full unpickling could rebuild."""
 
 
+@pytest.mark.integration
 def test_checkpoint_needing_unpickling_is_refused(tmp_path):
     src = tmp_path / "evil.model"
     torch.save({"state_dict": {}, "hook": Arbitrary()}, src)
@@ -203,6 +206,7 @@ def test_checkpoint_needing_unpickling_is_refused(tmp_path):
     assert not (tmp_path / "out.pt").exists()
 
 
+@pytest.mark.integration
 def test_non_uniseg_checkpoint_is_a_clear_error(tmp_path):
     src = tmp_path / "other.model"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, src)

@@ -5,6 +5,7 @@ bad inputs, refused output folders and interrupted writes."""
 from __future__ import annotations
 
 import json
+import locale
 import shutil
 from pathlib import Path
 
@@ -258,7 +259,11 @@ def write_dicom_series(nifti: Path, folder: Path) -> None:
         tags["0020|000d"], tags["0020|000e"] = "1.2.826.0.1.3680043.2.1125.1", "1.2.826.0.1.3680043.2.1125.2"
         io = itk.GDCMImageIO.New()
         io.KeepOriginalUIDOn()
-        itk.imwrite(plane, str(folder / f"slice{k:03d}.dcm"), imageio=io)
+        locales = locale.setlocale(locale.LC_ALL)
+        try:
+            itk.imwrite(plane, str(folder / f"slice{k:03d}.dcm"), imageio=io)
+        finally:  # GDCM's writer leaves LC_CTYPE "C": this process would read its children's UTF-8 output as ASCII
+            locale.setlocale(locale.LC_ALL, locales)
 
 
 def test_nrrd_and_dicom_inputs_keep_the_geometry(model, small, tmp_path):

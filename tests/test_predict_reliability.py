@@ -272,7 +272,7 @@ def test_a_checkpoint_trained_with_other_settings_is_one_short_error(predict_mod
     assert done.returncode == 2 and len(lines) <= 5, done.stderr
     assert lines[-1].startswith(f"uniseg: error: {narrow}: the weights were trained with other network settings")
     assert "features: file [4, 8, 16, 32, 64, 128] vs config [8, 16, 32, 64, 128, 256]" in lines[-1]
-    assert "pass --base_features 4" in lines[-1] and len(lines[-1]) < 300
+    assert "pass --base_features 4" in lines[-1] and len(lines[-1].replace(str(narrow), "")) < 240  # not the tmp path
     assert not (tmp_path / "out").exists()
 
     network_def = {k: v for k, v in model.network_def.items() if k != "_target_"}

@@ -296,6 +296,7 @@ def bundle_command(dataset_dir: Path, ckpt_dir: Path) -> list[str]:
             "--output_dir", str(ckpt_dir / "eval"), *ids]  # fmt: skip
 
 
+@pytest.mark.integration
 def test_a_real_bundle_run_stops_at_nan_images_in_a_few_lines(cases, tmp_path):
     """End to end, as a user runs it: NaN voxels stop training at the first batch (≤ 5 lines on stderr, no model
     written); a missing datalist is one line, and UNISEG_DEBUG=1 brings the traceback back."""
@@ -328,6 +329,7 @@ def test_a_non_finite_model_is_never_written(tmp_path):
     assert (tmp_path / "model.pt").read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
+@pytest.mark.integration
 def test_red_team_follow_ups_end_in_one_line(tmp_path):
     """generate-phantoms never replaces a datalist; a model file of garbage bytes and an unreadable latest
     checkpoint are one-line errors naming the file and what to do."""

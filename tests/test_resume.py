@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import integration
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monai.transforms import Compose, RandFlipd, RandZoomd
@@ -131,6 +132,7 @@ def assert_same_run(root: Path, reference: Path, epoch: int = 3) -> None:
 
 
 @pytest.fixture(scope="module")
+@integration
 def reference(phantoms, tmp_path_factory) -> Path:
     """An uninterrupted 3-epoch run (in-process, num_workers 0)."""
     root = tmp_path_factory.mktemp("reference")
@@ -139,6 +141,7 @@ def reference(phantoms, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+@integration
 def first_epoch(phantoms, tmp_path_factory) -> Path:
     """The same run interrupted after its first epoch, to be resumed by copies (num_workers 0). Not a 1-epoch run:
     the learning rate schedule depends on ``epochs``."""
@@ -249,6 +252,7 @@ wf.run()
 """
 
 
+@pytest.mark.integration
 def test_kill_9_mid_epoch_with_workers_then_resume_gives_the_uninterrupted_weights(phantoms, tmp_path):
     """num_workers 2: the workers' transforms are seeded from the torch generator when each epoch starts."""
     reference = tmp_path / "reference"

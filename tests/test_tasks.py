@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 
 import pytest
 
+from uniseg_monai.cli import main
 from uniseg_monai.engine.wiring import registry_for_run, requested_task
 from uniseg_monai.tasks import (
     TASK_NAME_RULE,
@@ -125,11 +125,19 @@ def test_task_names_may_use_letters_digits_underscore_dot_and_dash():
         assert check_task_name(name) == name and TaskRegistry().extended({name: MINE})[name].name == name
 
 
-def test_cli_prints_registry():
-    table = subprocess.run([sys.executable, "-m", "uniseg_monai", "tasks"], capture_output=True, text=True)
-    assert table.returncode == 0 and all(name in table.stdout for name in PAPER_TASKS + ["btcv", "vs"])
-    as_json = subprocess.run([sys.executable, "-m", "uniseg_monai", "tasks", "--json"], capture_output=True, text=True)
-    assert json.loads(as_json.stdout) == json.loads(json.dumps(TaskRegistry().to_json()))
+def uniseg_tasks(*options: str, capsys) -> str:
+    """What ``uniseg tasks OPTIONS`` (the CLI's ``main``, in this process) prints; asserts it exits with 0."""
+    with pytest.raises(SystemExit) as done:
+        main(["tasks", *options])
+        sys.exit(0)
+    assert done.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_cli_prints_registry(capsys):
+    assert all(name in uniseg_tasks(capsys=capsys) for name in PAPER_TASKS + ["btcv", "vs"])
+    as_json = uniseg_tasks("--json", capsys=capsys)
+    assert json.loads(as_json) == json.loads(json.dumps(TaskRegistry().to_json()))
 
 
 def test_an_items_task_and_the_tasks_of_a_run_without_datalist(tmp_path):

@@ -181,6 +181,7 @@ def test_each_variant_overlay_builds_its_network(overlay, phantoms, tmp_path):
         assert net.universal_prompt.shape[1] == 8  # 2 x the 4 phantom tasks
 
 
+@pytest.mark.integration
 def test_ablate_trains_each_variant_at_the_same_budget_and_measures_the_prompt(tmp_path, capsys):
     """CI's reduced run: the mechanics (one table, every task, the prompt effect), not the science."""
     md = ablate(tmp_path, variants=["uniseg", "task_blind"], epochs=1, iterations=2)

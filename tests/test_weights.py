@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from monai.bundle import ConfigParser
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
 from uniseg_monai.apps.weights import download_weights, fetch
+from uniseg_monai.cli import main
 from uniseg_monai.engine.checkpoints import description
 from uniseg_monai.model_io.model_files import ModelFileError, ModelLoader, read_model
 from uniseg_monai.model_io.official import convert_state_dict
@@ -28,8 +31,13 @@ TARGETS = {"uniseg_pretrain": "models/model.pt", "uniseg_finetune_btcv": "models
 TARGETS["uniseg_finetune_vs"] = "models/pretrained.pt"
 
 
-def uniseg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "uniseg_monai", *args], capture_output=True, text=True, cwd=cwd)
+def uniseg(*args: str) -> subprocess.CompletedProcess:
+    """``uniseg ARGS`` in this process (the CLI's ``main``): exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err), pytest.raises(SystemExit) as done:
+        main(list(args))
+        sys.exit(0)
+    return subprocess.CompletedProcess(args, done.value.code or 0, out.getvalue(), err.getvalue())
 
 
 def sha256(path: Path) -> str:
@@ -54,6 +62,7 @@ def test_large_files_name_the_official_release(name):
     assert "--bundle_path" in text and "--bundle_root" not in text and "non-commercial" in text
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_monai_download_large_files_works_on_every_bundle(official_fixture, official_file, tmp_path, name):
     """MONAI's own command fetches the listed file (here from file://, as offline machines do); the raw official
@@ -83,6 +92,7 @@ def test_monai_download_large_files_works_on_every_bundle(official_fixture, offi
         assert bundle_pretrained(bundle) == str(target)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("right_hash", [True, False])
 def test_download_checks_the_hash(tmp_path, right_hash):
     remote = tmp_path / "remote" / "model.pt"
@@ -213,8 +223,6 @@ def test_fine_tuning_starts_from_the_fetched_pretraining(official_fixture, offic
 
 @pytest.mark.parametrize("url", ["a folder", "a file:// folder", "the file it would replace"])
 def test_weights_url_naming_a_folder_or_the_target_is_one_line(official_fixture, tmp_path, monkeypatch, capsys, url):
-    from uniseg_monai.cli import main
-
     bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path)
     target = bundle / "models" / "model.pt"
     save_nnunet_v1(nnunet_v1_container(official_fixture["upstream_state_dict"]), target)  # the user's own file
