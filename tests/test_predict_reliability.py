@@ -473,3 +473,33 @@ def test_a_bundle_for_another_network_is_one_line_naming_the_right_one(
         assert done.value.code == 2 and len(lines) == 1, lines
         assert lines[0].startswith(f"uniseg: error: {path} {expected}") and lines[0].endswith(fix)
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder
+
+
+def test_a_5d_a_truncated_and_a_nan_sform_file_are_one_line_each(crop, tmp_path, capsys):
+    """A 5D file (trailing singleton axes), a truncated .nii.gz and a NaN in the sform (nibabel and MONAI would
+    fall back to the pixdims): each one line naming the file and the fix, nothing written."""
+    voxels, affine = crop
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save(folder / "five.nii.gz", voxels[..., None, None], affine)
+    whole = save(tmp_path / "whole.nii.gz", voxels, affine).read_bytes()
+    (folder / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
+    header = nib.Nifti1Image(voxels, affine).header
+    header.set_qform(None, code=0)
+    header.set_sform(affine, code=1)
+    header["srow_y"][1] = np.nan
+    header["vox_offset"] = 352
+    (folder / "nan.nii").write_bytes(header.binaryblock + bytes(4) + voxels.tobytes(order="F"))
+    model = fine_tuned(tmp_path / "mine.pt", "liver")
+    out = tmp_path / "out"
+    assert predict(str(folder), str(out), "liver", checkpoint=str(model), device="cpu", patch_size=[64, 64, 32]) == 1
+    err = capsys.readouterr().err
+    assert not out.exists() or not list(out.glob("*.nii.gz"))
+    expected = [
+        f"{folder / 'five.nii.gz'}: not a 3D volume (shape ({', '.join(map(str, voxels.shape))}, 1, 1)); fix: provide",
+        f"{folder / 'cut.nii.gz'}: unreadable (",
+        f"{folder / 'nan.nii'}: affine is not a finite 4x4 matrix",
+    ]
+    for text in expected:
+        assert text in err
+    assert len([line for line in err.splitlines() if " failed: InputError: " in line]) == 3

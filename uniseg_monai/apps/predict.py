@@ -613,8 +613,6 @@ def _predict_cases(
         try:
             predictor.write(out, name, source, tasks, run)
         except USER_ERRORS as err:  # one bad case (its files, header or values) must not stop the others; a bug does
-            while err.__cause__ is not None:
-                err = err.__cause__
             failed[name] = f"{type(err).__name__}: {str(err).strip()}"
             tqdm.write(f"uniseg predict: {name} ({source}) failed: {failed[name]}", file=sys.stderr)
     written = len(cases) - len(failed) - len(skipped)

@@ -86,10 +86,14 @@ def nifti_affine(img: nib.Nifti1Image, path: str) -> np.ndarray:
 def read_header(path: str) -> Volume:
     """Channels, shape and affine of ``path`` from its header (NIfTI via nibabel, other formats via ITK); no voxels."""
     if path.endswith(_NIFTI):
-        img = correct_nifti_header_if_necessary(nib.load(path))  # as MONAI's NibabelReader does
+        img = nib.load(path)
+        stated = np.array(img.affine, dtype=float)  # the header's s/qform: MONAI's correction (in place) hides a NaN
+        img = correct_nifti_header_if_necessary(img)  # as MONAI's NibabelReader does
         shape = tuple(int(s) for s in img.shape)
-        channels = int(np.prod(shape[3:])) if len(shape) > 3 else 1
-        return Volume(path, channels, shape[:3] if len(shape) > 3 else shape, nifti_affine(img, path))
+        # a 4th axis holds channels (MONAI's reader puts it first); a 5D+ file is no 3D volume, whatever its sizes
+        channels, spatial = (shape[3], shape[:3]) if len(shape) == 4 else (1, shape)
+        affine = nifti_affine(img, path) if np.isfinite(stated).all() else stated
+        return Volume(path, channels, spatial, affine)
     import itk
 
     io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
