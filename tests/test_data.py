@@ -166,6 +166,28 @@ def test_a_datalist_task_name_that_is_not_an_identifier_is_refused(phantoms, tmp
     assert not (tmp_path / "prepared.json").exists()
 
 
+def test_task_names_differing_only_in_case_and_a_case_name_leading_out_are_refused(phantoms, tmp_path):
+    """Two task names equal but for letter case (their output files collide on case-insensitive file systems) and an
+    item's ``case`` (it names output files) with a folder part: one problem naming the datalist, and the readers
+    refuse it."""
+    content = json.loads(phantoms.read_text())
+    twin = {"PH_ORGANS": {**content["tasks"]["ph_organs"], "id": 9}}
+    datalist = tmp_path / "twins.json"
+    datalist.write_text(json.dumps({**content, "tasks": {**content["tasks"], **twin}}))
+    message = "tasks 'ph_organs' and 'PH_ORGANS' differ only in letter case"
+    with pytest.raises(TaskError, match=f"^{re.escape(f'{datalist}: {message}')}"):
+        registry_for_datalist(datalist)
+    assert [message in str(p) for p in check_datalist(datalist, progress=False)] == [True]
+
+    escaping = tmp_path / "escaping.json"
+    content["training"][0]["case"] = "../../esc"
+    escaping.write_text(json.dumps(content))
+    message = f"{escaping}: training[0]: 'case' '../../esc' must be a file name (no folder part"
+    assert [str(p).startswith(message) for p in check_datalist(escaping, progress=False)] == [True]
+    with pytest.raises(DatalistError, match=f"^{re.escape(message)}"):
+        load_items(escaping, "training", registry_for_datalist(phantoms))
+
+
 def absolute_items(phantoms: Path, task: str) -> list[dict]:
     """The phantom training items of ``task`` with absolute paths."""
     items = [i for i in json.loads(phantoms.read_text())["training"] if i["task"] == task]

@@ -19,6 +19,7 @@ from conftest import shared_path, zyx_to_xyz
 from network_outputs import all_heads
 from nnunet_v1 import nnunet_v1_container, save_nnunet_v1
 
+from uniseg_monai.core.errors import UniSegError
 from uniseg_monai.model_io.model_files import (
     ModelFileError,
     convert_official,
@@ -214,3 +215,63 @@ def test_config_code_in_a_network_def_is_refused_unevaluated(official_fixture, t
     )  # fmt: skip
     assert run.returncode == 2 and "refused unevaluated" in run.stderr and "Traceback" not in run.stderr
     assert not marker.exists()
+
+
+def _two_task_file(path: Path, tasks: dict) -> Path:
+    """A random-weight 2-task, 3-class UniSeg model file with the task table ``tasks`` (raw JSON)."""
+    net = UniSeg(num_tasks=2, num_classes=3, patch_size=(32, 32, 16), features=[4, 8, 16, 32, 64, 128])
+    torch.save({"model": net.state_dict(), "network_def": net.network_def(), "tasks": tasks}, path)
+    return path
+
+
+def _task(task_id: int, classes: int = 3) -> dict:
+    return {"id": task_id, "modalities": ["CT"], "labels": [f"c{i}" for i in range(classes)], "spacing": [1, 1, 1]}
+
+
+@pytest.mark.parametrize(
+    ("tasks", "message"),
+    [
+        ({"a": _task(0), "b": _task(2)}, "task 'b' id 2, but the network has 2 task slot(s) (ids 0-1)"),
+        ({"a": _task(0), "b": _task(1, classes=6)}, "task 'b' has 6 labels, but the network outputs 3 classes"),
+        ({"a": _task(0), "b": _task(0)}, "tasks 'a' and 'b' share id 0"),
+        ({"Liver": _task(0), "liver": _task(1)}, "tasks 'Liver' and 'liver' differ only in letter case"),
+        ("liver", '"tasks" (its task table) must map task names to task definitions, got str'),
+    ],
+)
+def test_a_task_table_that_does_not_fit_its_network_is_refused_when_read(tmp_path, tasks, message):
+    """Task ids beyond the network's slots, more labels than its outputs, two tasks on one id (maps with wrong label
+    meanings), names colliding on case-insensitive file systems, a table that is no mapping: one line naming the
+    file, when it is read (not per case)."""
+    path = _two_task_file(tmp_path / "model.pt", tasks)
+    with pytest.raises(ModelFileError) as err:
+        read_model(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"hello world, no pickle\n" * 4, "invalid data: neither a PyTorch zip archive nor a pickle"), (b"", "empty")],
+)
+def test_an_unreadable_file_says_why_in_words(tmp_path, content, reason):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match=f"garbage.pt: not a readable PyTorch file \\({reason}"):
+        read_model(path)
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        ("my_new_task", "--task 'my_new_task' is not a built-in task with 14 classes (those: ['btcv'])"),
+        ("../evil", "--task: task name '../evil': use letters"),
+    ],
+)
+def test_a_downstream_conversion_names_what_is_wrong_with_its_task(official_fixture, tmp_path, task, message):
+    src = save_nnunet_v1(nnunet_v1_container(official_fixture["downstream_state_dict"]), tmp_path / "down.model")
+    with pytest.raises(UniSegError, match=re.escape(message)) as err:
+        convert_official(src, tmp_path / "x.pt", task=task)
+    assert "name its task with --task" not in str(err.value) and not (tmp_path / "x.pt").exists()
+    if task == "my_new_task":  # the way the message gives: a tasks.json beside SRC
+        (tmp_path / "tasks.json").write_text(json.dumps({"tasks": {task: _task(0, classes=14)}}))
+        assert convert_official(src, tmp_path / "x.pt")["tasks"] == [task]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -302,7 +303,7 @@ def test_task_names_of_a_model_file_or_the_command_line_never_lead_out_of_the_ou
     argv = ["predict", "-i", str(good), "-o", str(out), "--bundle", str(PREDICT_BUNDLE), "--device", "cpu"]
     argv += ["--base_features", "4", "--patch_size", "[64,64,32]", "--overwrite"]
     for checkpoint, task, message in (
-        (escaping, "all", f"{escaping}: its task table is not valid (task name 'x/../../../ESCAPED': use letters"),
+        (escaping, "all", f"{escaping}: task name 'x/../../../ESCAPED': use letters"),
         (predict_model, "../x", "--task: task name '../x': use letters"),
     ):
         with pytest.raises(SystemExit) as exited:
@@ -444,6 +445,7 @@ def test_a_fine_tuned_model_predicts_with_the_bundle_its_file_names(crop, tmp_pa
             "uniseg_finetune_vs",
             "holds a multi-task UniSeg (11 task(s): liver, kidney, hepatic_vessel, ...)",
         ),
+        ("official downstream", "uniseg_pretrain", "holds a one-task (fine-tuned) UniSegBackbone, but bundle"),
     ],
 )
 def test_a_bundle_for_another_network_is_one_line_naming_the_right_one(
@@ -456,6 +458,9 @@ def test_a_bundle_for_another_network_is_one_line_naming_the_right_one(
         net = UniSeg(num_tasks=2, num_classes=3, patch_size=(64, 64, 32), features=list(nnunet_features(4)))
         path, fix = tmp_path / "up.pt", "pass --bundle uniseg_pretrain"
         save_model(path, net.state_dict(), net.network_def(), TaskRegistry().subset(["liver", "kidney"]))
+    elif model == "official downstream":  # names no task: no task list to show
+        container = nnunet_v1_container(official_fixture["downstream_state_dict"])
+        path, fix = save_nnunet_v1(container, tmp_path / "down.model"), "pass --bundle uniseg_finetune_btcv"
     else:  # the release's raw nnU-Net checkpoint
         container = nnunet_v1_container(official_fixture["upstream_state_dict"])
         path, fix = (
@@ -503,3 +508,19 @@ def test_a_5d_a_truncated_and_a_nan_sform_file_are_one_line_each(crop, tmp_path,
     for text in expected:
         assert text in err
     assert len([line for line in err.splitlines() if " failed: InputError: " in line]) == 3
+
+
+def test_a_checkpoint_folder_and_an_official_downstream_file_say_what_to_pass(official_fixture, crop, tmp_path):
+    """--checkpoint FOLDER names the model file expected in it; an official downstream .model (its task unknown)
+    names the conversion that gives it one."""
+    good = save(tmp_path / "good.nii.gz", *crop)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    with pytest.raises(ModelFileError, match=re.escape(f"--checkpoint {folder} is a folder: give the model file in it, "
+                                                       f"e.g. {folder / 'model.pt'}")):  # fmt: skip
+        predict(str(good), str(tmp_path / "out"), "btcv", checkpoint=str(folder), device="cpu")
+    down = save_nnunet_v1(nnunet_v1_container(official_fixture["downstream_state_dict"]), tmp_path / "down.model")
+    command = f"uniseg convert-official {down} --dst model.pt --task TASK"
+    with pytest.raises(ModelFileError, match=re.escape(command)):
+        predict(str(good), str(tmp_path / "out"), "btcv", checkpoint=str(down), device="cpu")
+    assert not (tmp_path / "out").exists()

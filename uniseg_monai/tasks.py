@@ -272,6 +272,13 @@ class TaskRegistry(Mapping[str, Task]):
         if tasks is None:
             tasks = (Task.parse(n, {k: v for k, v in s.items() if k not in FLAGS}) for n, s in BUILTIN_TASKS.items())
         self._tasks = {t.name: t for t in tasks}
+        folded: dict[str, str] = {}
+        for name in self._tasks:
+            if (other := folded.setdefault(name.lower(), name)) != name:
+                raise TaskError(
+                    f"tasks {other!r} and {name!r} differ only in letter case: their files (<case>_<task>.nii.gz) "
+                    "collide on case-insensitive file systems; rename one"
+                )
 
     def __getitem__(self, name: str) -> Task:
         check_task_name(name)  # no task has such a name: say why, not only that it is unknown
@@ -332,16 +339,18 @@ class TaskRegistry(Mapping[str, Task]):
 
     def subset(self, names: Iterable[str]) -> TaskRegistry:
         """The named tasks only; their ids must be distinct."""
-        chosen = [self[n] for n in dict.fromkeys(names)]
+        chosen = TaskRegistry([self[n] for n in dict.fromkeys(names)])
+        chosen.check_distinct_ids('give one of them another "id" in the datalist\'s "tasks"')
+        return chosen
+
+    def check_distinct_ids(self, fix: str) -> None:
+        """A :class:`TaskError` (ending in ``fix``) if two tasks share an id (one network task slot, two label
+        meanings)."""
         by_id: dict[int, str] = {}
-        for task in chosen:
+        for task in self._tasks.values():
             if task.id in by_id:
-                raise TaskError(
-                    f"tasks {by_id[task.id]!r} and {task.name!r} share id {task.id}; give one of them another "
-                    '"id" in the datalist\'s "tasks"'
-                )
+                raise TaskError(f"tasks {by_id[task.id]!r} and {task.name!r} share id {task.id}; {fix}")
             by_id[task.id] = task.name
-        return TaskRegistry(chosen)
 
     @property
     def names(self) -> list[str]:
@@ -445,12 +454,21 @@ def load_model_tasks(ckpt_dir: str | Path) -> TaskRegistry:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise TaskError(f"{path}: not a task table ({err})") from None
-    if not isinstance(specs, dict) or not specs:
-        raise TaskError(f'{path}: "tasks" must map task names to their fields, got {specs!r}')
+    return task_table(specs, str(path))
+
+
+def task_table(specs: Any, where: str) -> TaskRegistry:
+    """The tasks of a model's task table ``specs`` (the ``"tasks"`` of a model file or ``tasks.json``): task names
+    mapped to task definitions with distinct ids; else a :class:`TaskError` naming ``where`` (the file)."""
+    if not isinstance(specs, Mapping) or not specs:
+        shown = type(specs).__name__ if specs else repr(specs)
+        raise TaskError(f'{where}: "tasks" (its task table) must map task names to task definitions, got {shown}')
     try:
-        return TaskRegistry(Task.parse(name, spec) for name, spec in specs.items())
-    except (TaskError, TypeError, ValueError, AttributeError) as err:
-        raise TaskError(f"{path}: {err}") from None
+        registry = TaskRegistry(Task.parse(name, spec) for name, spec in specs.items())
+        registry.check_distinct_ids("a model's task table gives each task its own id; re-save the model")
+    except (TaskError, TypeError, ValueError, AttributeError, KeyError) as err:
+        raise TaskError(f"{where}: {err}") from None
+    return registry
 
 
 def resolve_task(item: Mapping[str, Any], registry: TaskRegistry, default: str = "") -> Task:

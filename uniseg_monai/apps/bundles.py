@@ -111,9 +111,9 @@ def check_network(folder: Path, parser: ConfigParser, model: ModelFile) -> None:
         return "a one-task (fine-tuned)" if one_task_network(target) else "a multi-task"
 
     names = model.tasks.names if model.tasks is not None else []
-    tasks = f"{len(names)} task(s): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+    tasks = f" ({len(names)} task(s): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
     raise ModelFileError(
-        f"{model.path} holds {kind(theirs)} {theirs.rsplit('.', 1)[-1]} ({tasks}), but bundle {folder} runs "
+        f"{model.path} holds {kind(theirs)} {theirs.rsplit('.', 1)[-1]}{tasks}, but bundle {folder} runs "
         f"{kind(ours)} {ours.rsplit('.', 1)[-1]}: pass --bundle {bundle_for_model(model)}"
     )
 
@@ -131,6 +131,10 @@ def open_inference(
     checkpoint :data:`DEFAULT_BUNDLE`). A bundle that runs the other kind of network is refused
     (:func:`check_network`).
     """
+    if checkpoint and Path(checkpoint).is_dir():
+        raise ModelFileError(
+            f"--checkpoint {checkpoint} is a folder: give the model file in it, e.g. {Path(checkpoint) / MODEL_FILE}"
+        )
     if checkpoint and not Path(checkpoint).is_file():
         raise ModelFileError(f"--checkpoint {checkpoint} not found: check the path")
     model = read_model(checkpoint) if checkpoint and not bundle else None
@@ -150,6 +154,12 @@ def open_inference(
     if unknown:
         raise UsageError(f"unknown bundle setting(s) {unknown}: not ids of {folder / INFERENCE_CONFIG}")
     parser.update({"bundle_root": str(folder), "ckpt_dir": str(ckpt.parent)})
+    if model.tasks is None and model.official:  # a downstream backbone: its task is not in the file
+        raise ModelFileError(
+            f"{ckpt} is an official downstream UniSeg model ({(model.network_def or {}).get('num_classes')} classes), "
+            f"which does not say its task: convert it once with `uniseg convert-official {ckpt} --dst model.pt --task "
+            "TASK` and pass --checkpoint model.pt"
+        )
     if model.tasks is None:
         raise ModelFileError(
             f"{ckpt} carries no task table and no tasks.json lies beside it: re-save it with this version's "

@@ -17,12 +17,17 @@ Writer = Callable[[BinaryIO], object]
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")  # mkstemp(prefix=".<name>.") beside <name>
 
 
+def is_file_name(name: object) -> bool:
+    """Whether ``name`` is one file name: a non-empty string without a folder part, not ``.`` or ``..``."""
+    return isinstance(name, str) and PurePath(name).name == name and name not in ("", "..")
+
+
 def inside(folder: str | os.PathLike, name: str) -> Path:
     """``folder / name`` for an output file (or folder) whose ``name`` is built from task or case names; an
     :class:`~uniseg_monai.core.errors.InputError` unless ``name`` is one file name (no folder part, not ``.`` or ``..``)
     and the path, links resolved, lies in ``folder`` (a link there pointing elsewhere is refused too)."""
     path = Path(folder) / name
-    if PurePath(name).name != name or name in ("", "..") or not path.resolve().is_relative_to(Path(folder).resolve()):
+    if not is_file_name(name) or not path.resolve().is_relative_to(Path(folder).resolve()):
         raise InputError(
             f"{path}: not a file in the output folder {folder} ({name!r} has a folder part or '..', or a link leads "
             "out): rename the task or case, or remove the link"

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from uniseg_monai.core.atomic import is_file_name
 from uniseg_monai.core.errors import UniSegError
 from uniseg_monai.tasks import TaskRegistry, check_task_name
 
@@ -52,6 +53,11 @@ def read_datalist(path: str | Path) -> dict[str, Any]:
                 )
             if "label" in item and not _is_path(label):
                 raise DatalistError(f"{path}: {section}[{i}]: 'label' must be one file path, got {label!r}")
+            if "case" in item and not is_file_name(item["case"]):
+                raise DatalistError(
+                    f"{path}: {section}[{i}]: 'case' {item['case']!r} must be a file name (no folder part, not '.' "
+                    "or '..'): it names the case's output files; rename it"
+                )
     return data
 
 

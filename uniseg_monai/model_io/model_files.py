@@ -37,7 +37,15 @@ from uniseg_monai.core.errors import UniSegError, UsageError
 from uniseg_monai.model_io.official import OfficialCheckpointError, convert_state_dict, infer_network_def, strip_prefix
 from uniseg_monai.networks import CLIPDoDNet, DoDNet, TaskBlindUniSeg, UniSeg, UniSegBackbone
 from uniseg_monai.networks.uniseg import PROMPTS
-from uniseg_monai.tasks import MODEL_TASKS_FILE, PAPER_UPSTREAM_TASKS, Task, TaskError, TaskRegistry, load_model_tasks
+from uniseg_monai.tasks import (
+    MODEL_TASKS_FILE,
+    PAPER_UPSTREAM_TASKS,
+    TaskError,
+    TaskRegistry,
+    check_task_name,
+    load_model_tasks,
+    task_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +123,16 @@ def load_weights_only(
             "weights_only=True refused it). Re-save only its state_dict with torch.save, or get the file again."
         ) from err
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as err:  # garbage bytes: any of them
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise error(f"{label}: not a readable PyTorch file ({reason}); {fix}") from err
+        raise error(f"{label}: not a readable PyTorch file ({_unreadable(err)}); {fix}") from err
+
+
+def _unreadable(err: Exception) -> str:
+    """Why torch could not read a file, in words: pickle's KeyError / IndexError carry only a byte value."""
+    if isinstance(err, EOFError):
+        return "empty or truncated"
+    if isinstance(err, (KeyError, IndexError)) or not str(err).strip():
+        return "invalid data: neither a PyTorch zip archive nor a pickle"
+    return str(err).strip().splitlines()[0]
 
 
 def _refused_globals(path: Path) -> list[str] | None:
@@ -164,14 +180,33 @@ def read_model(path: str | os.PathLike, name: str = "") -> ModelFile:
             tasks = TaskRegistry().subset(PAPER_UPSTREAM_TASKS).to_json()  # the release: the paper's 11 tasks
     if tasks is not None:
         try:
-            registry = TaskRegistry(Task.parse(name, spec) for name, spec in tasks.items())
-        except (TaskError, AttributeError, TypeError, KeyError) as err:
-            raise ModelFileError(f"{label}: its task table is not valid ({err})") from err
+            registry = task_table(tasks, label)
+        except TaskError as err:
+            raise ModelFileError(str(err)) from None
     elif (path.parent / MODEL_TASKS_FILE).is_file():
         registry = load_model_tasks(path.parent)
     else:
         registry = None
+    if registry is not None and network_def is not None:
+        check_tasks_fit(registry, network_def, label)
     return ModelFile(path, state, network_def, registry, official, provenance)
+
+
+def check_tasks_fit(tasks: TaskRegistry, network_def: dict[str, Any], label: str) -> None:
+    """A :class:`ModelFileError` naming the file ``label`` if a task of its table has no slot in the network (an id
+    >= ``num_tasks``) or more classes than its ``num_classes`` outputs."""
+    slots, classes = network_def.get("num_tasks"), network_def.get("num_classes")
+    for task in tasks.values():
+        if isinstance(slots, int) and task.id >= slots:
+            raise ModelFileError(
+                f"{label}: its task table gives task {task.name!r} id {task.id}, but the network has {slots} task "
+                f"slot(s) (ids 0-{slots - 1}); the file is inconsistent: re-save it with its task ids"
+            )
+        if isinstance(classes, int) and task.num_classes > classes:
+            raise ModelFileError(
+                f"{label}: task {task.name!r} has {task.num_classes} labels, but the network outputs {classes} "
+                "classes; the file is inconsistent: re-save it with the labels it was trained with"
+            )
 
 
 def checked_network_def(network_def: Any, label: str) -> dict[str, Any]:
@@ -355,15 +390,26 @@ def check_destination(src: str | os.PathLike, dst: str | os.PathLike, option: st
 
 
 def downstream_tasks(num_classes: int, task: str, src: str | os.PathLike) -> TaskRegistry:
-    """The task table of an official downstream checkpoint with ``num_classes`` classes."""
+    """The task table of an official downstream checkpoint with ``num_classes`` classes: the built-in task ``task``,
+    else the only built-in task with that class count."""
     builtin = TaskRegistry()
-    names = [task] if task else [t.name for t in builtin.values() if t.num_classes == num_classes]
-    if len(names) != 1 or names[0] not in builtin or builtin[names[0]].num_classes != num_classes:
+    fitting = [t.name for t in builtin.values() if t.num_classes == num_classes]
+    own = (
+        f'define your own task in a {MODEL_TASKS_FILE} beside {src} ({{"tasks": {{"NAME": {{"id": 0, "modalities": '
+        f'[...], "labels": [{num_classes} names], "spacing": [x, y, z]}}}}}}, keys as in a datalist\'s "tasks") and '
+        "convert again"
+    )
+    if task:
+        check_task_name(task, "--task")
+        if task in fitting:
+            return builtin.subset([task])
         raise ModelFileError(
-            f"{src}: a downstream model with {num_classes} classes: name its task with --task (a built-in task "
-            f"with {num_classes} classes: {[t.name for t in builtin.values() if t.num_classes == num_classes]})"
+            f"{src}: --task {task!r} is not a built-in task with {num_classes} classes (those: {fitting}); {own}"
         )
-    return builtin.subset(names)
+    if len(fitting) == 1:
+        return builtin.subset(fitting)
+    choose = f"name its task with --task (one of {fitting}), or " if fitting else "no built-in task has them: "
+    raise ModelFileError(f"{src}: a downstream model with {num_classes} classes: {choose}{own}")
 
 
 def official_provenance(src: Path, tool: str, url: str = "") -> dict[str, Any]:
