@@ -462,7 +462,9 @@ def task_table(specs: Any, where: str) -> TaskRegistry:
     mapped to task definitions with distinct ids; else a :class:`TaskError` naming ``where`` (the file)."""
     if not isinstance(specs, Mapping) or not specs:
         shown = type(specs).__name__ if specs else repr(specs)
-        raise TaskError(f'{where}: "tasks" (its task table) must map task names to task definitions, got {shown}')
+        raise TaskError(
+            f'{where}: "tasks" must map task names to task definitions (a model\'s task table), got {shown}'
+        )
     try:
         registry = TaskRegistry(Task.parse(name, spec) for name, spec in specs.items())
         registry.check_distinct_ids("a model's task table gives each task its own id; re-save the model")
