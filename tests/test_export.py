@@ -11,6 +11,7 @@ import torch
 
 from uniseg_monai.apps.export import OnnxCheckError, export_bundle_onnx, export_onnx, run_onnx
 from uniseg_monai.cli import main
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.model_io.model_files import save_model
 from uniseg_monai.networks import UniSeg, UniSegBackbone
 from uniseg_monai.tasks import TaskRegistry, save_model_tasks
@@ -125,6 +126,12 @@ def test_export_bundle_onnx(tmp_path):
     assert np.abs(run_onnx(out, image, task_id) - reference(net, image, task_id)).max() <= 1e-4
     with pytest.raises(FileExistsError):
         export_bundle_onnx(PRETRAIN, out, ckpt=ckpt_dir / "checkpoint_epoch=3.pt", **ARCH)
+    (tmp_path / "link.onnx").symlink_to(ckpt_dir / "checkpoint_epoch=3.pt")
+    for dst in (ckpt_dir / "checkpoint_epoch=3.pt", tmp_path / "link.onnx"):  # the model itself, or a link to it
+        before = (ckpt_dir / "checkpoint_epoch=3.pt").read_bytes()
+        with pytest.raises(UsageError, match=r"--onnx .* is the source file .*checkpoint_epoch=3.pt itself"):
+            export_bundle_onnx(PRETRAIN, dst, ckpt=ckpt_dir / "checkpoint_epoch=3.pt", overwrite=True, **ARCH)
+        assert (ckpt_dir / "checkpoint_epoch=3.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize(

@@ -199,12 +199,18 @@ def test_skip_existing_recomputes_a_case_with_a_missing_task_and_removes_orphans
     before = (out / "good_all_merged.json").stat().st_mtime_ns
     for suffix in (".nii.gz", ".json"):  # one task's map and sidecar gone: the case is not complete
         (out / f"good_ph_liver{suffix}").unlink()
-    (out / ".good_ph_organs.nii.gz.ab3_x9z0").write_bytes(b"half a map")  # an interrupted write's temporary
+    (out / f".good_ph_organs.nii.gz.ab3_x9z0{atomic.PARTIAL}").write_bytes(b"half a map")  # an interrupted write's
+    users = [out / ".good_report.json.original", out / ".good_seg.nii.gz.20241201"]  # the user's own hidden files
+    for path in users:
+        path.write_text("mine")
     capsys.readouterr()
     assert run(predict_model, str(good), out, "all", skip_existing=True) == 0
     err = capsys.readouterr().err
     assert "good: recomputed, some of its outputs are missing (--skip_existing)" in err
     assert f"removed 1 temporary file(s) of an interrupted run in {out}" in err
+    assert all(path.read_text() == "mine" for path in users)
+    for path in users:
+        path.unlink()
     assert case_files(out, "good") == outputs and (out / "good_all_merged.json").stat().st_mtime_ns != before
 
     sidecar = json.loads((out / "good_ph_organs.json").read_text())  # files of another model are never replaced
@@ -212,6 +218,12 @@ def test_skip_existing_recomputes_a_case_with_a_missing_task_and_removes_orphans
     (out / "good_all_merged.nii.gz").unlink()
     with pytest.raises(FileExistsError, match=r"good_ph_organs.nii.gz exists \(2 output .* not written by this --"):
         run(predict_model, str(good), out, "all", skip_existing=True)
+    (out / "good_ph_organs.json").unlink()  # a map without its sidecar: which model wrote it is unknown
+    with pytest.raises(
+        FileExistsError, match=r"good_ph_organs.nii.gz exists without its sidecar good_ph_organs.json, so"
+    ):
+        run(predict_model, str(good), out, "all", skip_existing=True)
+    assert (out / "good_ph_organs.nii.gz").exists()
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(
@@ -230,6 +242,30 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_stale_lock_taken_ove
     assert run(predict_model, str(good), out) == 0
     assert f"taking over the stale lock of a run that is gone (pid {int(gone.stdout)} on" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["good_ph_organs.json", "good_ph_organs.nii.gz"]
+
+
+def test_a_lock_path_that_is_a_folder_is_one_line_naming_it(predict_model, crop, tmp_path):
+    good, out = save(tmp_path / "good.nii.gz", *crop), tmp_path / "out"
+    (out / LOCK_NAME).mkdir(parents=True)
+    with pytest.raises(InputError, match=rf"{out / LOCK_NAME} is not a file .*: remove it and run again"):
+        run(predict_model, str(good), out)
+    assert [p.name for p in out.iterdir()] == [LOCK_NAME]
+
+
+def test_ctrl_c_during_predict_hints_at_predict_not_training(predict_model, crop, tmp_path, monkeypatch, capsys):
+    good, out = save(tmp_path / "good.nii.gz", *crop), tmp_path / "out"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict_module, "Predictor", interrupted)
+    ids = {"bundle": PREDICT_BUNDLE, "checkpoint": predict_model, "device": "cpu"}
+    settings = [f"--{k}={v}" for k, v in ids.items()]
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", "-i", str(good), "-o", str(out), "ph_organs", *settings])
+    err = capsys.readouterr().err
+    assert exited.value.code == 130 and "uniseg: interrupted (nothing partial was written; run again" in err
+    assert "--resume" not in err and not (out.exists() and any(out.iterdir()))  # nothing partial, no lock left
 
 
 def test_a_group_whose_rename_fails_leaves_nothing_new(tmp_path):

@@ -4,6 +4,7 @@ most common bundle mistakes (each ≤ 5 lines on stderr, naming the file or id a
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import torch
 from conftest import BUNDLES, held_by_another_process
 from monai.bundle import ConfigWorkflow
 
-from uniseg_monai.core.errors import InputError, NonFiniteError, UsageError, user_error
+from uniseg_monai.core.errors import InputError, NonFiniteError, UsageError, one_line_errors, user_error
 from uniseg_monai.core.locks import LOCK_NAME, FolderInUseError, acquire, release
 from uniseg_monai.data.check import check_datalist, check_run_items
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
@@ -224,7 +225,14 @@ def test_common_bundle_mistakes_end_in_one_line_naming_the_fix(cases, tmp_path, 
         "bad boolean": ({"resume": "maybe"}, ["--resume takes true or false"]),
         "bad compile": ({"compile": "maybe"}, ["--compile takes true or false"]),
         "bad AMP dtype": ({"amp_dtype": "fp8"}, ["--amp_dtype must be one of ['bfloat16', 'float16'], got 'fp8'"]),
-        "patch size": ({"patch_size": [30, 30, 16]}, ["patch_size (30, 30, 16)", "set --patch_size"]),
+        "patch size": ({"patch_size": [30, 30, 16]}, ["--patch_size [30, 30, 16]", "set --patch_size"]),
+        "patch shape": ({"patch_size": [64, 64]}, ["--patch_size must be [x, y, z] positive integers"]),
+        "no epochs": ({"epochs": 0}, ["--epochs takes a positive integer, got 0"]),
+        "negative epochs": ({"epochs": -1}, ["--epochs takes a positive integer, got -1"]),
+        "epochs not a number": ({"epochs": "abc"}, ["--epochs takes a positive integer, got 'abc'"]),
+        "no validation interval": ({"val_interval": 0}, ["--val_interval takes a positive integer, got 0"]),
+        "no iterations": ({"iterations_per_epoch": 0}, ["--iterations_per_epoch takes a positive integer"]),
+        "negative learning rate": ({"learning_rate": -1}, ["--learning_rate must be a number > 0, got -1"]),
         "unknown task": ({"task": "spleen"}, ["unknown task 'spleen'", "define it in the datalist"]),
         "missing file": (
             {"dataset_dir": tmp_path / "missing_file"},
@@ -238,11 +246,31 @@ def test_common_bundle_mistakes_end_in_one_line_naming_the_fix(cases, tmp_path, 
         err = stderr_of_failed_run("train", capsys, **{k: str(v) if isinstance(v, Path) else v for k, v in ids.items()})
         assert len(err.strip().splitlines()) <= 2 and err.startswith("uniseg: error: "), (name, err)
         assert all(marker in err for marker in markers), (name, err)
-        if name in ("nothing to resume", "bad boolean", "bad AMP dtype", "missing file", "label grid", "no validation"):
+        if name not in ("datalist not JSON", "earlier run", "unknown task", "bad compile"):  # refused before writing
             assert not Path(ids["ckpt_dir"]).exists() or not any(Path(ids["ckpt_dir"]).iterdir()), name
     assert sorted(p.name for p in earlier.iterdir()) == ["checkpoint_epoch=3.pt"]  # untouched
     err = stderr_of_failed_run("train+evaluate", capsys, dataset_dir=str(data), ckpt_dir=str(tmp_path / "empty"))
     assert "empty: no model with a task table" in err and "uniseg weights" in err
+
+
+def test_a_user_error_is_not_logged_again_before_its_one_line(one_line_hook):
+    """ignite's "terminating" line and MONAI's logged exception of a user error stay below INFO: the run ends with
+    the one-line message once; other errors are still logged."""
+    stream, logger = io.StringIO(), logging.getLogger("uniseg_test_one_line")
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    one_line_errors()
+    try:
+        for err in (UsageError("--epochs takes a positive integer"), ValueError("a bug")):
+            try:
+                raise err
+            except Exception as caught:
+                logger.error(f"Engine run is terminating due to exception: {caught}")
+                logger.exception(f"Exception: {caught}")
+    finally:
+        logger.removeHandler(handler)
+    assert "positive integer" not in stream.getvalue() and stream.getvalue().count("a bug") >= 2
 
 
 def test_a_run_folder_in_use_by_another_training_is_refused(cases, tmp_path, capsys, one_line_hook):

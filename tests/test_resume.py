@@ -204,7 +204,7 @@ def test_an_old_checkpoint_still_resumes_inexactly_with_a_warning(phantoms, firs
     shutil.copytree(first_epoch, root)
     path = root / "models" / "checkpoint_epoch=1.pt"
     old = torch.load(path, weights_only=True)
-    for key in ("sampler", "random_states", "best_model", "grad_scaler", "gradient_buffers"):
+    for key in ("sampler", "random_states", "best_model", "grad_scaler", "gradient_buffers", "batch_size"):
         del old[key]
     torch.save(old, path)
     wf, lines = train(phantoms, root, epochs=2, num_workers=0, resume=True)
@@ -223,13 +223,17 @@ def test_resuming_a_finished_run_is_refused(phantoms, first_epoch, tmp_path):
     assert checkpoints(root) == ["checkpoint_epoch=1.pt"]
 
 
-def test_resuming_with_another_learning_rate_or_epoch_length_is_refused(phantoms, first_epoch, tmp_path):
+def test_resuming_with_another_learning_rate_epoch_length_or_batch_size_is_refused(phantoms, first_epoch, tmp_path):
     root = tmp_path / "run"
     shutil.copytree(first_epoch, root)
     with pytest.raises(Exception) as refused:
         train(phantoms, root, epochs=3, num_workers=0, resume=True, learning_rate=0.02, iterations_per_epoch=3)
     message = str(user_error(refused.value))
     assert "trained with learning_rate 0.01 (now 0.02), iterations_per_epoch 2 (now 3); resume with" in message
+    saved = torch.load(root / "models" / "checkpoint_epoch=1.pt", weights_only=True)["batch_size"]
+    with pytest.raises(Exception) as refused:
+        train(phantoms, root, epochs=3, num_workers=0, resume=True, batch_size=saved + 1)
+    assert f"trained with batch_size {saved} (now {saved + 1}); resume with" in str(user_error(refused.value))
     assert checkpoints(root) == ["checkpoint_epoch=1.pt"]
 
 

@@ -361,6 +361,10 @@ COMMANDS: dict[str, Callable[..., Any]] = {
         "predict": _predict,
     }.items()
 }
+INTERRUPTED = {  # what Ctrl-C left, per command
+    "predict": "nothing partial was written; run again (with --skip_existing to keep the finished cases)",
+    "add-task": "the training continues with the same command and --resume true",
+}
 SHORT_FLAGS = {"predict": {"-i": "--input", "-o": "--output"}}  # TotalSegmentator's spelling
 
 
@@ -400,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
                 _check_options(argv[0], argv[1:])
         fire.Fire(COMMANDS, command=argv, name="uniseg")
     except KeyboardInterrupt:
-        print("uniseg: interrupted (a training run continues with the same command and --resume true)", file=sys.stderr)
+        hint = INTERRUPTED.get(argv[0] if argv else "", "")
+        print(f"uniseg: interrupted{f' ({hint})' if hint else ''}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
         cause = user_error(err)

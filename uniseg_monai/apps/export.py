@@ -40,7 +40,7 @@ from torch import nn
 from uniseg_monai.apps.bundles import open_inference
 from uniseg_monai.core.atomic import write_atomic
 from uniseg_monai.core.errors import UsageError
-from uniseg_monai.model_io.model_files import load_into
+from uniseg_monai.model_io.model_files import check_destination, load_into
 from uniseg_monai.networks import UniSeg
 
 SPATIAL_AXES = {2: "x", 3: "y", 4: "z"}
@@ -224,10 +224,14 @@ def export_bundle_onnx(
 
     Returns:
         :func:`export_onnx`'s dict, plus ``"ckpt"``.
+
+    Raises:
+        UsageError: ``out_path`` is the model file itself (also through a link), even with ``overwrite``.
     """
     if Path(out_path).exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it")
     parser, model = open_inference(bundle_dir, ckpt, overrides)
+    check_destination(model.path, out_path, "--onnx")
     network = parser.get_parsed_content("network_def")
     load_into(network, model)
     if window is None:

@@ -195,12 +195,16 @@ def _complete(out: Path, case: str, tasks: Sequence[Task], merged: bool) -> bool
     return written == {t.name for t in tasks if t.in_channels in channels} and all(pair(n) for n in written)
 
 
+def _sidecar(path: Path) -> Path:
+    """The sidecar JSON of an output ``path`` (a map or the sidecar itself)."""
+    return path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".json") + ".json")
+
+
 def _from_model(path: Path, checkpoint: str) -> bool:
     """Whether the output ``path`` (a map or a sidecar) comes from the model file ``checkpoint``: its sidecar says
-    so."""
-    sidecar = path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".json") + ".json")
+    so (a map without its sidecar cannot tell: False)."""
     try:
-        return json.loads(sidecar.read_text()).get("checkpoint") == checkpoint
+        return json.loads(_sidecar(path).read_text()).get("checkpoint") == checkpoint
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -594,11 +598,14 @@ def _predict_cases(
     if skip_existing:  # a case with missing outputs is recomputed, replacing its files that this model wrote
         earlier = [p for p in earlier if not _from_model(p, predictor.sidecar["checkpoint"])]
     if earlier and not overwrite:
-        why, also = (" not written by this --checkpoint", "") if skip_existing else (
-            "", ", --skip_existing to keep the cases whose outputs all exist")  # fmt: skip
+        what, why, also = f"{earlier[0]} exists", "", ", --skip_existing to keep the cases whose outputs all exist"
+        if skip_existing:  # a map without its sidecar cannot tell which model wrote it: it may be the user's own
+            why, also = " not written by this --checkpoint, or without the sidecar that tells", ""
+            if not _sidecar(earlier[0]).exists():
+                what += f" without its sidecar {_sidecar(earlier[0]).name}, so which model wrote it is unknown"
         raise FileExistsError(
-            f"{earlier[0]} exists ({len(earlier)} output file(s) of an earlier run in {out}{why}); pass --overwrite to "
-            f"replace them{also}, or choose another output folder"
+            f"{what} ({len(earlier)} output file(s) of an earlier run in {out}{why}); pass --overwrite to replace "
+            f"them (or delete them){also}, or choose another output folder"
         )
     partial = [c for c, files in found.items() if files and skip_existing]
     failed: dict[str, str] = {}

@@ -14,7 +14,8 @@ from typing import BinaryIO
 from uniseg_monai.core.errors import InputError
 
 Writer = Callable[[BinaryIO], object]
-TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")  # mkstemp(prefix=".<name>.") beside <name>
+PARTIAL = ".uniseg-partial"  # the marker of this module's temporaries: only names ending so are ever removed
+TEMPORARY = re.compile(rf"^\.(?P<name>.+)\.[a-z0-9_]{{8}}{re.escape(PARTIAL)}$")  # mkstemp beside <name>
 
 
 def is_file_name(name: object) -> bool:
@@ -50,8 +51,9 @@ def current_umask() -> int:
 
 
 def temporaries(folder: str | os.PathLike) -> dict[Path, str]:
-    """The temporary files of writes here in ``folder`` (``.<name>.XXXXXXXX``) -> the ``<name>`` each was for; one
-    left while no write runs in the folder is the orphan of an interrupted one."""
+    """The temporary files of writes here in ``folder`` (``.<name>.XXXXXXXX.uniseg-partial``) -> the ``<name>`` each
+    was for; one left while no write runs in the folder is the orphan of an interrupted one. A user's own hidden
+    file (``.<name>.original``) lacks the marker and is never taken for one."""
     found = {}
     for path in Path(folder).iterdir():
         match = TEMPORARY.match(path.name)
@@ -63,7 +65,7 @@ def temporaries(folder: str | os.PathLike) -> dict[Path, str]:
 def _temporary(dst: Path, write: Writer) -> Path:
     """``write(f)`` into a new temporary file beside ``dst``, given the mode a plain ``open(dst, "w")`` would
     leave: a replaced file's own mode, else 0o666 less the umask (mkstemp makes 0o600); removed on failure."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=PARTIAL)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

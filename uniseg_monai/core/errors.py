@@ -74,16 +74,25 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() in TRUE
 
 
+IGNITE_STOP = "Engine run is terminating due to exception"
+
+
 def _one_line_record(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
     """A log-record factory whose records lose the traceback of a user error (ignite and MONAI's handlers log an
-    engine's exception with it) and carry its one-line message instead."""
+    engine's exception with it) and carry its one-line message instead; at ERROR level (and ignite's "Engine run is
+    terminating" line) they become DEBUG records: the run ends with that message once (:func:`_excepthook`)."""
 
     def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = factory(*args, **kwargs)
-        cause = user_error(record.exc_info[1]) if record.exc_info else None
+        if record.exc_info:
+            cause = user_error(record.exc_info[1])
+        else:  # ignite logs the exception it is handling by its text alone
+            cause = user_error(sys.exc_info()[1]) if str(record.msg).startswith(IGNITE_STOP) else None
         if cause is not None and not debugging():
             record.msg, record.args = f"stopped: {one_line(cause)}", ()
             record.exc_info, record.exc_text = None, None
+            if record.levelno >= logging.ERROR:
+                record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
         return record
 
     make.one_line = True  # type: ignore[attr-defined]

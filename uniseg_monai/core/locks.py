@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from uniseg_monai.core.errors import UniSegError
+from uniseg_monai.core.errors import InputError, UniSegError
 
 LOCK_NAME = ".uniseg.lock"
 logger = logging.getLogger(__name__)
@@ -124,8 +124,12 @@ def acquire(folder: str | os.PathLike, what: str) -> bool:
     if _ours(folder):
         return True
     folder = Path(folder)
-    created = _make_folder(folder)
     path = folder / LOCK_NAME
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise InputError(
+            f"{path} is not a file (a folder or special file where the lock goes): remove it and run again"
+        )
+    created = _make_folder(folder)
     token = uuid.uuid4().hex
     me = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": _process_start(os.getpid()),
           "started": datetime.now(UTC).isoformat(timespec="seconds"), "what": what,

@@ -91,10 +91,16 @@ class GradientBuffers:
 
 def trainer_entries(trainer: Engine, network: torch.nn.Module) -> dict[str, Any]:
     """The checkpoint entries of a trainer's state beyond ignite's and the objects the bundle lists: its AMP
-    scaler (``grad_scaler``) and the network's gradient buffers (``gradient_buffers``). Written by
-    :class:`ModelCheckpointSaver` with every ``save_dict`` that has a ``trainer``, restored by
-    :class:`ResumeCheckpointLoader`."""
-    return {"grad_scaler": GradScalerState(trainer), "gradient_buffers": GradientBuffers(network)}
+    scaler (``grad_scaler``), the network's gradient buffers (``gradient_buffers``) and its loader's ``batch_size``
+    (checked on resume). Written by :class:`ModelCheckpointSaver` with every ``save_dict`` that has a ``trainer``,
+    restored by :class:`ResumeCheckpointLoader`."""
+    entries = {"grad_scaler": GradScalerState(trainer), "gradient_buffers": GradientBuffers(network)}
+    return {**entries, "batch_size": Entry(_batch_size(trainer))}
+
+
+def _batch_size(trainer: Engine) -> int | None:
+    """The batch size of a trainer's data loader; None where it has none."""
+    return getattr(getattr(trainer, "data_loader", None), "batch_size", None)
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -229,7 +235,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
     Entries of ``load_dict`` that the checkpoint lacks (one written before they were saved) are skipped with a
     warning that the resume is not exact; an object with ``set_epoch`` (the sampler) then continues at the
     checkpoint's epoch. A checkpoint that already reached ``max_epochs`` is refused (ignite would start over), and so
-    is one trained with another learning rate, momentum, weight decay, poly power or iterations per epoch
+    is one trained with another learning rate, momentum, weight decay, poly power, iterations per epoch or batch size
     (:func:`changed_settings`).
     """
 
@@ -262,7 +268,8 @@ class ResumeCheckpointLoader(CheckpointLoader):
         extras = trainer_entries(engine, self.load_dict["model"]) if "model" in self.load_dict else {}
         entries = {**self.load_dict, **extras}
         present = {k: v for k, v in entries.items() if k in checkpoint}
-        missing = [k for k in entries if k not in checkpoint]
+        states = [k for k in entries if not isinstance(entries[k], Entry)]  # a description (batch_size) restores none
+        missing = [k for k in states if k not in checkpoint]
         prior_max_epochs = engine.state.max_epochs
         try:
             Checkpoint.load_objects(to_load=present, checkpoint=checkpoint, strict=self.strict)
@@ -290,9 +297,9 @@ class ResumeCheckpointLoader(CheckpointLoader):
                 "restored (a sampler continues at the checkpoint's epoch) and the resumed run will not be exactly "
                 "the uninterrupted one"
             )
+        restored = ", ".join(k for k in states if k in present)
         self.logger.info(
-            f"Restored {', '.join(present)} from {self.load_path}: iteration {engine.state.iteration}, "
-            f"epoch {engine.state.epoch}"
+            f"Restored {restored} from {self.load_path}: iteration {engine.state.iteration}, epoch {engine.state.epoch}"
         )
 
 
@@ -303,7 +310,8 @@ def changed_settings(checkpoint: Mapping[str, Any], load_dict: Mapping[str, Any]
     """The run settings of a checkpoint that a resumed run would silently replace or mix with its own, as ``"id
     saved (now ours)"``: the optimizer's learning rate (``initial_lr``, the poly schedule's base; ``lr`` without a
     scheduler), momentum and weight decay, and the poly schedule's power (loading restores the checkpoint's), and the
-    iterations per epoch (ignite would count the checkpoint's iterations in epochs of the new length). ``--epochs``
+    iterations per epoch (ignite would count the checkpoint's iterations in epochs of the new length) and the batch
+    size (older checkpoints lack it: not checked). ``--epochs``
     may change: the schedule is stretched (:func:`_stretch_poly_schedule`)."""
     found = []
     optimizer, saved = load_dict.get("optimizer"), checkpoint.get("optimizer", {}).get("param_groups", [])
@@ -315,6 +323,7 @@ def changed_settings(checkpoint: Mapping[str, Any], load_dict: Mapping[str, Any]
     if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR):
         found.append(("poly_power", checkpoint.get("lr_scheduler", {}).get("power"), scheduler.power))
     found.append(("iterations_per_epoch", checkpoint.get("trainer", {}).get("epoch_length"), engine.state.epoch_length))
+    found.append(("batch_size", checkpoint.get("batch_size"), _batch_size(engine)))  # None: an older checkpoint
     return [f"{name} {old} (now {new})" for name, old, new in found if None not in (old, new) and old != new]
 
 

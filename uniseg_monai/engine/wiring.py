@@ -8,6 +8,7 @@ drop-down list there), hands the items over itself (``train#dataset#data``, with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,10 +120,46 @@ def task_id(registry: TaskRegistry, task: str = "") -> int | None:
     return registry[task].id if task else None
 
 
-def check_validation(epochs: int, val_interval: int, required: bool = True) -> bool:
-    """Refuse a training run in which no validation runs (``val_interval`` > ``epochs``): none would pick and write
-    ``model.pt`` (``required`` false: the run writes it otherwise, as adding a task does). True, for
-    ``initialize`` (before any data is cached)."""
+def _whole(value: Any) -> bool:
+    """Whether ``value`` is a whole number >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_numbers(
+    epochs: Any,
+    val_interval: Any,
+    learning_rate: Any = 1.0,
+    iterations_per_epoch: Any = 1,
+    batch_size: Any = 1,
+    patch_size: Any = (1, 1, 1),
+    strides: Sequence[Sequence[int]] = (),
+) -> None:
+    """Refuse, in one line naming the id, a training number that cannot work: ``epochs``, ``val_interval``,
+    ``iterations_per_epoch`` and ``batch_size`` whole numbers >= 1, ``learning_rate`` a number > 0, ``patch_size``
+    three whole numbers >= 1, multiples of the network's total stride (the product of ``strides``, (levels, 3))."""
+    for name, value in (("epochs", epochs), ("val_interval", val_interval),
+                        ("iterations_per_epoch", iterations_per_epoch), ("batch_size", batch_size)):  # fmt: skip
+        if not _whole(value):
+            raise UsageError(f"--{name} takes a positive integer, got {value!r}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not learning_rate > 0:
+        raise UsageError(f"--learning_rate must be a number > 0, got {learning_rate!r}")
+    if not (isinstance(patch_size, list | tuple) and len(patch_size) == 3 and all(map(_whole, patch_size))):
+        raise UsageError(f"--patch_size must be [x, y, z] positive integers, got {patch_size!r}")
+    total = [math.prod(s[axis] for s in strides) for axis in range(3)] if strides else [1, 1, 1]
+    if any(p % t for p, t in zip(patch_size, total)):
+        fit = [-(-p // t) * t for p, t in zip(patch_size, total)]
+        raise UsageError(
+            f"--patch_size {list(patch_size)} is not divisible by the network's total stride {total}: set "
+            f"--patch_size to multiples of it, e.g. {fit}"
+        )
+
+
+def check_validation(epochs: int, val_interval: int, required: bool = True, **numbers: Any) -> bool:
+    """Refuse a training number that cannot work (:func:`check_numbers`, ``numbers``: its other arguments), then a
+    run in which no validation runs (``val_interval`` > ``epochs``): none would pick and write ``model.pt``
+    (``required`` false: the run writes it otherwise, as adding a task does). True, for ``initialize`` (before
+    anything is written or any data cached)."""
+    check_numbers(epochs, val_interval, **numbers)
     if flag(required, "validation_required") and val_interval > epochs:
         raise UsageError(
             f"--val_interval {val_interval} is more than --epochs {epochs}: no validation would run and no model.pt "

@@ -380,13 +380,15 @@ def convert_official(
 
 
 def check_destination(src: str | os.PathLike, dst: str | os.PathLike, option: str) -> None:
-    """Refuse (one line naming ``option``) a model file destination that is a folder, or that is the source file
-    itself (also through a symbolic or hard link): writing would replace the user's source."""
+    """Refuse (one line naming ``option``) a destination that is a folder, or that is the source file itself (also
+    through a symbolic or hard link): writing would replace the user's source (convert-official, weights, export)."""
     src, dst = Path(src), Path(dst)
     if dst.is_dir():
         raise UsageError(f"{option} {dst} is a folder: give the file to write, e.g. {dst / MODEL_FILE}")
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise UsageError(f"{option} {dst} is the source file {src} itself (it would be replaced): convert a copy")
+        raise UsageError(
+            f"{option} {dst} is the source file {src} itself (it would be replaced): write to another file"
+        )
 
 
 def downstream_tasks(num_classes: int, task: str, src: str | os.PathLike) -> TaskRegistry:
