@@ -167,7 +167,7 @@ def predict_model(phantoms, tmp_path_factory) -> Path:
     """Checkpoint of a tiny model (:data:`PREDICT_TINY`) trained through the pretrain bundle for one epoch of 2
     iterations on the 4 phantom tasks, validated (which saves ``model.pt``) on one PET/CT case only, to save time;
     trained once per session for every ``uniseg predict`` test."""
-    from monai.bundle import ConfigWorkflow
+    from uniseg_monai.apps.bundles import run_workflow
 
     root = tmp_path_factory.mktemp("predict_model")
     datalist = json.loads(phantoms.read_text())
@@ -177,12 +177,10 @@ def predict_model(phantoms, tmp_path_factory) -> Path:
             item[key] = [str(phantoms.parent / f) for f in item[key]] if isinstance(item[key], list) else (
                 str(phantoms.parent / item[key]))  # fmt: skip
     (root / "datalist.json").write_text(json.dumps(datalist))
-    wf = ConfigWorkflow(
-        config_file=str(PREDICT_BUNDLE / "configs" / "train.json"),
-        meta_file=str(PREDICT_BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(PREDICT_BUNDLE / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(PREDICT_BUNDLE),
+    run_workflow(
+        PREDICT_BUNDLE,
+        "train",
+        ["train"],
         dataset_dir=str(root),
         ckpt_dir=str(root / "models"),
         output_dir=str(root / "eval"),
@@ -193,7 +191,4 @@ def predict_model(phantoms, tmp_path_factory) -> Path:
         num_workers=0,
         cache_rate=0.0,
     )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
     return root / "models" / "model.pt"

@@ -17,6 +17,7 @@ import torch
 from conftest import free_port, integration, shared_path
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
+from uniseg_monai.apps.bundles import bundle_workflow
 from uniseg_monai.apps.metadata import channel_def
 from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_downstream_phantoms
@@ -50,18 +51,8 @@ def configs(kind: str, *names: str) -> list[str]:
     return [str(BUNDLES / KINDS[kind] / "configs" / f"{n}.json") for n in names]
 
 
-def workflow(kind: str, workflow_type: str, files: list[str], **override) -> ConfigWorkflow:
-    folder = BUNDLES / KINDS[kind]
-    wf = ConfigWorkflow(
-        config_file=files,
-        meta_file=str(folder / "configs" / "metadata.json"),
-        logging_file=str(folder / "configs" / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(folder),
-        **override,
-    )
-    wf.initialize()
-    return wf
+def workflow(kind: str, workflow_type: str, names: list[str], **override) -> ConfigWorkflow:
+    return bundle_workflow(BUNDLES / KINDS[kind], workflow_type, names, **override)
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -119,8 +110,8 @@ def test_the_two_bundles_differ_only_in_task_data_and_normalisation():
 def test_properties_and_network_in_out(downstream, tmp_path):
     kind, datalist = downstream
     dirs = run_dirs(kind, datalist, tmp_path)
-    assert workflow(kind, "train", configs(kind, "train"), **dirs).check_properties() == []
-    assert workflow(kind, "infer", configs(kind, "inference"), **dirs).check_properties() == []
+    assert workflow(kind, "train", ["train"], **dirs).check_properties() == []
+    assert workflow(kind, "infer", ["inference"], **dirs).check_properties() == []
     verify_net_in_out(
         net_id="network_def",
         meta_file=configs(kind, "metadata")[0],
@@ -143,7 +134,7 @@ def finetuned(downstream, pretrained, tmp_path_factory) -> tuple[str, Path, Path
     """One fine-tuning epoch from the pretrained checkpoint; returns (kind, datalist, run folder)."""
     kind, datalist = downstream
     root = tmp_path_factory.mktemp(f"finetune_{kind}")
-    wf = workflow(kind, "train", configs(kind, "train"), **run_dirs(kind, datalist, root, pretrained=str(pretrained)))
+    wf = workflow(kind, "train", ["train"], **run_dirs(kind, datalist, root, pretrained=str(pretrained)))
     network = wf.parser.get_parsed_content("network")
     source = torch.load(pretrained, weights_only=True)["model"]
     assert torch.equal(network.state_dict()["encoder.2.0.conv.weight"], source["encoder.2.0.conv.weight"])
@@ -158,7 +149,7 @@ def finetuned(downstream, pretrained, tmp_path_factory) -> tuple[str, Path, Path
 def test_evaluation_writes_the_table3_layout(finetuned):
     kind, datalist, root = finetuned
     dirs = run_dirs(kind, datalist, root, output_dir=str(root / "report"), evaluate_section="testing")
-    wf = workflow(kind, "eval", configs(kind, "train", "evaluate"), **dirs)
+    wf = workflow(kind, "eval", ["train", "evaluate"], **dirs)
     wf.run()
     wf.finalize()
     header = (root / "report" / "per_class.md").read_text().splitlines()[2]
@@ -172,7 +163,7 @@ def test_evaluation_writes_the_table3_layout(finetuned):
 def test_inference_keeps_the_input_geometry(finetuned):
     kind, datalist, root = finetuned
     dirs = run_dirs(kind, datalist, root, output_dir=str(root / "infer"))
-    wf = workflow(kind, "infer", configs(kind, "inference"), **dirs)
+    wf = workflow(kind, "infer", ["inference"], **dirs)
     wf.run()
     wf.finalize()
     items = load_items(datalist, "testing", registry_for_datalist(datalist))
@@ -192,7 +183,7 @@ def test_a_mismatched_pretrained_checkpoint_is_refused(downstream, tmp_path):
     wide = UniSeg(num_tasks=4, num_classes=4, patch_size=TINY["patch_size"], **{**ARCH, "features": [8, 16, 32, 64]})
     path = tmp_path / "wide.pt"
     torch.save({"model": wide.state_dict()}, path)
-    wf = workflow(kind, "train", configs(kind, "train"), **run_dirs(kind, datalist, tmp_path, pretrained=str(path)))
+    wf = workflow(kind, "train", ["train"], **run_dirs(kind, datalist, tmp_path, pretrained=str(path)))
     with pytest.raises(RuntimeError) as refused:
         wf.parser.get_parsed_content("network")
     cause = refused.value.__cause__
@@ -214,7 +205,7 @@ def test_baseline_overlays_train_one_iteration(overlay, network, patch, tmp_path
     prepare(root / "raw", "ph_btcv", root / "datalist.json", fmt=kind, val_fraction=0.5, test_fraction=0)
     overrides = {f"network_def#{k}": v for k, v in network.items()}
     dirs = run_dirs(kind, root / "datalist.json", tmp_path / "run", patch_size=[patch] * 3, iterations_per_epoch=1)
-    wf = workflow(kind, "train", configs(kind, "train", overlay), **dirs, **overrides)
+    wf = workflow(kind, "train", ["train", overlay], **dirs, **overrides)
     assert (
         type(wf.parser.get_parsed_content("network")).__name__ == {"unetr": "UNETR", "swinunetr": "SwinUNETR"}[overlay]
     )

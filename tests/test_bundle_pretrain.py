@@ -18,6 +18,7 @@ from conftest import free_port, integration, shared_path
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
+from uniseg_monai.apps.bundles import bundle_workflow
 from uniseg_monai.apps.metadata import channel_def
 from uniseg_monai.core.errors import UsageError, user_error
 from uniseg_monai.data import TaskUniformSampler, load_items
@@ -43,17 +44,8 @@ def configs(*names: str) -> list[str]:
     return [str(CONFIGS / f"{n}.json") for n in names]
 
 
-def workflow(kind: str, files: list[str], **override) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=files,
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type=kind,
-        bundle_root=str(BUNDLE),
-        **override,
-    )
-    wf.initialize()
-    return wf
+def workflow(kind: str, names: list[str], **override) -> ConfigWorkflow:
+    return bundle_workflow(BUNDLE, kind, names, **override)
 
 
 def run_dirs(phantoms: Path, root: Path, **extra) -> dict:
@@ -74,12 +66,12 @@ def test_metadata_verifies_offline_and_matches_the_task_registry():
 
 
 def test_train_properties_are_complete(phantoms, tmp_path):
-    assert workflow("train", configs("train"), **run_dirs(phantoms, tmp_path)).check_properties() == []
+    assert workflow("train", ["train"], **run_dirs(phantoms, tmp_path)).check_properties() == []
 
 
 @pytest.mark.integration
 def test_training_on_one_task_of_the_datalist(phantoms, tmp_path):
-    wf = workflow("train", configs("train"), **run_dirs(phantoms, tmp_path, task="ph_brain"))
+    wf = workflow("train", ["train"], **run_dirs(phantoms, tmp_path, task="ph_brain"))
     for section in ("train", "validate"):
         assert {i["task"] for i in wf.parser.get_parsed_content(f"{section}#dataset#data")} == {"ph_brain"}
     assert wf.parser.get_parsed_content("network_def").num_tasks == 4  # the network keeps every task
@@ -105,15 +97,15 @@ def test_network_in_out_with_the_task_as_extra_argument(phantoms):
 def trained(phantoms, tmp_path_factory) -> Path:
     """One epoch, then an interrupted-and-resumed second epoch; returns the run folder."""
     root = tmp_path_factory.mktemp("pretrain")
-    first = workflow("train", configs("train"), **run_dirs(phantoms, root, epochs=1))
+    first = workflow("train", ["train"], **run_dirs(phantoms, root, epochs=1))
     first.run()
     first.finalize()
     assert sorted(p.name for p in (root / "models").iterdir()) == ["checkpoint_epoch=1.pt", "model.pt", "tasks.json"]
     with pytest.raises(RuntimeError) as refused:  # a new run never overwrites the earlier one
-        workflow("train", configs("train"), **run_dirs(phantoms, root, epochs=2))
+        workflow("train", ["train"], **run_dirs(phantoms, root, epochs=2))
     assert isinstance(refused.value.__cause__, FileExistsError) and "--resume true" in str(refused.value.__cause__)
 
-    resumed = workflow("train", configs("train"), **run_dirs(phantoms, root, epochs=2, resume=True))
+    resumed = workflow("train", ["train"], **run_dirs(phantoms, root, epochs=2, resume=True))
     trainer = resumed.parser.get_parsed_content("train#trainer")
     ran = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: ran.append(e.state.iteration))
@@ -140,9 +132,7 @@ def test_training_resumes_and_writes_model_and_tasks(trained, phantoms):
 
 
 def test_evaluation_writes_the_report(trained, phantoms):
-    wf = workflow(
-        "eval", configs("train", "evaluate"), **run_dirs(phantoms, trained, output_dir=str(trained / "report"))
-    )
+    wf = workflow("eval", ["train", "evaluate"], **run_dirs(phantoms, trained, output_dir=str(trained / "report")))
     wf.run()
     wf.finalize()
     report = trained / "report"
@@ -160,13 +150,13 @@ def test_evaluation_writes_the_report(trained, phantoms):
     assert len(rows) == 1 + expected_rows
     before = (report / "per_case.csv").stat().st_mtime_ns
     with pytest.raises(RuntimeError) as refused:  # an earlier report is never replaced without --overwrite true
-        workflow("eval", configs("train", "evaluate"), **run_dirs(phantoms, trained, output_dir=str(report)))
+        workflow("eval", ["train", "evaluate"], **run_dirs(phantoms, trained, output_dir=str(report)))
     assert isinstance(refused.value.__cause__, FileExistsError) and "--overwrite true" in str(refused.value.__cause__)
     assert (report / "per_case.csv").stat().st_mtime_ns == before
 
 
 def test_inference_keeps_the_input_geometry_and_names_the_task(trained, phantoms):
-    wf = workflow("infer", configs("inference"), **run_dirs(phantoms, trained, output_dir=str(trained / "infer")))
+    wf = workflow("infer", ["inference"], **run_dirs(phantoms, trained, output_dir=str(trained / "infer")))
     assert wf.check_properties() == []
     wf.run()
     wf.finalize()
@@ -187,24 +177,24 @@ def test_inference_task_from_the_command_line_and_never_over_earlier_predictions
     ct_only.write_text(json.dumps({"testing": [i for i in data["testing"] if i["task"] == "ph_organs"]}))
     out = trained / "infer_liver"
     ids = run_dirs(phantoms, trained, output_dir=str(out), task="ph_liver", datalist=str(ct_only))
-    wf = workflow("infer", configs("inference"), **ids)
+    wf = workflow("infer", ["inference"], **ids)
     wf.run()
     wf.finalize()
     assert sorted(p.name.split("_")[-2] for p in (out / "predictions").iterdir()) == ["liver"] * 2
     before = {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()}
-    again = workflow("infer", configs("inference"), **ids)
+    again = workflow("infer", ["inference"], **ids)
     with pytest.raises(Exception) as refused:
         again.run()  # an earlier run's predictions are never replaced without --overwrite true
     assert re.search("already holds 2 prediction.* --overwrite true", str(user_error(refused.value)))
     assert {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()} == before
-    replaced = workflow("infer", configs("inference"), **ids, overwrite=True)
+    replaced = workflow("infer", ["inference"], **ids, overwrite=True)
     replaced.run()
     replaced.finalize()
     after = {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()}
     assert after.keys() == before.keys() and all(after[n] != before[n] for n in before)
     empty = tmp_path / "empty"
     empty.mkdir()
-    nothing = workflow("infer", configs("inference"), **run_dirs(phantoms, trained, output_dir=str(out / "x"),
+    nothing = workflow("infer", ["inference"], **run_dirs(phantoms, trained, output_dir=str(out / "x"),
                                                                  dataset_dir=str(empty)))  # fmt: skip
     with pytest.raises(Exception) as refused:
         nothing.run()
@@ -227,7 +217,7 @@ def test_torchscript_export_takes_image_and_task(trained, phantoms, tmp_path):
         patch_size=[64, 64, 32],
     )
     scripted = torch.jit.load(str(ts))
-    wf = workflow("infer", configs("inference"), **run_dirs(phantoms, trained))
+    wf = workflow("infer", ["inference"], **run_dirs(phantoms, trained))
     net = wf.network_def.eval()
     net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True)["model"])
     x = torch.randn(1, 4, 64, 96, 64)  # a 4-channel window of another admissible size

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import PREDICT_BUNDLE, PREDICT_TINY
 from ignite.engine import Engine
-from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 
+from uniseg_monai.apps.bundles import run_workflow
 from uniseg_monai.engine.evaluation import EvaluationReport, TaskDice, score_case
 from uniseg_monai.engine.wiring import registry_for_evaluation
 from uniseg_monai.model_io.model_files import model_tasks
@@ -105,12 +105,10 @@ def evaluate(datalist: dict, ckpt_dir: Path, root: Path) -> dict[tuple[str, str]
     saving the predictions into ``root/report/predictions``; returns the per-case Dice by (case, class)."""
     root.mkdir()
     (root / "datalist.json").write_text(json.dumps(datalist))
-    wf = ConfigWorkflow(
-        config_file=[str(PREDICT_BUNDLE / "configs" / f"{n}.json") for n in ("train", "evaluate")],
-        meta_file=str(PREDICT_BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(PREDICT_BUNDLE / "configs" / "logging.conf"),
-        workflow_type="eval",
-        bundle_root=str(PREDICT_BUNDLE),
+    run_workflow(
+        PREDICT_BUNDLE,
+        "eval",
+        ["train", "evaluate"],
         dataset_dir=str(root),
         ckpt_dir=str(ckpt_dir),
         output_dir=str(root / "report"),
@@ -118,9 +116,6 @@ def evaluate(datalist: dict, ckpt_dir: Path, root: Path) -> dict[tuple[str, str]
         num_workers=0,
         **PREDICT_TINY,
     )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
     with (root / "report" / "per_case.csv").open() as f:
         return {(r["case"], r["class"]): float(r["dice"] or "nan") for r in csv.DictReader(f)}
 

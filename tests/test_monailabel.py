@@ -13,8 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 
+from uniseg_monai.apps.bundles import bundle_workflow
 from uniseg_monai.core.errors import user_error
 from uniseg_monai.data.phantoms import generate_downstream_phantoms
 from uniseg_monai.engine.wiring import registry_for_datalist
@@ -79,15 +80,9 @@ def bundle(phantoms, tmp_path_factory) -> Path:
 
 def _bundle_prediction(bundle: Path, phantoms: Path, task: str, out: Path) -> Path:
     """The bundle's own ``inference.json`` on the first test case, as ``task``."""
-    wf = ConfigWorkflow(
-        config_file=str(bundle / "configs" / "inference.json"),
-        workflow_type="infer",
-        bundle_root=str(bundle),
-        dataset_dir=str(phantoms.parent),
-        output_dir=str(out),
-        task=task,
+    wf = bundle_workflow(
+        bundle, "infer", ["inference"], dataset_dir=str(phantoms.parent), output_dir=str(out), task=task
     )
-    wf.initialize()
     first = wf.parser.get_parsed_content("items")[0]
     wf.parser["dataset#data"] = [first]
     wf.initialize()

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLES, held_by_another_process
-from monai.bundle import ConfigWorkflow
 
+from uniseg_monai.apps.bundles import bundle_workflow
 from uniseg_monai.core.errors import InputError, NonFiniteError, UsageError, one_line_errors, user_error
 from uniseg_monai.core.locks import LOCK_NAME, FolderInUseError, acquire, release
 from uniseg_monai.data.check import check_datalist, check_run_items
@@ -287,10 +287,8 @@ def test_a_training_without_validation_is_refused_before_reading_data(name, tmp_
     """No validation, no model.pt: refused in ``initialize``, before the datalist is read (there is none here)."""
     configs = BUNDLES / name / "configs"
     ids = {"dataset_dir": str(tmp_path / "none"), "ckpt_dir": str(tmp_path / "run"), "epochs": 4, "val_interval": 5}
-    wf = ConfigWorkflow(config_file=str(configs / "train.json"), workflow_type="train", bundle_root=str(configs.parent),
-                        **ids)  # fmt: skip
     with pytest.raises(Exception) as refused:
-        wf.initialize()
+        bundle_workflow(configs.parent, "train", ["train"], **ids)
     assert "--val_interval 5 is more than --epochs 4" in str(user_error(refused.value))
     assert not (tmp_path / "run").exists()
     check = next(e for e in json.loads((configs / "train.json").read_text())["initialize"] if "check_validation" in e)

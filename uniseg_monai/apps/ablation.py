@@ -13,8 +13,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, find_bundle
-from uniseg_monai.apps.demo import _workflow
+from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, find_bundle, run_workflow
 from uniseg_monai.core.errors import UsageError
 from uniseg_monai.core.run_folder import latest_checkpoint
 from uniseg_monai.data.phantoms import generate_phantoms
@@ -62,10 +61,10 @@ def run_variant(bundle: Path, name: str, datalist: Path, out: Path, epochs: int,
         tic = time.perf_counter()
         budget = {"epochs": epochs, "iterations_per_epoch": iterations, "val_interval": epochs}
         resume = latest_checkpoint(run / "models") is not None
-        _workflow(bundle, "train", configs, **ids, **budget, resume=resume, output_dir=str(run / "logs"))
+        run_workflow(bundle, "train", configs, **ids, **budget, resume=resume, output_dir=str(run / "logs"))
         timing.write_text(json.dumps(time.perf_counter() - tic))
     seconds = json.loads(timing.read_text()) if timing.exists() else float("nan")
-    _workflow(bundle, "eval", [*configs, "evaluate"], **ids, output_dir=str(run), evaluate_section="testing",
+    run_workflow(bundle, "eval", [*configs, "evaluate"], **ids, output_dir=str(run), evaluate_section="testing",
               save_predictions=True, write_report=False, overwrite=True)  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
     tasks = summary["tasks"]

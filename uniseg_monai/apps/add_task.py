@@ -39,9 +39,9 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 
-from uniseg_monai.apps.bundles import find_bundle
+from uniseg_monai.apps.bundles import find_bundle, run_workflow
 from uniseg_monai.core.atomic import inside, write_group, write_text_atomic
 from uniseg_monai.core.errors import UsageError, flag
 from uniseg_monai.data.datalist import load_items, read_datalist
@@ -388,12 +388,10 @@ def add_task(
         raise UsageError(f"unknown bundle setting(s) {unknown}: not ids of {', '.join(f.name for f in files)}")
     model_dir = Path(out or inside(folder, f"models_{task}")).resolve()
     settings = {"output_dir": str(model_dir / "logs"), **ids}
-    workflow = ConfigWorkflow(
-        config_file=[str(f) for f in files],
-        meta_file=str(folder / "configs" / "metadata.json"),
-        logging_file=str(folder / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(folder),
+    run_workflow(
+        folder,
+        "train",
+        ["train", *configs, "add_task"],
         dataset_dir=str(Path(datalist).resolve().parent),
         datalist=str(Path(datalist).resolve()),
         add_task=task,
@@ -403,9 +401,6 @@ def add_task(
         ckpt_dir=str(model_dir),
         **settings,
     )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
     result = json.loads((model_dir / REPORT_FILE).read_text())
     if install_model:
         result["installed"] = str(folder / "models" / MODEL_FILE)

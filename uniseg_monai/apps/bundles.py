@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Transform
 
 from uniseg_monai.core.atomic import write_atomic
@@ -76,6 +76,33 @@ def find_bundle(bundle: str | os.PathLike) -> Path:
         f"`python -m monai.bundle download --name {path.name} --bundle_dir {uniseg_home() / 'bundles'} --source github "
         "--repo OWNER/REPO/TAG` or pass the bundle folder"
     )
+
+
+def bundle_workflow(bundle: str | os.PathLike, kind: str, configs: list[str], **ids) -> ConfigWorkflow:
+    """The bundle's ``kind`` workflow ("train", "eval", "infer") initialised from ``configs/<name>.json`` for each
+    name in ``configs`` (later files override earlier ones), with ``ids`` overriding config ids and ``bundle_root``
+    set to the bundle folder. The configs' ``initialize`` section installs the one-line error hook."""
+    folder = Path(bundle)
+    meta, logging = folder / "configs" / "metadata.json", folder / "configs" / "logging.conf"
+    workflow = ConfigWorkflow(
+        config_file=[str(folder / "configs" / f"{name}.json") for name in configs],
+        meta_file=str(meta) if meta.is_file() else None,
+        logging_file=str(logging) if logging.is_file() else None,
+        workflow_type=kind,
+        bundle_root=str(folder),
+        **ids,
+    )
+    workflow.initialize()
+    return workflow
+
+
+def run_workflow(bundle: str | os.PathLike, kind: str, configs: list[str], **ids) -> ConfigWorkflow:
+    """Initialise (:func:`bundle_workflow`), run and finalise a bundle workflow, as ``python -m monai.bundle run``
+    does; a user error raised in it reaches the caller as the project's one-line error."""
+    workflow = bundle_workflow(bundle, kind, configs, **ids)
+    workflow.run()
+    workflow.finalize()
+    return workflow
 
 
 def bundle_name(bundle: Path) -> str:

@@ -10,28 +10,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from monai.bundle import ConfigWorkflow
 
-from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, FINETUNE_BUNDLES, find_bundle
+from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, FINETUNE_BUNDLES, find_bundle, run_workflow
 from uniseg_monai.apps.report import write_report
 from uniseg_monai.data.phantoms import DOWNSTREAM_TASKS, generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
 from uniseg_monai.tasks import load_model_tasks
-
-
-def _workflow(bundle: Path, kind: str, configs: list[str], **override) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=[str(bundle / "configs" / f"{c}.json") for c in configs],
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"),
-        workflow_type=kind,
-        bundle_root=str(bundle),
-        **override,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
 
 
 def _same_volume_two_tasks(datalist: Path, run: Path, per_case: Path) -> list[str]:
@@ -87,8 +71,8 @@ def _fine_tune(out_dir: Path, bundle: Path, pretrained: Path) -> dict[str, Path]
         run = out_dir / "finetune" / name.replace(" ", "_").replace("-", "_")
         dirs = {"dataset_dir": str(datalist.parent), "ckpt_dir": str(run / "models"), "pretrained": weights}
         if not (run / "models" / "model.pt").exists():
-            _workflow(bundle, "train", ["train", "demo"], **dirs, output_dir=str(run / "logs"))
-        _workflow(
+            run_workflow(bundle, "train", ["train", "demo"], **dirs, output_dir=str(run / "logs"))
+        run_workflow(
             bundle,
             "eval",
             ["train", "demo", "evaluate"],
@@ -132,9 +116,9 @@ def run_demo(
     if (run / "models" / "model.pt").exists():
         print(f"reusing the trained model in {run / 'models'} (delete {run} to train again)")
     else:
-        _workflow(bundle_dir, "train", ["train", "demo"], **dirs, output_dir=str(run / "logs"))
+        run_workflow(bundle_dir, "train", ["train", "demo"], **dirs, output_dir=str(run / "logs"))
     trained = time.perf_counter()
-    _workflow(
+    run_workflow(
         bundle_dir,
         "eval",
         ["train", "demo", "evaluate"],
@@ -144,7 +128,7 @@ def run_demo(
         write_report=False,
         overwrite=True,  # the demo's own earlier results
     )
-    _workflow(bundle_dir, "infer", ["inference", "demo"], **dirs, output_dir=str(run), overwrite=True)
+    run_workflow(bundle_dir, "infer", ["inference", "demo"], **dirs, output_dir=str(run), overwrite=True)
     report = write_report(run, datalist=datalist)
     done = time.perf_counter()
     reports = _fine_tune(out_dir, find_bundle(finetune_bundle).resolve(), run / "models" / "model.pt")
