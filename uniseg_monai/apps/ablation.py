@@ -31,18 +31,42 @@ def variant_configs(bundle: Path) -> list[str]:
     return ["uniseg", *sorted(p.stem for p in (bundle / "configs" / "variants").glob("*.json"))]
 
 
+def shared_volumes(datalist: Path) -> list[dict[str, Path]]:
+    """The test volumes segmented as both :data:`SHARED` tasks: per volume its image path and each task's label
+    file (absolute paths)."""
+    root = datalist.parent
+    labels: dict[str, dict[str, Path]] = {}
+    for item in json.loads(datalist.read_text())["testing"]:
+        if item["task"] in SHARED and isinstance(item["image"], str):
+            labels.setdefault(item["image"], {})[item["task"]] = root / item["label"]
+    return [{"image": root / image, **tasks} for image, tasks in sorted(labels.items()) if len(tasks) == len(SHARED)]
+
+
+def _maps(predictions: Path, image: Path) -> list[np.ndarray]:
+    """The saved :data:`SHARED` task maps of ``image`` (input grid), in :data:`SHARED` order."""
+    stem = image.name.removesuffix(".nii.gz")
+    return [np.asarray(nib.load(predictions / f"{stem}_{task}_seg.nii.gz").dataobj) for task in SHARED]
+
+
 def prompt_effect(predictions: Path, datalist: Path) -> int:
     """Voxels that differ between the ``ph_organs`` and ``ph_liver`` maps of the shared test volumes."""
-    items = json.loads(datalist.read_text())["testing"]
-    shared = {i["image"] for i in items if i["task"] == SHARED[0]} & {
-        i["image"] for i in items if i["task"] == SHARED[1]
-    }
-    changed = 0
-    for image in sorted(shared):
-        stem = Path(image).name.removesuffix(".nii.gz")
-        a, b = (np.asarray(nib.load(predictions / f"{stem}_{t}_seg.nii.gz").dataobj) for t in SHARED)
-        changed += int((a != b).sum())
-    return changed
+    return sum(int((a != b).sum()) for a, b in (_maps(predictions, v["image"]) for v in shared_volumes(datalist)))
+
+
+def wrong_task_rates(predictions: Path, datalist: Path) -> dict[str, float]:
+    """How often the network answers the other task on the shared test volumes, where label 2 is the spleen under
+    ``ph_organs`` and the liver tumour under ``ph_liver``: ``tumour_as_spleen`` = fraction of the tumour voxels
+    labelled 2 under ``ph_organs``, ``spleen_as_tumour`` = fraction of the spleen voxels labelled 2 under
+    ``ph_liver``. 0 for a network that follows its prompt, ~1 for one that answers one task whatever it is asked."""
+    hits, totals = np.zeros(2), np.zeros(2)
+    for volume in shared_volumes(datalist):
+        organs_map, liver_map = _maps(predictions, volume["image"])
+        spleen = np.asarray(nib.load(volume[SHARED[0]]).dataobj) == 2
+        tumour = np.asarray(nib.load(volume[SHARED[1]]).dataobj) == 2
+        hits += [(organs_map[tumour] == 2).sum(), (liver_map[spleen] == 2).sum()]
+        totals += [tumour.sum(), spleen.sum()]
+    rates = hits / np.maximum(totals, 1)
+    return {"tumour_as_spleen": float(rates[0]), "spleen_as_tumour": float(rates[1])}
 
 
 def _parameters(run: Path) -> int:
