@@ -52,8 +52,11 @@ demo: setup
 	$(BIN)/uniseg check-data demo_output/data/datalist.json
 	$(BIN)/uniseg demo --out demo_output --bundle bundles/uniseg_pretrain
 
+# the six default variants x 3 seeds at the demo's budget, one run per core at a time (README, "uniseg ablate");
+# other options through ABLATE, e.g. make ablate ABLATE="--seeds 1 --variants uniseg,task_blind"
+ABLATE ?=
 ablate: setup
-	$(BIN)/uniseg ablate --out ablation_output
+	$(BIN)/uniseg ablate --out ablation_output $(ABLATE)
 
 bundles: setup
 	$(BIN)/uniseg pack-bundles --out dist

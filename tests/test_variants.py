@@ -1,6 +1,6 @@
 """The paper's ablations (Fixed Prompt, Multiple Prompts, UniSeg-T, FUSE depth, prompt width) and universal baselines
 (DoDNet, CLIP-DoDNet, the task-blind backbone): each is tested for what makes it that variant, per-sample tasks in a
-batch, TorchScript, and its bundle overlay; ``uniseg ablate`` is run at a reduced budget for its mechanics."""
+batch, TorchScript, and its bundle overlay (``uniseg ablate``: tests/test_ablation.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from uniseg_monai.apps.ablation import ablate
-from uniseg_monai.cli import main
 from uniseg_monai.core.errors import UsageError
 from uniseg_monai.model_io.model_files import build_network
 from uniseg_monai.networks import CLIPDoDNet, DoDNet, TaskBlindUniSeg, UniSeg
@@ -179,31 +177,3 @@ def test_each_variant_overlay_builds_its_network(overlay, phantoms, tmp_path):
             assert net.network_def()[key.split("#")[1]] == value
     if overlay == "prompt_2n":
         assert net.universal_prompt.shape[1] == 8  # 2 x the 4 phantom tasks
-
-
-@pytest.mark.integration
-def test_ablate_trains_each_variant_at_the_same_budget_and_measures_the_prompt(tmp_path, capsys):
-    """CI's reduced run: the mechanics (one table, every task, the prompt effect), not the science."""
-    md = ablate(tmp_path, variants=["uniseg", "task_blind"], epochs=1, iterations=2)
-    rows = {r["variant"]: r for r in json.loads((tmp_path / "ablation.json").read_text())}
-    assert set(rows) == {"uniseg", "task_blind"}
-    for row in rows.values():
-        assert set(row["dice"]) == {"ph_organs", "ph_liver", "ph_brain", "ph_petct"} and row["train_seconds"] > 0
-        assert set(row["label_2"]) == {"ph_organs", "ph_liver"} and row["parameters"] > 0
-    assert rows["task_blind"]["prompt_effect_voxels"] == 0  # switching the task id cannot change its maps
-    text = md.read_text()
-    assert text.splitlines()[0].startswith("| variant | parameters | ph_organs") and "AdamW" in text
-    assert "| task_blind |" in capsys.readouterr().out
-    with pytest.raises(UsageError, match="unknown variant"):
-        ablate(tmp_path, variants=["nope"])
-
-
-def test_ablate_finds_its_bundle_from_any_folder(tmp_path, monkeypatch, capsys):
-    """The default bundle is a name, resolved as predict resolves it (not a path relative to the repository)."""
-    monkeypatch.chdir(tmp_path)
-    for args, expected in [(["--variants", "nope"], "'dodnet'"), (["--bundle", "no_such_bundle"], "not found")]:
-        with pytest.raises(SystemExit) as done:
-            main(["ablate", "--out", "out", *args])
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert done.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
-    assert not list(tmp_path.iterdir())  # refused before the phantoms are generated

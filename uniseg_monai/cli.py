@@ -218,26 +218,35 @@ def _demo(
 def _ablate(
     out: str = "ablation_output",
     variants: str | list[str] = "",
-    epochs: int = 30,
-    iterations: int = 40,
+    seeds: int | list[int] = 3,
+    jobs: int = 0,
+    epochs: int = 0,
+    iterations: int = 0,
+    curve_every: int = 0,
     bundle: str = DEFAULT_BUNDLE,
 ) -> None:
-    """Train the paper's ablations and universal baselines side by side on the phantoms (same budget and seed: the
-    demo network and optimiser) and write OUT/ablation.md: per-task Dice, mean, label-2 Dice of the two tasks that
-    share CT volumes, the prompt effect (voxels that change when the task id is switched) and the time of each run.
+    """Train the paper's ablations and universal baselines side by side on the phantoms (same budget, network and
+    optimiser: the demo's), over several seeds in parallel processes, and write OUT/ablation.md / .json (mean +- sd
+    over seeds of per-task Dice, mean, spleen and tumour Dice, the prompt effect, both wrong-task rates, training
+    time) and OUT/curves.png (wrong-task rates and tumour Dice against iterations).
 
     Args:
-        out: output folder (phantoms, one run folder per variant, ablation.md / .json); finished runs are reused.
+        out: output folder (phantoms, one run folder OUT/VARIANT/seed_K per run, ablation.md / .json, curves.png);
+            finished runs are reused, interrupted ones resume.
         variants: comma-separated names (default uniseg, fixed_prompt, multiple_prompts, uniseg_t, dodnet,
             task_blind), any overlay in BUNDLE/configs/variants, e.g. fuse_2 or prompt_4n.
-        epochs: the budget is epochs x iterations per epoch (batch 2).
-        iterations: iterations per epoch.
+        seeds: a count N (seeds 0..N-1) or a list, e.g. [0,4,7]; each is the bundle id seed of its runs.
+        jobs: runs at a time, each in its own process with cores // JOBS torch threads (0: one per core, up to the
+            runs to do).
+        epochs: the budget is epochs x iterations per epoch; 0: the demo's (configs/demo.json).
+        iterations: iterations per epoch; 0: the demo's.
+        curve_every: keep a checkpoint every N epochs and score it for the learning curves (0: epochs // 8).
         bundle: the pretrain bundle (folder or name) whose configs/variants hold the overlays.
     """
     from uniseg_monai.apps.ablation import VARIANTS, ablate
 
     names = [v for v in (variants.split(",") if isinstance(variants, str) else variants) if v] or list(VARIANTS)
-    ablate(out, names, int(epochs), int(iterations), bundle)
+    ablate(out, names, epochs or None, iterations or None, bundle, seeds, jobs or None, curve_every or None)
 
 
 def _add_task(
@@ -364,6 +373,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
 INTERRUPTED = {  # what Ctrl-C left, per command
     "predict": "nothing partial was written; run again (with --skip_existing to keep the finished cases)",
     "add-task": "the training continues with the same command and --resume true",
+    "ablate": "run the same command again: finished runs are reused, interrupted ones resume",
 }
 SHORT_FLAGS = {"predict": {"-i": "--input", "-o": "--output"}}  # TotalSegmentator's spelling
 
