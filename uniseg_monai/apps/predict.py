@@ -28,7 +28,7 @@ from uniseg_monai.apps.bundles import one_task_network, open_inference
 from uniseg_monai.core.atomic import Writer, inside, temporaries, write_group
 from uniseg_monai.core.errors import USER_ERRORS, InputError, UsageError, one_line
 from uniseg_monai.core.locks import owned
-from uniseg_monai.data.check import READ_ERRORS, Volume, case_header
+from uniseg_monai.data.check import READ_ERRORS, Volume, case_header, check_dicom_series
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.data.memory import GIB, available_memory, case_memory
 from uniseg_monai.data.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
@@ -416,7 +416,9 @@ class Predictor:
         tic = time.perf_counter()
         files = [source] if isinstance(source, str) else list(source)
         series = Path(files[0]).is_dir()  # a DICOM series folder: checked once loaded
-        if not series:
+        if series:
+            check_dicom_series(files[0])  # no DICOM, unreadable or missing slices: refused unread
+        else:
             fits = self.check(case_header(files), tasks)  # a 2D file, a huge or singular header: refused unread
         try:
             image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid

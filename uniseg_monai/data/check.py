@@ -225,6 +225,46 @@ def _channel_grid_problems(images: Sequence[Volume]) -> list[Problem]:
     ]
 
 
+def check_dicom_series(folder: str) -> None:
+    """An :class:`~uniseg_monai.core.errors.InputError` naming the DICOM series ``folder`` and the fix where ITK's
+    series reader (as MONAI's ``ITKReader`` uses it) would fail or silently read a wrong grid: no file GDCM can read
+    (not a DICOM series), files it cannot read (the reader skips them), or slice positions (ImagePositionPatient
+    along the slice normal) of the series it reads not evenly spaced (a missing or doubled slice)."""
+    import itk
+
+    geometry, unreadable = {}, []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(str(path))
+        try:
+            io.ReadImageInformation()
+        except RuntimeError:
+            unreadable.append(path.name)
+            continue
+        direction = np.array([io.GetDirection(i) for i in range(3)], dtype=float).T  # columns: the axes
+        geometry[str(path)] = np.array([io.GetOrigin(i) for i in range(3)]) @ np.cross(direction[:, 0], direction[:, 1])
+    shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+    if not geometry:
+        raise InputError(f"{folder}: not a DICOM series (no DICOM image in it: {shown}); give image files or series")
+    if unreadable:
+        raise InputError(
+            f"{folder}: {len(unreadable)} file(s) of the series are no readable DICOM image ({shown}): the series "
+            "would be read without them; re-export the series, or remove those files"
+        )
+    names = itk.GDCMSeriesFileNames.New()  # the files of the series the reader takes, as MONAI's ITKReader does
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")
+    names.SetDirectory(folder)
+    positions = sorted((geometry[f], f) for f in names.GetFileNames(names.GetSeriesUIDs()[0]) if f in geometry)
+    gaps = np.diff([z for z, _ in positions])
+    if len(gaps) and (gaps.min() <= 0 or gaps.max() - gaps.min() > 0.01 * np.median(gaps)):
+        after = Path(positions[int(np.argmax(gaps))][1]).name
+        raise InputError(
+            f"{folder}: the slice positions are not evenly spaced (gaps {gaps.min():g} to {gaps.max():g} mm, the "
+            f"largest after {after}): a slice is missing or doubled; re-export the complete series"
+        )
+
+
 def case_header(paths: Sequence[str]) -> Volume:
     """One case's files (one, or one per channel) read from their headers (:func:`read_header`) as one volume:
     channels summed, the first file's shape and affine. An :class:`~uniseg_monai.core.errors.InputError` naming the file
