@@ -33,6 +33,7 @@ from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.data.memory import GIB, available_memory, case_memory
 from uniseg_monai.data.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
 from uniseg_monai.engine.precision import autocast_kwargs
+from uniseg_monai.engine.wiring import check_patch_size
 from uniseg_monai.model_io.model_files import ModelFile, load_into
 from uniseg_monai.tasks import Task, check_task_name
 
@@ -322,8 +323,7 @@ class Predictor:
         self.preprocess = Compose([t for t in steps if t is not self.load])
         self.postprocess = parser.get_parsed_content("postprocessing")
         window, per_batch = parser.get_parsed_content("patch_size"), parser.get_parsed_content("sw_batch_size")
-        if not (isinstance(window, list) and len(window) == 3 and all(isinstance(v, int) and v > 0 for v in window)):
-            raise UsageError(f"--patch_size must be [x, y, z] positive integers, got {window!r}")
+        check_patch_size(window, getattr(self.network, "total_stride", (1, 1, 1)))
         if not isinstance(per_batch, int) or per_batch < 1:
             raise UsageError(f"--sw_batch_size must be a positive integer, got {per_batch!r}")
         self.inferer = parser.get_parsed_content("all_inferer" if self.all else "inferer")
