@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import locale
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from network_outputs import assert_equal_but_near_ties
 
 from uniseg_monai.apps import predict as predict_module
 from uniseg_monai.apps.predict import Predictor, find_cases, predict, predict_config
+from uniseg_monai.core.errors import InputError
 
 BUNDLE, TINY = PREDICT_BUNDLE, PREDICT_TINY
 ORGANS = {"0": "background", "1": "liver", "2": "spleen"}
@@ -101,6 +103,9 @@ def test_input_syntax(tmp_path):
         find_cases([a, str(tmp_path)])
     with pytest.raises(FileNotFoundError, match=r"missing\.nii\.gz"):
         find_cases(f"{a}+{tmp_path / 'missing.nii.gz'}")
+    for entry in (f"{a}+", f"+{a}", f"{a}++{a}"):
+        with pytest.raises(InputError, match=re.escape(f"input {entry}: the channel list (a+b) has an empty entry")):
+            find_cases(entry)
 
 
 def test_windows_run_on_the_device_and_are_stitched_on_the_cpu(model):

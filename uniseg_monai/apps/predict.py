@@ -61,6 +61,8 @@ def find_cases(entries: str | Sequence[str], exclude: Path | None = None) -> dic
     for entry in entries:
         path = Path(entry)
         if not path.exists() and "+" in entry:
+            if "" in entry.split("+"):
+                raise InputError(f"input {entry}: the channel list (a+b) has an empty entry: give one file per channel")
             channels = [Path(c) for c in entry.split("+")]
             for c in channels:
                 if not c.is_file():
