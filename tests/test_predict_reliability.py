@@ -215,9 +215,12 @@ def test_skip_existing_recomputes_a_case_with_a_missing_task_and_removes_orphans
 
     sidecar = json.loads((out / "good_ph_organs.json").read_text())  # files of another model are never replaced
     (out / "good_ph_organs.json").write_text(json.dumps({**sidecar, "checkpoint": str(tmp_path / "other.pt")}))
-    (out / "good_all_merged.nii.gz").unlink()
-    with pytest.raises(FileExistsError, match=r"good_ph_organs.nii.gz exists \(2 output .* not written by this --"):
-        run(predict_model, str(good), out, "all", skip_existing=True)
+    other = re.escape(f"good_ph_organs.nii.gz exists, written by --checkpoint {tmp_path / 'other.pt'} (2 output ")
+    for missing in ("", "good_all_merged.nii.gz"):  # a complete case and a partial one: both refused, not skipped
+        if missing:
+            (out / missing).unlink()
+        with pytest.raises(FileExistsError, match=other + r".* not written by this --checkpoint.* pass --overwrite"):
+            run(predict_model, str(good), out, "all", skip_existing=True)
     (out / "good_ph_organs.json").unlink()  # a map without its sidecar: which model wrote it is unknown
     with pytest.raises(
         FileExistsError, match=r"good_ph_organs.nii.gz exists without its sidecar good_ph_organs.json, so"

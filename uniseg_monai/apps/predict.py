@@ -203,13 +203,13 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".json") + ".json")
 
 
-def _from_model(path: Path, checkpoint: str) -> bool:
-    """Whether the output ``path`` (a map or a sidecar) comes from the model file ``checkpoint``: its sidecar says
-    so (a map without its sidecar cannot tell: False)."""
+def _written_by(path: Path) -> str | None:
+    """The model file that wrote the output ``path`` (a map or a sidecar), as its sidecar says; None when no sidecar
+    tells."""
     try:
-        return json.loads(_sidecar(path).read_text()).get("checkpoint") == checkpoint
+        return json.loads(_sidecar(path).read_text()).get("checkpoint")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
 
 
 def _remove_orphans(out: Path) -> None:
@@ -595,17 +595,24 @@ def _predict_cases(
     if task == "all" and not modality:
         _warn(assumed_modalities(tasks))
     names = [t.name for t in tasks] + (["all_merged"] if task == "all" else [])
-    skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all")]
+    own = predictor.sidecar["checkpoint"]
     found = {c: [p for n in names for p in (inside(out, f"{c}_{n}.nii.gz"), inside(out, f"{c}_{n}.json")) if p.exists()]
-             for c in cases if c not in skipped}  # fmt: skip
+             for c in cases}  # fmt: skip
+    # a case is skipped when all its outputs exist and this model wrote them; another model's are refused below
+    skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all")
+               and all(_written_by(p) == own for p in found[c])]  # fmt: skip
+    found = {c: files for c, files in found.items() if c not in skipped}
     earlier = [p for files in found.values() for p in files]
     if skip_existing:  # a case with missing outputs is recomputed, replacing its files that this model wrote
-        earlier = [p for p in earlier if not _from_model(p, predictor.sidecar["checkpoint"])]
+        earlier = [p for p in earlier if _written_by(p) != own]
     if earlier and not overwrite:
         what, why, also = f"{earlier[0]} exists", "", ", --skip_existing to keep the cases whose outputs all exist"
         if skip_existing:  # a map without its sidecar cannot tell which model wrote it: it may be the user's own
             why, also = " not written by this --checkpoint, or without the sidecar that tells", ""
-            if not _sidecar(earlier[0]).exists():
+            other = _written_by(earlier[0])
+            if other:
+                what += f", written by --checkpoint {other}"
+            elif not _sidecar(earlier[0]).exists():
                 what += f" without its sidecar {_sidecar(earlier[0]).name}, so which model wrote it is unknown"
         raise FileExistsError(
             f"{what} ({len(earlier)} output file(s) of an earlier run in {out}{why}); pass --overwrite to replace "
