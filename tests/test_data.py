@@ -257,6 +257,10 @@ def test_channel_files_on_different_grids_name_both_files_and_the_difference(pha
     [
         ({"ph_organs": {"spacing": ["3 mm", 3, 4]}}, "task 'ph_organs': spacing must be 3 positive numbers"),
         ({"ph_organs": {"spacing": [3, 3, None]}}, "task 'ph_organs': spacing must be 3 positive numbers"),
+        (
+            {"ph_organs": {"spacing": [3, 3, 1e-6]}},
+            "task 'ph_organs': spacing must be 3 positive numbers (x, y, z) in mm, each 0.01-100",
+        ),
         ({"ph_organs": {"label_map": {"one": 1}}}, "task 'ph_organs': label_map must map raw label values"),
         ({"ph_organs": {"label_map": [1, 2]}}, "task 'ph_organs': label_map must map raw label values"),
     ],

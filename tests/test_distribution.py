@@ -147,6 +147,15 @@ def test_bundle_names_resolve_from_any_folder(tmp_path, monkeypatch):
             "[0, 1)",
         ),
         (["predict", "-i", "X", "-o", "WEIGHTS", "--task", "liver", "--checkpoint", "WEIGHTS"], "is a file"),
+        (["predict", "-o", "seg", "--task", "liver"], "`uniseg predict`: missing --input (see `uniseg predict --help`"),
+        (["check-data"], "missing --datalist"),
+        (
+            ["predict", "-i", "X", "-o", "seg", "--task", "liver", "--checkpoint", "WEIGHTS", "--patch_size=[63,64,8]"],
+            "--patch_size [63, 64, 8] is not divisible by the network's total stride [32, 32, 16]: set --patch_size "
+            "to multiples of it, e.g. [64, 64, 16]",
+        ),
+        (["nosuchcommand"], "unknown command 'nosuchcommand'; commands: convert-official, weights,"),
+        (["PREDICT"], "unknown command 'PREDICT' (did you mean predict?)"),
     ],
 )
 def test_user_errors_are_one_line(official_fixture, tmp_path, monkeypatch, capsys, args, expected):

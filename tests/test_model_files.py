@@ -236,6 +236,7 @@ def _task(task_id: int, classes: int = 3) -> dict:
         ({"a": _task(0), "b": _task(0)}, "tasks 'a' and 'b' share id 0"),
         ({"Liver": _task(0), "liver": _task(1)}, "tasks 'Liver' and 'liver' differ only in letter case"),
         ("liver", '"tasks" must map task names to task definitions (a model\'s task table), got str'),
+        ({"a": _task(0), "b": {**_task(1), "spacing": [1e-6] * 3}}, "task 'b': spacing must be 3 positive numbers"),
     ],
 )
 def test_a_task_table_that_does_not_fit_its_network_is_refused_when_read(tmp_path, tasks, message):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import locale
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from conftest import PREDICT_BUNDLE, PREDICT_TINY, shared_path
 from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd
 from network_outputs import assert_equal_but_near_ties
 
+from uniseg_monai.apps import predict as predict_module
 from uniseg_monai.apps.predict import Predictor, find_cases, predict, predict_config
+from uniseg_monai.core.errors import InputError
 
 BUNDLE, TINY = PREDICT_BUNDLE, PREDICT_TINY
 ORGANS = {"0": "background", "1": "liver", "2": "spleen"}
@@ -100,6 +103,9 @@ def test_input_syntax(tmp_path):
         find_cases([a, str(tmp_path)])
     with pytest.raises(FileNotFoundError, match=r"missing\.nii\.gz"):
         find_cases(f"{a}+{tmp_path / 'missing.nii.gz'}")
+    for entry in (f"{a}+", f"+{a}", f"{a}++{a}"):
+        with pytest.raises(InputError, match=re.escape(f"input {entry}: the channel list (a+b) has an empty entry")):
+            find_cases(entry)
 
 
 def test_windows_run_on_the_device_and_are_stitched_on_the_cpu(model):
@@ -273,6 +279,30 @@ def test_nrrd_and_dicom_inputs_keep_the_geometry(model, small, tmp_path):
     assert run(model, [str(nrrd), str(dicom)], tmp_path / "out", "ph_organs") == 0
     check_output(tmp_path / "out", "lps", "ph_organs", small["lps"], ORGANS, [str(nrrd)], model)
     check_output(tmp_path / "out", "ras_dicom", "ph_organs", small["ras"], ORGANS, [str(dicom)], model)
+
+
+def test_a_dicom_series_missing_a_slice_or_not_dicom_is_refused_unread(model, small, tmp_path, capsys, monkeypatch):
+    """ITK's series reader skips a file GDCM cannot read and reads a series missing a slice on a uniform grid:
+    refused before loading, naming the file / the gap, as is a sub-folder holding no DICOM (no ITK warnings)."""
+    whole, cut, gap, other = (tmp_path / name for name in ("whole", "cut", "gap", "nested/other"))
+    write_dicom_series(small["ras"], whole)
+    shutil.copytree(whole, cut)
+    (cut / "slice009.dcm").write_bytes((whole / "slice009.dcm").read_bytes()[:2000])
+    shutil.copytree(whole, gap)
+    (gap / "slice004.dcm").unlink()
+    other.mkdir(parents=True)
+    shutil.copy(small["ras"], other / "x.nii.gz")  # -i nested: the sub-folder other is taken for a DICOM series
+
+    def never(self, data):
+        raise AssertionError(f"{data['image']} was loaded")
+
+    monkeypatch.setattr(predict_module.ThreadSafeLoadImaged, "__call__", never)
+    assert run(model, [str(cut), str(gap), str(other.parent)], tmp_path / "out", "ph_organs") == 1
+    err = capsys.readouterr().err
+    assert f"{cut}: 1 file(s) of the series are no readable DICOM image (slice009.dcm)" in err
+    assert f"{gap}: the slice positions are not evenly spaced (gaps " in err and "largest after slice003.dcm" in err
+    assert f"{other}: not a DICOM series (no DICOM image in it: x.nii.gz)" in err
+    assert "No Series were found" not in err and not (tmp_path / "out").exists()
 
 
 def test_real_ct_volumes_nifti_ras_lps_nrrd_and_dicom_keep_their_geometry(model, tmp_path):

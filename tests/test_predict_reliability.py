@@ -215,9 +215,12 @@ def test_skip_existing_recomputes_a_case_with_a_missing_task_and_removes_orphans
 
     sidecar = json.loads((out / "good_ph_organs.json").read_text())  # files of another model are never replaced
     (out / "good_ph_organs.json").write_text(json.dumps({**sidecar, "checkpoint": str(tmp_path / "other.pt")}))
-    (out / "good_all_merged.nii.gz").unlink()
-    with pytest.raises(FileExistsError, match=r"good_ph_organs.nii.gz exists \(2 output .* not written by this --"):
-        run(predict_model, str(good), out, "all", skip_existing=True)
+    other = re.escape(f"good_ph_organs.nii.gz exists, written by --checkpoint {tmp_path / 'other.pt'} (2 output ")
+    for missing in ("", "good_all_merged.nii.gz"):  # a complete case and a partial one: both refused, not skipped
+        if missing:
+            (out / missing).unlink()
+        with pytest.raises(FileExistsError, match=other + r".* not written by this --checkpoint.* pass --overwrite"):
+            run(predict_model, str(good), out, "all", skip_existing=True)
     (out / "good_ph_organs.json").unlink()  # a map without its sidecar: which model wrote it is unknown
     with pytest.raises(
         FileExistsError, match=r"good_ph_organs.nii.gz exists without its sidecar good_ph_organs.json, so"
@@ -374,8 +377,9 @@ def test_output_paths_are_file_names_in_their_folder(tmp_path):
 
 
 def test_bad_headers_are_refused_before_a_voxel_is_read(predict_model, crop, tmp_path, capsys, monkeypatch):
-    """A 2D file, a header claiming 4000^3 voxels, a zero pixdim without qform / sform (nibabel would guess 1 mm)
-    and channel files on different grids: one line naming the file and the fix, nothing loaded or written."""
+    """A 2D file, a header claiming 4000^3 voxels, a zero pixdim with or without qform (nibabel would guess 1 mm), a
+    singular sform (MONAI would rebuild it from the pixdims) and channel files on different grids: one line naming
+    the file and the fix, nothing loaded or written."""
     voxels, affine = crop
     folder = tmp_path / "in"
     folder.mkdir()
@@ -388,6 +392,12 @@ def test_bad_headers_are_refused_before_a_voxel_is_read(predict_model, crop, tmp
     unset.header.set_sform(None, code=0)
     unset.header["pixdim"][1:4] = 0
     nib.save(unset, folder / "unset.nii.gz")
+    for name, form, field in [("qform", "qform", "pixdim"), ("singular", "sform", "srow_x")]:
+        header = nib.Nifti1Image(voxels, None).header  # written as is: nib.save would rebuild forms and pixdims
+        getattr(header, f"set_{form}")(affine, code=1)  # the other form unset
+        header[field][2 if field == "pixdim" else slice(None)] = 0  # a zero pixdim under a qform; a zero sform row
+        header["vox_offset"] = 352
+        (folder / f"{name}.nii").write_bytes(header.binaryblock + bytes(4) + voxels.tobytes(order="F"))
     moved = affine.copy()
     moved[0, 3] += 7.5
     ct, pet = save(tmp_path / "ct.nii.gz", voxels, affine), save(tmp_path / "pet.nii.gz", voxels, moved)
@@ -408,12 +418,14 @@ def test_bad_headers_are_refused_before_a_voxel_is_read(predict_model, crop, tmp
         f"{folder / 'huge.nii'}: needs ~",
         "GiB, limit 64.0 GiB (available memory): 4000x4000x4000 voxels x 1 channel(s)",
         f"{folder / 'unset.nii.gz'}: singular affine (voxel size 0, 0, 0 mm, determinant 0: a zero pixdim",
+        f"{folder / 'qform.nii'}: singular affine (voxel size {abs(affine[0, 0]):g}, 0, {abs(affine[2, 2]):g} mm",
+        f"{folder / 'singular.nii'}: singular affine (voxel size 0, ",
         f"{pet}: channel file is not on the grid of {ct}: affines differ by up to 7.5 (origin x: "
         f"{moved[0, 3]:g} vs {affine[0, 3]:g} mm); fix: resample the channel files onto one grid",
     ]
     for text in expected:
         assert text in err
-    assert len([line for line in err.splitlines() if " failed: InputError: " in line]) == 4
+    assert len([line for line in err.splitlines() if " failed: InputError: " in line]) == 6
 
 
 def test_all_tasks_without_a_modality_warn_of_the_assumption(predict_model, crop, tmp_path, capsys):

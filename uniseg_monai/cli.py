@@ -401,6 +401,26 @@ def _check_options(command: str, argv: list[str]) -> None:
             raise UsageError(f"unknown option {arg.split('=')[0]} for `uniseg {command}` (options: {options})")
 
 
+def _fire_error(trace: Any) -> None:
+    """Fire's display of a command line it cannot run (its error and an 8-line usage) as one :class:`UsageError`:
+    an unknown command, a missing required argument or another of fire's errors, naming the ``--help`` to read."""
+    args, error = trace.elements[-1].args, trace.elements[-1].ErrorAsStr()
+    if any(a in ("-h", "--help") for a in args):
+        return _DISPLAY_ERROR(trace)  # fire's own help
+    command = trace.GetCommand()
+    if command == "uniseg" and args:
+        same = [c for c in COMMANDS if c.lower() == str(args[0]).lower().replace("_", "-")]
+        hint = f" (did you mean {same[0]}?)" if same else ""
+        raise UsageError(f"unknown command {args[0]!r}{hint}; commands: {', '.join(COMMANDS)} (see `uniseg --help`)")
+    missing = error.partition("required argument: ")[2]
+    what = f"missing --{missing}" if missing else error
+    raise UsageError(f"`{command}`: {what} (see `{command} --help`)")
+
+
+_DISPLAY_ERROR = fire.core._DisplayError
+fire.core._DisplayError = _fire_error  # one line instead of fire's error and usage, for every command
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one ``uniseg`` command; user errors print one line and exit with status 2 (``UNISEG_DEBUG=1``: the
     traceback)."""

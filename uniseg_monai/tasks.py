@@ -20,6 +20,7 @@ from uniseg_monai.core.errors import UniSegError
 
 NORMALIZATIONS = ("ct", "zscore", "zscore_nonzero")
 DEFAULT_CT_WINDOW = (-325.0, 325.0)
+SPACING_MM = (0.01, 100.0)  # a sane target spacing (mm): below, a header in m or a typo; above, no image is left
 _ABDOMEN_CT = {"modalities": ["CT"], "spacing": [1.5, 1.5, 3.0], "normalization": ["ct"]}
 _UPSTREAM_CT = {"paper": "upstream", **_ABDOMEN_CT}
 
@@ -229,8 +230,12 @@ class Task:
             raise TaskError(f"{where}: {len(modalities)} modalities; UniSeg has stems for 1, 2 or 4 channels")
         if len(labels) < 2:
             raise TaskError(f"{where}: labels must list background and at least one class, got {list(labels)}")
-        if len(spacing) != 3 or not all(0 < s < math.inf for s in spacing):
-            raise TaskError(f"{where}: spacing must be 3 positive numbers (x, y, z) in mm, got {spec['spacing']}")
+        low, high = SPACING_MM
+        if len(spacing) != 3 or not all(low <= s <= high for s in spacing):
+            raise TaskError(
+                f"{where}: spacing must be 3 positive numbers (x, y, z) in mm, each {low:g}-{high:g}, got "
+                f"{spec['spacing']}"
+            )
         if len(normalization) != len(modalities):
             raise TaskError(f"{where}: {len(normalization)} normalization entries for {len(modalities)} modalities")
         bad = {k: v for k, v in label_map.items() if not 0 <= v < len(labels)}

@@ -28,11 +28,12 @@ from uniseg_monai.apps.bundles import one_task_network, open_inference
 from uniseg_monai.core.atomic import Writer, inside, temporaries, write_group
 from uniseg_monai.core.errors import USER_ERRORS, InputError, UsageError, one_line
 from uniseg_monai.core.locks import owned
-from uniseg_monai.data.check import READ_ERRORS, Volume, case_header
+from uniseg_monai.data.check import READ_ERRORS, Volume, case_header, check_dicom_series
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.data.memory import GIB, available_memory, case_memory
 from uniseg_monai.data.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
 from uniseg_monai.engine.precision import autocast_kwargs
+from uniseg_monai.engine.wiring import check_patch_size
 from uniseg_monai.model_io.model_files import ModelFile, load_into
 from uniseg_monai.tasks import Task, check_task_name
 
@@ -60,6 +61,8 @@ def find_cases(entries: str | Sequence[str], exclude: Path | None = None) -> dic
     for entry in entries:
         path = Path(entry)
         if not path.exists() and "+" in entry:
+            if "" in entry.split("+"):
+                raise InputError(f"input {entry}: the channel list (a+b) has an empty entry: give one file per channel")
             channels = [Path(c) for c in entry.split("+")]
             for c in channels:
                 if not c.is_file():
@@ -200,13 +203,13 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".json") + ".json")
 
 
-def _from_model(path: Path, checkpoint: str) -> bool:
-    """Whether the output ``path`` (a map or a sidecar) comes from the model file ``checkpoint``: its sidecar says
-    so (a map without its sidecar cannot tell: False)."""
+def _written_by(path: Path) -> str | None:
+    """The model file that wrote the output ``path`` (a map or a sidecar), as its sidecar says; None when no sidecar
+    tells."""
     try:
-        return json.loads(_sidecar(path).read_text()).get("checkpoint") == checkpoint
+        return json.loads(_sidecar(path).read_text()).get("checkpoint")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
 
 
 def _remove_orphans(out: Path) -> None:
@@ -322,8 +325,7 @@ class Predictor:
         self.preprocess = Compose([t for t in steps if t is not self.load])
         self.postprocess = parser.get_parsed_content("postprocessing")
         window, per_batch = parser.get_parsed_content("patch_size"), parser.get_parsed_content("sw_batch_size")
-        if not (isinstance(window, list) and len(window) == 3 and all(isinstance(v, int) and v > 0 for v in window)):
-            raise UsageError(f"--patch_size must be [x, y, z] positive integers, got {window!r}")
+        check_patch_size(window, getattr(self.network, "total_stride", (1, 1, 1)))
         if not isinstance(per_batch, int) or per_batch < 1:
             raise UsageError(f"--sw_batch_size must be a positive integer, got {per_batch!r}")
         self.inferer = parser.get_parsed_content("all_inferer" if self.all else "inferer")
@@ -416,7 +418,9 @@ class Predictor:
         tic = time.perf_counter()
         files = [source] if isinstance(source, str) else list(source)
         series = Path(files[0]).is_dir()  # a DICOM series folder: checked once loaded
-        if not series:
+        if series:
+            check_dicom_series(files[0])  # no DICOM, unreadable or missing slices: refused unread
+        else:
             fits = self.check(case_header(files), tasks)  # a 2D file, a huge or singular header: refused unread
         try:
             image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
@@ -591,17 +595,24 @@ def _predict_cases(
     if task == "all" and not modality:
         _warn(assumed_modalities(tasks))
     names = [t.name for t in tasks] + (["all_merged"] if task == "all" else [])
-    skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all")]
+    own = predictor.sidecar["checkpoint"]
     found = {c: [p for n in names for p in (inside(out, f"{c}_{n}.nii.gz"), inside(out, f"{c}_{n}.json")) if p.exists()]
-             for c in cases if c not in skipped}  # fmt: skip
+             for c in cases}  # fmt: skip
+    # a case is skipped when all its outputs exist and this model wrote them; another model's are refused below
+    skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all")
+               and all(_written_by(p) == own for p in found[c])]  # fmt: skip
+    found = {c: files for c, files in found.items() if c not in skipped}
     earlier = [p for files in found.values() for p in files]
     if skip_existing:  # a case with missing outputs is recomputed, replacing its files that this model wrote
-        earlier = [p for p in earlier if not _from_model(p, predictor.sidecar["checkpoint"])]
+        earlier = [p for p in earlier if _written_by(p) != own]
     if earlier and not overwrite:
         what, why, also = f"{earlier[0]} exists", "", ", --skip_existing to keep the cases whose outputs all exist"
         if skip_existing:  # a map without its sidecar cannot tell which model wrote it: it may be the user's own
             why, also = " not written by this --checkpoint, or without the sidecar that tells", ""
-            if not _sidecar(earlier[0]).exists():
+            other = _written_by(earlier[0])
+            if other:
+                what += f", written by --checkpoint {other}"
+            elif not _sidecar(earlier[0]).exists():
                 what += f" without its sidecar {_sidecar(earlier[0]).name}, so which model wrote it is unknown"
         raise FileExistsError(
             f"{what} ({len(earlier)} output file(s) of an earlier run in {out}{why}); pass --overwrite to replace "

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -140,9 +141,10 @@ def acquire(folder: str | os.PathLike, what: str) -> bool:
         except FileExistsError:
             text, owner = _read(path)
             if owner is not None and _alive(owner):
+                command = textwrap.shorten(str(owner.get("command", "")), 120, placeholder=" ...")  # whole words
                 raise FolderInUseError(
                     f"{folder} is in use by another {owner.get('what', 'run')}: pid {owner.get('pid')} on "
-                    f"{owner.get('host')} since {owner.get('started')} ({owner.get('command', '')[:120]}); wait for it "
+                    f"{owner.get('host')} since {owner.get('started')} ({command}); wait for it "
                     f"to end or choose another folder (if that process is gone, delete {path})"
                 ) from None
             if text is not None:

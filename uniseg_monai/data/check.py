@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from uniseg_monai.core.errors import USER_ERRORS, InputError
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, read_datalist
-from uniseg_monai.data.geometry import geometry_problem
+from uniseg_monai.data.geometry import affine_problem, geometry_problem
 from uniseg_monai.tasks import Task, TaskError, TaskRegistry, resolve_task
 
 LABELLED = ("training", "validation")  # sections whose items need a label (training, Dice during training)
@@ -72,28 +72,30 @@ def read_volume(path: str) -> Volume:
 
 
 def nifti_affine(img: nib.Nifti1Image, path: str) -> np.ndarray:
-    """The affine of the NIfTI image ``img`` read from ``path`` as its header says: without qform and sform,
-    nibabel replaces a zero pixdim by 1 (a guessed 1 mm voxel); here that axis keeps its zero length, so that
-    :func:`~uniseg_monai.data.geometry.geometry_problem` refuses it as README says."""
-    affine = np.asarray(img.affine, dtype=float)
-    if img.header["qform_code"] == 0 and img.header["sform_code"] == 0:
-        with nib.openers.ImageOpener(path) as f:
-            raw = type(img.header).from_fileobj(f, check=False)  # the pixdims before nibabel's fix
-        affine[:3, :3] *= np.asarray(raw["pixdim"][1:4], dtype=float) != 0
-    return affine
+    """The affine MONAI's reader gives the NIfTI image ``img`` read from ``path``, unless its header states a broken
+    one (:func:`~uniseg_monai.data.geometry.affine_problem`): the sform or qform in use, or the voxel axes' pixdims,
+    read before nibabel sets a zero pixdim to 1 mm and MONAI swaps a bad form for the other one; that one then, as
+    stated, so that :func:`~uniseg_monai.data.geometry.geometry_problem` refuses it as README says."""
+    with nib.openers.ImageOpener(path) as f:
+        raw = type(img.header).from_fileobj(f, check=False)  # the pixdims before nibabel's fix
+    stated = [raw.get_sform()] if raw["sform_code"] else []
+    stated += [raw.get_qform()] if raw["qform_code"] else []
+    stated.append(np.diag([*np.asarray(raw["pixdim"][1:4], dtype=float), 1.0]))
+    broken = next((affine for affine in stated if affine_problem(affine)), None)
+    if broken is not None:
+        return np.asarray(broken, dtype=float)
+    return np.asarray(correct_nifti_header_if_necessary(img).affine, dtype=float)  # as MONAI's NibabelReader does
 
 
 def read_header(path: str) -> Volume:
-    """Channels, shape and affine of ``path`` from its header (NIfTI via nibabel, other formats via ITK); no voxels."""
+    """Channels, shape and affine of ``path`` from its header (NIfTI via nibabel, :func:`nifti_affine`; other formats
+    via ITK); no voxels."""
     if path.endswith(_NIFTI):
         img = nib.load(path)
-        stated = np.array(img.affine, dtype=float)  # the header's s/qform: MONAI's correction (in place) hides a NaN
-        img = correct_nifti_header_if_necessary(img)  # as MONAI's NibabelReader does
         shape = tuple(int(s) for s in img.shape)
         # a 4th axis holds channels (MONAI's reader puts it first); a 5D+ file is no 3D volume, whatever its sizes
         channels, spatial = (shape[3], shape[:3]) if len(shape) == 4 else (1, shape)
-        affine = nifti_affine(img, path) if np.isfinite(stated).all() else stated
-        return Volume(path, channels, spatial, affine)
+        return Volume(path, channels, spatial, nifti_affine(img, path))
     import itk
 
     io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
@@ -221,6 +223,46 @@ def _channel_grid_problems(images: Sequence[Volume]) -> list[Problem]:
         for img in images[1:]
         if (difference := grid_difference(img, images[0]))
     ]
+
+
+def check_dicom_series(folder: str) -> None:
+    """An :class:`~uniseg_monai.core.errors.InputError` naming the DICOM series ``folder`` and the fix where ITK's
+    series reader (as MONAI's ``ITKReader`` uses it) would fail or silently read a wrong grid: no file GDCM can read
+    (not a DICOM series), files it cannot read (the reader skips them), or slice positions (ImagePositionPatient
+    along the slice normal) of the series it reads not evenly spaced (a missing or doubled slice)."""
+    import itk
+
+    geometry, unreadable = {}, []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(str(path))
+        try:
+            io.ReadImageInformation()
+        except RuntimeError:
+            unreadable.append(path.name)
+            continue
+        direction = np.array([io.GetDirection(i) for i in range(3)], dtype=float).T  # columns: the axes
+        geometry[str(path)] = np.array([io.GetOrigin(i) for i in range(3)]) @ np.cross(direction[:, 0], direction[:, 1])
+    shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+    if not geometry:
+        raise InputError(f"{folder}: not a DICOM series (no DICOM image in it: {shown}); give image files or series")
+    if unreadable:
+        raise InputError(
+            f"{folder}: {len(unreadable)} file(s) of the series are no readable DICOM image ({shown}): the series "
+            "would be read without them; re-export the series, or remove those files"
+        )
+    names = itk.GDCMSeriesFileNames.New()  # the files of the series the reader takes, as MONAI's ITKReader does
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")
+    names.SetDirectory(folder)
+    positions = sorted((geometry[f], f) for f in names.GetFileNames(names.GetSeriesUIDs()[0]) if f in geometry)
+    gaps = np.diff([z for z, _ in positions])
+    if len(gaps) and (gaps.min() <= 0 or gaps.max() - gaps.min() > 0.01 * np.median(gaps)):
+        after = Path(positions[int(np.argmax(gaps))][1]).name
+        raise InputError(
+            f"{folder}: the slice positions are not evenly spaced (gaps {gaps.min():g} to {gaps.max():g} mm, the "
+            f"largest after {after}): a slice is missing or doubled; re-export the complete series"
+        )
 
 
 def case_header(paths: Sequence[str]) -> Volume:

@@ -25,13 +25,8 @@ def spacing_range(task: Task) -> tuple[float, float]:
     return min(task.spacing) / SPACING_FACTOR, max(task.spacing) * SPACING_FACTOR
 
 
-def geometry_problem(affine: np.ndarray, task: Task) -> str | None:
-    """Why an image with ``affine`` (4 x 4, mm) cannot be resampled for ``task``, or None when it can.
-
-    Refused: a non-finite or singular affine (a zero pixdim, or two axes along one direction: orientation and
-    resampling are undefined) and a voxel size outside :func:`spacing_range` (a header in cm or µm, or a wrong
-    pixdim, would make resampling allocate absurd volumes).
-    """
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why ``affine`` (4 x 4, mm) is no voxel-to-world mapping (non-finite or singular), or None."""
     matrix = np.asarray(affine, dtype=float)
     if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
         return f"affine is not a finite 4x4 matrix ({matrix.tolist()})"
@@ -39,6 +34,20 @@ def geometry_problem(affine: np.ndarray, task: Task) -> str | None:
     if abs(np.linalg.det(matrix[:3, :3])) <= 1e-6 * max(max(spacing), 1e-12) ** 3:
         shown = ", ".join(f"{s:g}" for s in spacing)
         return f"singular affine (voxel size {shown} mm, determinant 0: a zero pixdim or two axes along one direction)"
+    return None
+
+
+def geometry_problem(affine: np.ndarray, task: Task) -> str | None:
+    """Why an image with ``affine`` (4 x 4, mm) cannot be resampled for ``task``, or None when it can.
+
+    Refused: a non-finite or singular affine (a zero pixdim, or two axes along one direction: orientation and
+    resampling are undefined) and a voxel size outside :func:`spacing_range` (a header in cm or µm, or a wrong
+    pixdim, would make resampling allocate absurd volumes).
+    """
+    problem = affine_problem(affine)
+    if problem:
+        return problem
+    spacing = voxel_spacing(affine)
     low, high = spacing_range(task)
     if min(spacing) < low or max(spacing) > high:
         shown = ", ".join(f"{s:g}" for s in spacing)

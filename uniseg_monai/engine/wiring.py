@@ -143,9 +143,15 @@ def check_numbers(
             raise UsageError(f"--{name} takes a positive integer, got {value!r}")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not learning_rate > 0:
         raise UsageError(f"--learning_rate must be a number > 0, got {learning_rate!r}")
+    check_patch_size(patch_size, [math.prod(s[axis] for s in strides) for axis in range(3)] if strides else [1, 1, 1])
+
+
+def check_patch_size(patch_size: Any, total: Sequence[int]) -> None:
+    """Refuse, in one line, a ``--patch_size`` that is not three whole numbers >= 1, multiples of the network's total
+    stride ``total`` (x, y, z): the line suggests the next multiples (training and ``uniseg predict``)."""
     if not (isinstance(patch_size, list | tuple) and len(patch_size) == 3 and all(map(_whole, patch_size))):
         raise UsageError(f"--patch_size must be [x, y, z] positive integers, got {patch_size!r}")
-    total = [math.prod(s[axis] for s in strides) for axis in range(3)] if strides else [1, 1, 1]
+    total = [int(t) for t in total]
     if any(p % t for p, t in zip(patch_size, total)):
         fit = [-(-p // t) * t for p, t in zip(patch_size, total)]
         raise UsageError(
