@@ -275,3 +275,23 @@ def test_a_downstream_conversion_names_what_is_wrong_with_its_task(official_fixt
     if task == "my_new_task":  # the way the message gives: a tasks.json beside SRC
         (tmp_path / "tasks.json").write_text(json.dumps({"tasks": {task: _task(0, classes=14)}}))
         assert convert_official(src, tmp_path / "x.pt")["tasks"] == [task]
+
+
+@pytest.mark.parametrize(
+    ("tasks", "message"),
+    [
+        ({"mine": _task(0, classes=3)}, "task 'mine' has 3 labels, but the network outputs 14 classes"),
+        (
+            {"t1": _task(0, classes=14), "t2": _task(1, classes=14)},
+            "has 2 tasks (t1, t2), but the network is a one-task",
+        ),
+    ],
+)
+def test_a_task_table_that_does_not_fit_a_one_task_network_is_refused(official_fixture, tmp_path, tasks, message):
+    """A one-task (downstream) network takes one task with exactly its class count: fewer labels would write values
+    the sidecar does not name, a second task would run the first's network with other normalisation."""
+    src = save_nnunet_v1(nnunet_v1_container(official_fixture["downstream_state_dict"]), tmp_path / "down.model")
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": tasks}))
+    with pytest.raises(ModelFileError, match=re.escape(message)) as err:
+        convert_official(src, tmp_path / "x.pt")
+    assert "tasks.json beside it" in str(err.value) and not (tmp_path / "x.pt").exists()

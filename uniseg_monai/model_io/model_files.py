@@ -188,24 +188,33 @@ def read_model(path: str | os.PathLike, name: str = "") -> ModelFile:
     else:
         registry = None
     if registry is not None and network_def is not None:
-        check_tasks_fit(registry, network_def, label)
+        check_tasks_fit(
+            registry, network_def, label if tasks is not None else f"{label} with the {MODEL_TASKS_FILE} beside it"
+        )
     return ModelFile(path, state, network_def, registry, official, provenance)
 
 
 def check_tasks_fit(tasks: TaskRegistry, network_def: dict[str, Any], label: str) -> None:
     """A :class:`ModelFileError` naming the file ``label`` if a task of its table has no slot in the network (an id
-    >= ``num_tasks``) or more classes than its ``num_classes`` outputs."""
+    >= ``num_tasks``) or more classes than its ``num_classes`` outputs; a one-task network (no ``num_tasks``: a
+    :class:`UniSegBackbone`) takes exactly one task, with exactly ``num_classes`` labels."""
     slots, classes = network_def.get("num_tasks"), network_def.get("num_classes")
+    inconsistent = "the task table and the network disagree: fix the task table (labels and tasks it was trained with)"
+    if slots is None and len(tasks) != 1:
+        raise ModelFileError(
+            f"{label}: its task table has {len(tasks)} tasks ({', '.join(tasks.names)}), but the network is a "
+            f"one-task network; {inconsistent}"
+        )
     for task in tasks.values():
         if isinstance(slots, int) and task.id >= slots:
             raise ModelFileError(
                 f"{label}: its task table gives task {task.name!r} id {task.id}, but the network has {slots} task "
                 f"slot(s) (ids 0-{slots - 1}); the file is inconsistent: re-save it with its task ids"
             )
-        if isinstance(classes, int) and task.num_classes > classes:
+        if isinstance(classes, int) and (task.num_classes > classes or (slots is None and task.num_classes != classes)):
             raise ModelFileError(
                 f"{label}: task {task.name!r} has {task.num_classes} labels, but the network outputs {classes} "
-                "classes; the file is inconsistent: re-save it with the labels it was trained with"
+                f"classes; {inconsistent}"
             )
 
 
