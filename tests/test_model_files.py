@@ -276,3 +276,51 @@ def test_a_downstream_conversion_names_what_is_wrong_with_its_task(official_fixt
     if task == "my_new_task":  # the way the message gives: a tasks.json beside SRC
         (tmp_path / "tasks.json").write_text(json.dumps({"tasks": {task: _task(0, classes=14)}}))
         assert convert_official(src, tmp_path / "x.pt")["tasks"] == [task]
+
+
+@pytest.mark.parametrize(
+    ("tasks", "message"),
+    [
+        ({"mine": _task(0, classes=3)}, "task 'mine' has 3 labels, but the network outputs 14 classes"),
+        (
+            {"t1": _task(0, classes=14), "t2": _task(1, classes=14)},
+            "has 2 tasks (t1, t2), but the network is a one-task",
+        ),
+    ],
+)
+def test_a_task_table_that_does_not_fit_a_one_task_network_is_refused(official_fixture, tmp_path, tasks, message):
+    """A one-task (downstream) network takes one task with exactly its class count: fewer labels would write values
+    the sidecar does not name, a second task would run the first's network with other normalisation."""
+    src = save_nnunet_v1(nnunet_v1_container(official_fixture["downstream_state_dict"]), tmp_path / "down.model")
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": tasks}))
+    with pytest.raises(ModelFileError, match=re.escape(message)) as err:
+        convert_official(src, tmp_path / "x.pt")
+    assert "tasks.json beside it" in str(err.value) and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"features": [-8] * 6}, "network_def field 'features' must hold whole numbers from 1 to 4096"),
+        ({"features": [4.5, 8, 16, 32, 64, 128]}, "network_def field 'features' must hold whole numbers"),
+        ({"num_classes": float("nan")}, "network_def field 'num_classes' must hold whole numbers"),
+        ({"num_tasks": 10**12}, "network_def field 'num_tasks' must hold whole numbers from 1 to 4096"),
+        ({"strides": [[1, 1, 1]]}, "network_def field 'strides' must be a list with one entry per stage"),
+        ({"patch_size": [30, 32, 16]}, "its network_def does not describe a buildable network (patch_size"),
+        ({"num_tasks": 3}, "its weights do not match the network its network_def describes (6 tensor shape(s) differ"),
+        ({"model": {"bogus.weight": torch.zeros(3)}}, "(1 unexpected, e.g. bogus.weight)"),
+        ({"model": {"universal_prompt": None}}, "(1 tensor(s) missing, e.g. universal_prompt)"),
+    ],
+)
+def test_a_network_def_or_weights_that_are_not_a_network_are_refused_when_read(tmp_path, change, message):
+    """Invalid numbers in a network_def, and tensors that disagree with the file's own network_def: one line naming
+    the file and the field or tensors, checked on the meta device before anything is allocated."""
+    path = _two_task_file(tmp_path / "model.pt", {"a": _task(0), "b": _task(1)})
+    saved = torch.load(path, weights_only=True)
+    state = {**saved["model"], **change.pop("model", {})}
+    saved["model"] = {k: v for k, v in state.items() if v is not None}
+    saved["network_def"].update(change)
+    torch.save(saved, path)
+    with pytest.raises(ModelFileError) as err:
+        read_model(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value) and "\n" not in str(err.value)

@@ -39,15 +39,16 @@ from torch import nn
 
 from uniseg_monai.apps.bundles import open_inference
 from uniseg_monai.core.atomic import write_atomic
-from uniseg_monai.core.errors import UsageError
+from uniseg_monai.core.errors import UniSegError, UsageError
 from uniseg_monai.model_io.model_files import check_destination, load_into
 from uniseg_monai.networks import UniSeg
 
 SPATIAL_AXES = {2: "x", 3: "y", 4: "z"}
 
 
-class OnnxCheckError(RuntimeError):
-    """The ONNX Runtime output differs from PyTorch's beyond the tolerance."""
+class OnnxCheckError(UniSegError, RuntimeError):
+    """The ONNX Runtime output differs from PyTorch's beyond the tolerance (one line: the exported graph is wrong,
+    nothing is written)."""
 
 
 def _is_task_aware(network: nn.Module) -> bool:
@@ -80,7 +81,7 @@ def export_onnx(
     opset: int = 17,
     check: bool = True,
     overwrite: bool = False,
-    atol: float = 1e-4,
+    rtol: float = 1e-4,
 ) -> dict[str, Any]:
     """Export ``network`` to an ONNX file at ``path`` (written atomically); the network itself is not modified.
 
@@ -94,9 +95,10 @@ def export_onnx(
         dynamic_spatial: X, Y, Z dynamic (any admissible window); False fixes them to ``window``.
         opset: ONNX opset.
         check: run ONNX Runtime (CPU) on a random batch of 2 at ``window`` (task ids 0 and N-1) before the file
-            is written, and raise :class:`OnnxCheckError` if the max abs difference to PyTorch exceeds ``atol``.
+            is written, and raise :class:`OnnxCheckError` if the max abs difference to PyTorch exceeds ``rtol`` times
+            the output scale (:func:`check_onnx`).
         overwrite: replace an existing file.
-        atol: tolerance of the check.
+        rtol: tolerance of the check, relative to the output scale.
 
     Returns:
         ``{"path", "input_names", "output_names", "in_channels", "window", "dynamic_axes", "opset",
@@ -146,7 +148,7 @@ def export_onnx(
 
     max_abs_diff = None
     if check:
-        max_abs_diff = check_onnx(model, network, in_channels, window, atol=atol)
+        max_abs_diff = check_onnx(model, network, in_channels, window, rtol=rtol)
     write_atomic(path, lambda f: f.write(model))
     return {
         "path": str(path),
@@ -179,14 +181,15 @@ def check_onnx(
     network: nn.Module,
     in_channels: int,
     window: Sequence[int],
-    atol: float = 1e-4,
+    rtol: float = 1e-4,
     batch: int = 2,
     seed: int = 1,
 ) -> float:
     """Max abs difference between ONNX Runtime and ``network`` (eval, float32, CPU) on a random window.
 
     Raises:
-        OnnxCheckError: the difference exceeds ``atol``.
+        OnnxCheckError: the difference exceeds ``rtol`` times the output scale (max |logit|, at least 1), as the
+            official parity test compares: float32 sums over large windows differ by more than a fixed 1e-4.
     """
     reference = _traceable_copy(network)
     inputs = _example(reference, batch, in_channels, window, seed)
@@ -196,8 +199,12 @@ def check_onnx(
     if actual.shape != expected.shape:
         raise OnnxCheckError(f"ONNX output shape {actual.shape} != PyTorch {expected.shape}")
     diff = float(np.abs(actual - expected).max())
-    if not diff <= atol:
-        raise OnnxCheckError(f"ONNX Runtime differs from PyTorch by {diff:.3g} (> {atol:g}) at window {list(window)}")
+    tol = rtol * max(1.0, float(np.abs(expected).max()))
+    if not diff <= tol:
+        raise OnnxCheckError(
+            f"ONNX Runtime differs from PyTorch by {diff:.3g} (> {tol:.3g}, {rtol:g} of the output scale) at window "
+            f"{list(window)}: the exported graph is wrong; nothing written (report it with the model and window)"
+        )
     return diff
 
 

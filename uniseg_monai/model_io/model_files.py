@@ -187,52 +187,137 @@ def read_model(path: str | os.PathLike, name: str = "") -> ModelFile:
         registry = load_model_tasks(path.parent)
     else:
         registry = None
+    if network_def is not None and not official:
+        check_weights_fit(state, network_def, label)
     if registry is not None and network_def is not None:
-        check_tasks_fit(registry, network_def, label)
+        check_tasks_fit(
+            registry, network_def, label if tasks is not None else f"{label} with the {MODEL_TASKS_FILE} beside it"
+        )
     return ModelFile(path, state, network_def, registry, official, provenance)
 
 
 def check_tasks_fit(tasks: TaskRegistry, network_def: dict[str, Any], label: str) -> None:
     """A :class:`ModelFileError` naming the file ``label`` if a task of its table has no slot in the network (an id
-    >= ``num_tasks``) or more classes than its ``num_classes`` outputs."""
+    >= ``num_tasks``) or more classes than its ``num_classes`` outputs; a one-task network (no ``num_tasks``: a
+    :class:`UniSegBackbone`) takes exactly one task, with exactly ``num_classes`` labels."""
     slots, classes = network_def.get("num_tasks"), network_def.get("num_classes")
+    inconsistent = "the task table and the network disagree: fix the task table (labels and tasks it was trained with)"
+    if slots is None and len(tasks) != 1:
+        raise ModelFileError(
+            f"{label}: its task table has {len(tasks)} tasks ({', '.join(tasks.names)}), but the network is a "
+            f"one-task network; {inconsistent}"
+        )
     for task in tasks.values():
         if isinstance(slots, int) and task.id >= slots:
             raise ModelFileError(
                 f"{label}: its task table gives task {task.name!r} id {task.id}, but the network has {slots} task "
                 f"slot(s) (ids 0-{slots - 1}); the file is inconsistent: re-save it with its task ids"
             )
-        if isinstance(classes, int) and task.num_classes > classes:
+        if isinstance(classes, int) and (task.num_classes > classes or (slots is None and task.num_classes != classes)):
             raise ModelFileError(
                 f"{label}: task {task.name!r} has {task.num_classes} labels, but the network outputs {classes} "
-                "classes; the file is inconsistent: re-save it with the labels it was trained with"
+                f"classes; {inconsistent}"
             )
 
 
+MAX_SIZE = 4096  # the largest number a network_def may hold: channels, classes, tasks, window sizes
+MAX_STAGES = 12
+ZERO_ALLOWED = ("added_tasks", "prompt_channels")  # the numbers that may be 0; every other one is >= 1
+
+
 def checked_network_def(network_def: Any, label: str) -> dict[str, Any]:
-    """A model file's ``network_def`` if it names one of :data:`NETWORK_CLASSES` with plain numbers (or lists of
-    them) as arguments; anything else (e.g. MONAI config code such as ``$`` expressions) is refused unevaluated."""
-
-    def plain(key: str, value: Any) -> bool:
-        if isinstance(value, list):
-            return all(plain(key, v) for v in value)
-        if isinstance(value, str):
-            return value in WORDS.get(key, ())
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
+    """A model file's ``network_def`` if it names one of :data:`NETWORK_CLASSES` with whole numbers in
+    [1, :data:`MAX_SIZE`] (or lists of them, one per stage for ``features``, ``kernel_sizes``, ``strides``) as
+    arguments; anything else (e.g. MONAI config code such as ``$`` expressions) is refused unevaluated, naming the
+    field."""
     target = network_def.get("_target_") if isinstance(network_def, dict) else None
-    if target not in NETWORK_CLASSES or not all(plain(k, v) for k, v in network_def.items() if k != "_target_"):
+    if target not in NETWORK_CLASSES or not all(
+        _plain(k, v) for k, v in network_def.items() if k != "_target_"
+    ):  # fmt: skip
         raise ModelFileError(
             f"{label}: its network_def is not a UniSeg network with plain numeric arguments (refused unevaluated): "
             f"{str(network_def)[:200]}"
         )
+    for key, value in network_def.items():
+        if why := _bad_field(key, value, network_def):
+            raise ModelFileError(
+                f"{label}: network_def field {key!r} {why}, got {str(value)[:80]}: the file is damaged or was "
+                "edited; get or save it again"
+            )
     return network_def
+
+
+def _plain(key: str, value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_plain(key, v) for v in value)
+    if isinstance(value, str):
+        return value in WORDS.get(key, ())
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bad_field(key: str, value: Any, network_def: dict[str, Any]) -> str:
+    """Why the value of ``network_def[key]`` is not a sane constructor argument, or ''."""
+    if key == "_target_" or isinstance(value, str):
+        return ""
+    low = 0 if key in ZERO_ALLOWED else 1
+    numbers = [
+        v
+        for item in (value if isinstance(value, list) else [value])
+        for v in (item if isinstance(item, list) else [item])
+    ]
+    if not all(isinstance(v, int) and low <= v <= MAX_SIZE for v in numbers):
+        return f"must hold whole numbers from {low} to {MAX_SIZE}"
+    stages = network_def.get("features")
+    if key == "features" and not 2 <= len(value) <= MAX_STAGES:
+        return f"must be a list of 2 to {MAX_STAGES} stage widths"
+    if key in ("kernel_sizes", "strides") and (
+        not isinstance(value, list) or not isinstance(stages, list) or len(value) != len(stages)
+    ):
+        return "must be a list with one entry per stage of features"
+    if key in ("kernel_sizes", "strides", "patch_size"):
+        entries = value if key != "patch_size" else [value]
+        if any(isinstance(e, list) and len(e) != 3 for e in entries):
+            return "must give 3 sizes (x, y, z)"
+    return ""
+
+
+def _network_on_meta(network_def: dict[str, Any], label: str) -> torch.nn.Module:
+    """The network ``network_def`` describes, built on the meta device (shapes only, no memory)."""
+    try:
+        with torch.device("meta"):
+            return build_network(network_def)
+    except (UniSegError, ValueError, TypeError, RuntimeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ModelFileError(f"{label}: its network_def does not describe a buildable network ({reason})") from None
+
+
+def check_weights_fit(state: dict[str, torch.Tensor], network_def: dict[str, Any], label: str) -> None:
+    """A :class:`ModelFileError` naming the file ``label`` if its tensors are not those of the network its own
+    ``network_def`` describes (compared on the meta device: nothing is allocated)."""
+    expected = {k: tuple(v.shape) for k, v in _network_on_meta(network_def, label).state_dict().items()}
+    if differences := tensor_differences(expected, state):
+        raise ModelFileError(
+            f"{label}: the file is damaged or inconsistent: its weights do not match the network its network_def "
+            f"describes ({differences}); get or save it again"
+        )
 
 
 def build_network(network_def: dict[str, Any]) -> torch.nn.Module:
     """Instantiate a network from a checked model-file ``network_def`` (no config code is evaluated)."""
     args = {k: v for k, v in checked_network_def(network_def, "network_def").items() if k != "_target_"}
     return NETWORK_CLASSES[network_def["_target_"]](**args)
+
+
+def tensor_differences(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]) -> str:
+    """The first tensors of ``state`` whose shapes differ from ``expected`` (key -> shape) and the counts of missing /
+    unexpected ones, in one short phrase; '' when they fit."""
+    shapes = [f"{k} {tuple(v.shape)} vs {expected[k]}" for k, v in state.items()
+              if k in expected and tuple(v.shape) != expected[k]]  # fmt: skip
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    parts = [f"{len(shapes)} tensor shape(s) differ, file vs network: {'; '.join(shapes[:2])}"] if shapes else []
+    parts += [f"{len(missing)} tensor(s) missing, e.g. {', '.join(missing[:2])}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:2])}"] if unexpected else []
+    return "; ".join(parts)[:300]
 
 
 def mismatch(network: torch.nn.Module, model: ModelFile, err: RuntimeError) -> str:
@@ -261,14 +346,8 @@ def mismatch(network: torch.nn.Module, model: ModelFile, err: RuntimeError) -> s
         text = "; ".join(f"{k}: file {theirs.get(k)} vs config {ours.get(k)}" for k in differ)
         text = text if len(text) <= 240 else text[:237] + "..."
         return text + (f": pass {' '.join(fixes)}" if fixes else "")
-    mine = network.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape)}" for k, v in model.state.items()
-              if k in mine and tuple(v.shape) != tuple(mine[k].shape)]  # fmt: skip
-    missing, unexpected = [k for k in mine if k not in model.state], [k for k in model.state if k not in mine]
-    parts = [f"{len(shapes)} tensor shape(s) differ, file vs config: {'; '.join(shapes[:2])}"] if shapes else []
-    parts += [f"{len(missing)} tensor(s) missing, e.g. {missing[0]}"] if missing else []
-    parts += [f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"] if unexpected else []
-    return ("; ".join(parts) or " ".join(str(err).split()))[:300]
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    return tensor_differences(expected, model.state) or " ".join(str(err).split())[:300]
 
 
 def load_into(network: torch.nn.Module, source: str | os.PathLike | ModelFile) -> ModelFile:
