@@ -263,6 +263,16 @@ def test_channel_files_on_different_grids_name_both_files_and_the_difference(pha
         ),
         ({"ph_organs": {"label_map": {"one": 1}}}, "task 'ph_organs': label_map must map raw label values"),
         ({"ph_organs": {"label_map": [1, 2]}}, "task 'ph_organs': label_map must map raw label values"),
+        # a value of the wrong kind is refused, not reinterpreted: "liver" is not 5 labels, 1.5 not class 1
+        ({"ph_organs": {"labels": "liver"}}, "task 'ph_organs': labels must be a list of class names"),
+        ({"ph_organs": {"modalities": "CT"}}, "task 'ph_organs': modalities must be a list of modality names"),
+        ({"ph_organs": {"normalization": "ct"}}, "task 'ph_organs': normalization must be a list"),
+        ({"ph_organs": {"short_labels": "bg"}}, "task 'ph_organs': short_labels must be a list of class names"),
+        ({"ph_organs": {"label_map": {"1": 1.5}}}, "task 'ph_organs': label_map must map raw label values"),
+        ({"ph_organs": {"label_map": {"1": True}}}, "task 'ph_organs': label_map must map raw label values"),
+        ({"ph_organs": {"label_map": {"1.5": 1}}}, "task 'ph_organs': label_map must map raw label values"),
+        ({"ph_organs": {"id": 1000000000}}, "task 'ph_organs': id must be an integer from 0 to 1023"),
+        ({"ph_organs": {"id": True}}, "task 'ph_organs': id must be an integer"),
     ],
 )
 def test_a_bad_task_definition_in_a_datalist_is_one_line_naming_it(phantoms, tmp_path, spec, message):
@@ -279,24 +289,108 @@ def test_a_bad_task_definition_in_a_datalist_is_one_line_naming_it(phantoms, tmp
         registry_for_datalist(datalist)
 
 
-def test_prepare_msd_and_nnunet_folders_merge_into_one_datalist(phantoms, tmp_path):
-    root = phantoms.parent
-    msd = tmp_path / "Task09_Spleen"
+def test_check_data_reports_sections_no_step_reads_and_a_task_without_foreground(phantoms, tmp_path):
+    content = json.loads(phantoms.read_text())
+    organs = [item for item in content["training"] if item["task"] == "ph_organs"][:2]
+    task = {**content["tasks"]["ph_organs"], "label_map": {"1": 0, "2": 0}}  # every label value to background
+    datalist = phantoms.parent / "nofg.json"
+    datalist.write_text(json.dumps({"tasks": {"ph_organs": task}, "training": organs, "validaton": []}))
+    found = [str(p) for p in check_datalist(datalist, progress=False)]
+    assert found == [
+        f"{datalist}: unknown top-level key 'validaton': no step reads it\n    fix: rename it to 'validation'",
+        f"{datalist}: no foreground in any training case of task 'ph_organs'\n    fix: check the label files and the "
+        "task's 'label_map' (raw values it does not list become background)",
+    ]
+    datalist.write_text(json.dumps({"training": "abc"}))
+    assert [str(p).splitlines()[0] for p in check_datalist(datalist, progress=False)] == [
+        f'{datalist}: "training" must be a list of items ({{"image", "label", "task"}} objects), got \'abc\''
+    ]
+
+
+def test_check_data_refuses_a_header_claiming_more_voxels_than_the_file_holds(phantoms, tmp_path):
+    """A 4 kB file whose header claims 4000^3 float32 voxels is one problem from its header, not a MemoryError."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((4000,) * 3)
+    header.set_data_dtype(np.float32)
+    huge = tmp_path / "huge.nii.gz"
+    huge.write_bytes(gzip.compress(header.binaryblock + bytes(4) + np.random.default_rng(0).bytes(4096)))
+    content = json.loads(phantoms.read_text())
+    datalist = tmp_path / "dl.json"
+    testing = [{"image": str(huge), "task": "ph_organs"}]
+    datalist.write_text(json.dumps({"tasks": content["tasks"], "testing": testing}))
+    found = [str(p) for p in check_datalist(datalist, progress=False)]
+    assert found[1].startswith(
+        f"{huge}: unreadable or corrupt (its header claims 1 x (4000, 4000, 4000) voxels of float32 (238 GiB), more "
+        "than its"
+    ) and found[1].splitlines()[0].endswith("bytes can hold: the file is truncated or its header is wrong)")
+
+
+def _msd_folder(root: Path, folder: Path, cases: int = 5) -> Path:
+    """An MSD task folder of ``cases`` phantom abdomen CTs (labels: liver, spleen) and one test image."""
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        (msd / sub).mkdir(parents=True)
-    for i in range(5):
-        shutil.copy(root / f"abdomen/abdomen_00{i}_ct.nii.gz", msd / f"imagesTr/spleen_{i}.nii.gz")
-        shutil.copy(root / f"abdomen/abdomen_00{i}_organs.nii.gz", msd / f"labelsTr/spleen_{i}.nii.gz")
-    shutil.copy(root / "abdomen/abdomen_009_ct.nii.gz", msd / "imagesTs/spleen_9.nii.gz")
+        (folder / sub).mkdir(parents=True)
+    for i in range(cases):
+        shutil.copy(root / f"abdomen/abdomen_00{i}_ct.nii.gz", folder / f"imagesTr/spleen_{i}.nii.gz")
+        shutil.copy(root / f"abdomen/abdomen_00{i}_organs.nii.gz", folder / f"labelsTr/spleen_{i}.nii.gz")
+    shutil.copy(root / "abdomen/abdomen_009_ct.nii.gz", folder / "imagesTs/spleen_9.nii.gz")
     meta = {
         "modality": {"0": "CT"},
         "labels": {"0": "background", "1": "liver", "2": "spleen"},
         "training": [
-            {"image": f"./imagesTr/spleen_{i}.nii.gz", "label": f"./labelsTr/spleen_{i}.nii.gz"} for i in range(5)
+            {"image": f"./imagesTr/spleen_{i}.nii.gz", "label": f"./labelsTr/spleen_{i}.nii.gz"} for i in range(cases)
         ],
         "test": ["./imagesTs/spleen_9.nii.gz"],
     }
-    (msd / "dataset.json").write_text(json.dumps(meta))
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"val_fraction": 1.5}, "--val_fraction must be a number from 0 up to (not including) 1"),
+        ({"val_fraction": -1}, "--val_fraction must be a number from 0 up to (not including) 1"),
+        ({"val_fraction": "abc"}, "--val_fraction must be a number from 0 up to (not including) 1"),
+        ({"test_fraction": 1}, "--test_fraction must be a number from 0 up to (not including) 1"),
+        ({"test_fraction": 0.5, "val_fraction": 0.9}, "leave none of the 4 labelled cases for training"),
+    ],
+)
+def test_prepare_refuses_shares_that_leave_no_training_or_overlap(phantoms, tmp_path, change, message):
+    msd, out = _msd_folder(phantoms.parent, tmp_path / "Task01", cases=4), tmp_path / "datalist.json"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(msd, "mine", out, **change)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("{", "not valid JSON"),
+        ({"labels": {"bg": "background", "l": "liver"}}, '"labels" must map label values to names'),
+        ({"labels": ["background", "liver"]}, '"labels" must map label values to names'),
+        ({"modality": ["CT"]}, '"modality" must map channel numbers to names'),
+        ({"training": [{"label": "./labelsTr/spleen_0.nii.gz"}]}, 'training[0] needs "image" and "label" file paths'),
+        ({"test": [{"label": "x"}]}, "test[0] must be an image path"),
+        # a task its own checks would refuse later: refused before anything is written, naming the key
+        ({"labels": {}}, "task 'mine': labels must list background and at least one class, got []; fix its \"labels\""),
+        ({"modality": {"0": "CT", "1": "CT", "2": "CT"}}, "task 'mine': 3 modalities; UniSeg has stems for 1, 2 or 4"),
+    ],
+)
+def test_prepare_refuses_a_dataset_json_it_cannot_use_in_one_line(phantoms, tmp_path, change, message):
+    msd, out = _msd_folder(phantoms.parent, tmp_path / "Task01", cases=2), tmp_path / "datalist.json"
+    meta = json.loads((msd / "dataset.json").read_text())
+    (msd / "dataset.json").write_text(change if isinstance(change, str) else json.dumps({**meta, **change}))
+    with pytest.raises(DatalistError) as refused:
+        prepare(msd, "mine", out)
+    assert str(refused.value).startswith(f"{msd / 'dataset.json'}: ") and "\n" not in str(refused.value)
+    assert message in str(refused.value) and not out.exists()
+
+
+def test_prepare_msd_and_nnunet_folders_merge_into_one_datalist(phantoms, tmp_path):
+    root = phantoms.parent
+    msd = _msd_folder(root, tmp_path / "Task09_Spleen")
     nnunet = tmp_path / "Dataset003_PetCt"
     for sub in ("imagesTr", "labelsTr"):
         (nnunet / sub).mkdir(parents=True)

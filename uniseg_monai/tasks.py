@@ -111,6 +111,7 @@ FLAGS = ("paper", "paper_dice")  # registry flags of BUILTIN_TASKS, not task fie
 TASK_NAME_LENGTH = 64
 TASK_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{TASK_NAME_LENGTH - 1}}}")
 RESERVED_TASK_NAMES = ("all", "all_merged")  # ``--task all`` and predict's ``<case>_all_merged`` map (any case)
+MAX_TASK_ID = 1023  # the network keeps one task slot (prompt) per id up to the largest: a larger id is a typo
 TASK_NAME_RULE = (
     f"use letters, digits, '_', '.' and '-', starting with a letter or digit, at most {TASK_NAME_LENGTH} characters, "
     f"not {' or '.join(map(repr, RESERVED_TASK_NAMES))} in any letter case (task names become parts of file "
@@ -130,6 +131,36 @@ def check_task_name(name: Any, where: str = "") -> str:
     raise TaskError(f"{where + ': ' if where else ''}task name {name!r}: {TASK_NAME_RULE}")
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_normalization(value: Any) -> bool:
+    return isinstance(value, (str, Mapping))
+
+
+def _is_raw_label(key: Any) -> bool:
+    """A ``label_map`` key: a raw label value, an integer >= 0 (a JSON object's keys are strings: ``"2"``)."""
+    return (_is_integer(key) and key >= 0) or (isinstance(key, str) and key.isascii() and key.isdigit())
+
+
+def _list(spec: Mapping[str, Any], key: str, where: str, ok: Any, what: str, length: int = 0) -> tuple:
+    """``spec[key]`` as a tuple if it is a list (of ``length`` items, if given) whose items are all ``ok``; else a
+    :class:`TaskError` naming the task and the key (a string is no list: ``"liver"`` is not 5 labels)."""
+    value = spec[key]
+    if not isinstance(value, (list, tuple)) or not all(map(ok, value)) or (length and len(value) != length):
+        raise TaskError(f"{where}: {key} must be {what}, got {value!r:.200}")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class Normalization:
     """Per-channel intensity normalisation: ``ct`` (clip to window, scale to [0, 1]), ``zscore`` (whole
@@ -145,10 +176,15 @@ class Normalization:
         kind = spec.get("type")
         if kind not in NORMALIZATIONS:
             raise TaskError(f"{where}: normalization {spec!r} unknown; use one of {list(NORMALIZATIONS)}")
-        window = tuple(float(v) for v in spec.get("window", DEFAULT_CT_WINDOW))
-        if len(window) != 2 or window[0] >= window[1]:
-            raise TaskError(f"{where}: CT window must be [low, high] with low < high, got {spec.get('window')}")
-        return cls(kind, window)  # type: ignore[arg-type]
+        window = spec.get("window", DEFAULT_CT_WINDOW)
+        if (
+            not isinstance(window, (list, tuple))
+            or len(window) != 2
+            or not all(map(_is_number, window))
+            or not (window[0] < window[1])
+        ):
+            raise TaskError(f"{where}: CT window must be [low, high] with low < high, got {spec.get('window')!r}")
+        return cls(kind, (float(window[0]), float(window[1])))
 
     def to_json(self) -> str | dict[str, Any]:
         if self.kind == "ct" and self.window != DEFAULT_CT_WINDOW:
@@ -196,6 +232,9 @@ class Task:
 
     @classmethod
     def parse(cls, name: str, spec: Mapping[str, Any]) -> Task:
+        """The task ``name`` of the task keys ``spec``; a :class:`TaskError` naming the task and the key for a key
+        that is unknown, missing, of the wrong kind (a string where a list belongs, text where a number does) or
+        out of range."""
         where = f"task {name!r}"
         known = {"id", "modalities", "labels", "spacing", "normalization", "label_map", "short_labels", "nsd_tolerance"}
         unknown = set(spec) - known
@@ -204,28 +243,36 @@ class Task:
         missing = {"id", "modalities", "labels", "spacing"} - set(spec)
         if missing:
             raise TaskError(f"{where}: missing {sorted(missing)}")
-        modalities = tuple(str(m) for m in spec["modalities"])
-        labels = tuple(str(v) for v in spec["labels"])
-        try:
-            spacing = tuple(float(v) for v in spec["spacing"])
-        except (TypeError, ValueError):
-            spacing = ()  # refused below, naming the value
-        norm_spec = spec.get("normalization") or ["ct" if m.upper() == "CT" else "zscore" for m in modalities]
+        task_id = spec["id"]
+        if not _is_integer(task_id) or not 0 <= task_id <= MAX_TASK_ID:
+            raise TaskError(f"{where}: id must be an integer from 0 to {MAX_TASK_ID}, got {task_id!r}")
+        modalities = _list(spec, "modalities", where, _is_text, 'a list of modality names, e.g. ["CT"]')
+        labels = _list(spec, "labels", where, _is_text, "a list of class names, background first")
+        spacing = _list(spec, "spacing", where, _is_number, "3 positive numbers (x, y, z) in mm", 3)
+        if not all(0 < s < math.inf for s in spacing):
+            raise TaskError(f"{where}: spacing must be 3 positive numbers (x, y, z) in mm, got {spec['spacing']}")
+        if spec.get("normalization") is None:
+            norm_spec: tuple = tuple("ct" if m.upper() == "CT" else "zscore" for m in modalities)
+        else:
+            norm_spec = _list(spec, "normalization", where, _is_normalization, "a list, one entry per modality")
         normalization = tuple(Normalization.parse(n, where) for n in norm_spec)
-        try:
-            label_map = {int(k): int(v) for k, v in (spec.get("label_map") or {}).items()}
-        except (AttributeError, TypeError, ValueError):
+        label_map = spec.get("label_map") or {}
+        if (
+            not isinstance(label_map, Mapping)
+            or not all(map(_is_raw_label, label_map))
+            or not all(_is_integer(v) for v in label_map.values())
+        ):
             raise TaskError(
-                f'{where}: label_map must map raw label values to class indices (e.g. {{"2": 1}}), got '
-                f"{spec.get('label_map')!r}"
-            ) from None
-        short_labels = tuple(str(v) for v in spec.get("short_labels") or ())
+                f'{where}: label_map must map raw label values to class indices, both integers (e.g. {{"2": 1}}), '
+                f"got {spec.get('label_map')!r:.200}"
+            )
+        label_map = {int(k): v for k, v in label_map.items()}
+        short_labels = (
+            _list(spec, "short_labels", where, _is_text, "a list of class names") if spec.get("short_labels") else ()
+        )
         tolerance = spec.get("nsd_tolerance")
-        if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                      or not 0 < tolerance < math.inf):  # fmt: skip
+        if tolerance is not None and (not _is_number(tolerance) or not 0 < tolerance < math.inf):
             raise TaskError(f"{where}: nsd_tolerance must be a positive number of mm, got {tolerance!r}")
-        if not isinstance(spec["id"], int) or spec["id"] < 0:
-            raise TaskError(f"{where}: id must be a non-negative integer, got {spec['id']!r}")
         if len(modalities) not in (1, 2, 4):
             raise TaskError(f"{where}: {len(modalities)} modalities; UniSeg has stems for 1, 2 or 4 channels")
         if len(labels) < 2:
@@ -244,7 +291,8 @@ class Task:
         if short_labels and len(short_labels) != len(labels):
             raise TaskError(f"{where}: {len(short_labels)} short_labels for {len(labels)} labels")
         tolerance = None if tolerance is None else float(tolerance)
-        return cls(name, spec["id"], modalities, labels, spacing, normalization, label_map, short_labels, tolerance)  # type: ignore[arg-type]
+        spacing = tuple(float(s) for s in spacing)
+        return cls(name, task_id, modalities, labels, spacing, normalization, label_map, short_labels, tolerance)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

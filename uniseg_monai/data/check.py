@@ -7,7 +7,9 @@ seconds, not hours into a run. Both apply the same per-item rules (:func:`item_p
 
 from __future__ import annotations
 
+import difflib
 import functools
+import os
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from tqdm import tqdm
 from uniseg_monai.core.errors import USER_ERRORS, InputError
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, read_datalist
 from uniseg_monai.data.geometry import affine_problem, geometry_problem
+from uniseg_monai.data.memory import GIB, available_memory, loading_memory
 from uniseg_monai.tasks import Task, TaskError, TaskRegistry, resolve_task
 
 LABELLED = ("training", "validation")  # sections whose items need a label (training, Dice during training)
@@ -65,10 +68,40 @@ def _loader() -> LoadImage:
 
 
 def read_volume(path: str) -> Volume:
-    """Every voxel of ``path`` (as the bundles load it); a NIfTI affine as the header says (:func:`read_header`)."""
+    """Every voxel of ``path`` (as the bundles load it); a NIfTI affine as the header says (:func:`read_header`),
+    and its size checked against the file and the memory before a voxel is read (:func:`check_claimed_size`)."""
+    header = read_header(path) if path.endswith(_NIFTI) else None
+    if header is not None:
+        check_claimed_size(path, header)
     img = _loader()(path)
-    affine = read_header(path).affine if path.endswith(_NIFTI) else np.asarray(img.affine)
+    affine = header.affine if header is not None else np.asarray(img.affine)
     return Volume(path, int(img.shape[0]), tuple(img.shape[1:]), affine, img)
+
+
+DEFLATE_MAX_RATIO = 1032  # deflate never compresses better than 1032:1: a .gz holds at least 1/1032 of its data
+
+
+def check_claimed_size(path: str, volume: Volume) -> None:
+    """An :class:`~uniseg_monai.core.errors.InputError` if the NIfTI header of ``path`` (read as ``volume``) claims
+    more voxel bytes than the file can hold (a truncated file or a wrong header), or more memory to load
+    (:func:`~uniseg_monai.data.memory.loading_memory`) than the machine has: a 4 kB file claiming 4000^3 voxels is
+    refused so, not loaded."""
+    header = nib.load(path).header
+    claimed = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    size = os.path.getsize(path)
+    room = size * DEFLATE_MAX_RATIO if path.endswith(".gz") else size - int(header["vox_offset"])
+    shown = f"{volume.channels} x {volume.shape} voxels of {header.get_data_dtype()}"
+    if claimed > room:
+        raise InputError(
+            f"its header claims {shown} ({claimed / GIB:.3g} GiB), more than its {size} bytes can hold: the file is "
+            "truncated or its header is wrong"
+        )
+    need, available = loading_memory(volume.shape, volume.channels), available_memory()
+    if available is not None and need > available:
+        raise InputError(
+            f"its header claims {shown}: loading needs about {need / GIB:.3g} GiB, more than the {available / GIB:.3g}"
+            " GiB available"
+        )
 
 
 def nifti_affine(img: nib.Nifti1Image, path: str) -> np.ndarray:
@@ -176,10 +209,16 @@ def _paths(value: Any) -> list[str] | None:
 
 
 def item_problems(
-    item: Mapping[str, Any], task: Task, where: str, labelled: bool, read: Callable[[str], Volume] = read_volume
+    item: Mapping[str, Any],
+    task: Task,
+    where: str,
+    labelled: bool,
+    read: Callable[[str], Volume] = read_volume,
+    classes: set[int] | None = None,
 ) -> list[Problem]:
     """Every problem of one item (absolute paths) of ``task``; ``where`` names the entry, ``labelled``: it needs a
-    label; ``read``: :func:`read_volume` (voxel checks too) or :func:`read_header` (header checks only)."""
+    label; ``read``: :func:`read_volume` (voxel checks too) or :func:`read_header` (header checks only); ``classes``:
+    gets the task classes its label's voxels hold (after the ``label_map``)."""
     problems: list[Problem] = []
     paths = _paths(item.get("image"))
     if paths is None:
@@ -211,7 +250,7 @@ def item_problems(
     if label_path:
         label = _read(label_path[0], read, problems)
         if label is not None:
-            _check_label(label, ref, task, problems)
+            _check_label(label, ref, task, problems, classes if classes is not None else set())
     return problems
 
 
@@ -279,7 +318,7 @@ def case_header(paths: Sequence[str]) -> Volume:
     return Volume(" + ".join(paths), sum(img.channels for img in images), images[0].shape, images[0].affine)
 
 
-def _check_label(label: Volume, ref: Volume, task: Task, problems: list[Problem]) -> None:
+def _check_label(label: Volume, ref: Volume, task: Task, problems: list[Problem], classes: set[int]) -> None:
     if len(label.shape) != 3 or label.channels != 1:
         fix = "save the label as one 3D volume (X, Y, Z) of integer classes"
         problems.append(Problem(label.path, f"label must be one 3D volume, got {label.channels} x {label.shape}", fix))
@@ -301,6 +340,7 @@ def _check_label(label: Volume, ref: Volume, task: Task, problems: list[Problem]
         return
     raw = [int(v) for v in values]
     mapped = sorted({task.label_map.get(v, 0) for v in raw}) if task.label_map else raw
+    classes.update(mapped)
     outside = [v for v in mapped if v >= task.num_classes]
     if outside:
         problems.append(
@@ -332,7 +372,7 @@ def check_datalist(path: str | Path, progress: bool = True) -> list[Problem]:
         fix = "edit the datalist as the message says (format: README, 'Datalist format')"
         return [Problem(str(path), message, fix)]
     root = path.resolve().parent
-    problems: list[Problem] = []
+    problems = _unknown_sections(datalist, path)
     if not datalist.get("training"):
         fix = 'add a "training" list of {"image", "label", "task"} cases (README: "Datalist format")'
         problems.append(Problem(str(path), "no training cases: the 'training' section is missing or empty", fix))
@@ -343,6 +383,7 @@ def check_datalist(path: str | Path, progress: bool = True) -> list[Problem]:
     except TaskError as err:
         problems.append(Problem(str(path), str(err), "give every task used by the datalist its own id"))
     seen: dict[tuple[str, ...], list[tuple[str, int, str]]] = {}  # image files -> the entries that name them
+    trained: dict[str, set[int]] = {}  # task -> the classes its training labels hold
     for section, i, item in tqdm(used, desc="check-data", unit="case", disable=not progress):
         where = f"{path} {section}[{i}]"
         if item["task"] not in registry:
@@ -355,7 +396,25 @@ def check_datalist(path: str | Path, progress: bool = True) -> list[Problem]:
             entries = seen.setdefault(tuple(sorted(images)), [])
             problems += _repeated(images[0], entries, section, i, item["task"], path)
             entries.append((section, i, item["task"]))
-        problems += item_problems(item, registry[item["task"]], where, labelled=section in LABELLED)
+        classes = trained.setdefault(item["task"], set()) if section == "training" else None
+        problems += item_problems(item, registry[item["task"]], where, section in LABELLED, classes=classes)
+    fix = "check the label files and the task's 'label_map' (raw values it does not list become background)"
+    for task, classes in trained.items():
+        if classes == {0}:
+            problems.append(Problem(str(path), f"no foreground in any training case of task {task!r}", fix))
+    return problems
+
+
+def _unknown_sections(datalist: Mapping[str, Any], path: Path) -> list[Problem]:
+    """A problem for each top-level key of ``datalist`` that no tool reads (a misspelt section is ignored by all
+    of them), naming the nearest known key."""
+    known = ["tasks", *SECTIONS]
+    problems = []
+    for key in datalist:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            fix = f"rename it to {near[0]!r}" if near else f"remove it (the known keys are {known})"
+            problems.append(Problem(str(path), f"unknown top-level key {key!r}: no step reads it", fix))
     return problems
 
 

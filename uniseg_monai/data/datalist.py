@@ -41,6 +41,11 @@ def read_datalist(path: str | Path) -> dict[str, Any]:
     for name in tasks:
         check_task_name(name, f'{path}: "tasks"')
     for section in SECTIONS:
+        if not isinstance(data.get(section, []), list):
+            raise DatalistError(
+                f'{path}: "{section}" must be a list of items ({{"image", "label", "task"}} objects), got '
+                f"{data[section]!r:.100}"
+            )
         for i, item in enumerate(data.get(section, [])):
             if not isinstance(item, dict) or "image" not in item or "task" not in item:
                 raise DatalistError(f"{path}: {section}[{i}] needs 'image' and 'task' (got {item!r})")

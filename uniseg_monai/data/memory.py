@@ -37,6 +37,12 @@ def available_memory() -> int | None:
         return None
 
 
+def loading_memory(shape: Sequence[int], channels: int) -> int:
+    """Bytes that loading a file of ``shape`` (X, Y, Z) x ``channels`` takes: 8 per voxel and channel (MONAI's loader
+    holds the file's voxels and their C-ordered float32 copy)."""
+    return 8 * int(channels) * int(np.prod(shape[-3:]))
+
+
 def window_padding(shape: Sequence[int], affine: np.ndarray, task: Task, window: Sequence[int]) -> float:
     """How much the sliding window's padding enlarges the resampled volume: an axis shorter than the window (in RAS
     order, after resampling to the task's spacing) is padded to the window."""
@@ -101,5 +107,5 @@ def case_memory(
         per_pass.append(held + max(pre, inference, post))
         held += len(group) * n
     tasks = sum(len(g) for g in passes)
-    total = max([8 * c * n, *per_pass] + ([(6 + tasks) * n] if tasks > 1 else []))
+    total = max([loading_memory(shape, c), *per_pass] + ([(6 + tasks) * n] if tasks > 1 else []))
     return int(1.1 * total) + OVERHEAD

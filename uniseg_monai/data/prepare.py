@@ -15,8 +15,9 @@ import nibabel as nib
 import numpy as np
 
 from uniseg_monai.core.atomic import write_text_atomic
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.data.datalist import DatalistError, read_datalist
-from uniseg_monai.tasks import TaskRegistry, check_task_name
+from uniseg_monai.tasks import TaskError, TaskRegistry, check_task_name
 
 
 def _msd_cases(source: Path, meta: dict) -> tuple[list[dict], list[dict]]:
@@ -63,6 +64,71 @@ def _vs_cases(source: Path, meta: dict) -> tuple[list[dict], list[dict]]:
         item = {"image": str(image.relative_to(source)), "label": str(label.relative_to(source))}
         train.append(item | {"case": case.name})  # every case's files have the same names
     return train, []
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The dataset.json at ``path``; a :class:`DatalistError` naming it and the key for content prepare cannot
+    read: invalid JSON, "labels" that map neither values to names (MSD) nor names to values (nnU-Net v2),
+    "modality" / "channel_names" that are no object, "training" entries without "image" and "label" paths, "test"
+    entries without an image path."""
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatalistError(f"{path}: not valid JSON ({err}); repair or re-export it") from None
+    if not isinstance(meta, dict):
+        raise DatalistError(
+            f"{path}: expected a JSON object (an MSD / nnU-Net dataset.json), got {type(meta).__name__}"
+        )
+    labels = meta.get("labels", {})
+    if not isinstance(labels, dict) or not (
+        all(k.isdigit() and isinstance(v, str) for k, v in labels.items())
+        or all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values())
+    ):
+        raise DatalistError(
+            f'{path}: "labels" must map label values to names ({{"0": "background", "1": "liver"}}, MSD) or names '
+            f'to values ({{"background": 0, "liver": 1}}, nnU-Net v2), got {labels!r:.200}'
+        )
+    for key in ("modality", "channel_names"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise DatalistError(f'{path}: "{key}" must map channel numbers to names ({{"0": "CT"}}), got {meta[key]!r}')
+    for i, entry in enumerate(meta.get("training", [])):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("image", "label")):
+            raise DatalistError(f'{path}: training[{i}] needs "image" and "label" file paths, got {entry!r:.200}')
+    for i, entry in enumerate(meta.get("test", [])):
+        if not isinstance(entry, str) and not (isinstance(entry, dict) and isinstance(entry.get("image"), str)):
+            raise DatalistError(
+                f'{path}: test[{i}] must be an image path (or an object with "image"), got {entry!r:.200}'
+            )
+    return meta
+
+
+def _fraction(value: Any, option: str) -> float:
+    """``value`` if it is a share of the cases, a number in [0, 1); else a :class:`UsageError` naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise UsageError(
+            f"{option} must be a number from 0 up to (not including) 1, a share of the cases; got {value!r}"
+        )
+    return float(value)
+
+
+def _checked_task(spec: dict[str, Any], task: str, source: Path) -> dict[str, Any]:
+    """``spec`` if the registry accepts it as ``task`` (:meth:`TaskRegistry.extended`), so that prepare never writes
+    a datalist its own checks refuse; else a :class:`DatalistError` naming ``source`` and the key to fix there."""
+    try:
+        TaskRegistry().extended({task: spec})
+    except TaskError as err:
+        key = next((k for k in _META_KEYS if k in str(err)), "")
+        raise DatalistError(f"{source}: {err}; fix {_META_KEYS[key]}") from None
+    return spec
+
+
+# a task key that prepare's task entry refuses -> where it came from
+_META_KEYS = {
+    "modalities": 'its "modality" (nnU-Net v2: "channel_names")',
+    "labels": 'its "labels"',
+    "spacing": "the voxel sizes in the training images' headers",
+    "": 'its "modality" / "labels"',
+}
 
 
 # format -> (case reader, needs dataset.json, share of the labelled cases kept for testing: the paper's splits)
@@ -127,16 +193,24 @@ def prepare(
     meta_path = source / "dataset.json"
     if needs_meta and not meta_path.exists():
         raise DatalistError(f"{meta_path} not found: --source must be an MSD or nnU-Net-raw task folder")
-    meta = json.loads(meta_path.read_text()) if needs_meta else {}
+    val_fraction = _fraction(val_fraction, "--val_fraction")
+    test_share = _fraction(default_test if test_fraction is None else test_fraction, "--test_fraction")
+    meta = _read_meta(meta_path) if needs_meta else {}
     train, test = read_cases(source, meta)
     if not train:
         raise DatalistError(f"{source}: no training cases found for format {fmt!r}")
     datalist = read_datalist(out) if out.exists() else {"tasks": {}, "training": [], "validation": [], "testing": []}
     if task not in TaskRegistry() and task not in datalist.get("tasks", {}):
-        datalist.setdefault("tasks", {})[task] = _task_spec(source, meta, train, fmt)
-    n_test = round(len(train) * (default_test if test_fraction is None else test_fraction))
+        spec = _task_spec(source, meta, train, fmt)
+        datalist.setdefault("tasks", {})[task] = _checked_task(spec, task, meta_path if needs_meta else source)
+    n_cases, n_test = len(train), round(len(train) * test_share)
     train, test = train[: len(train) - n_test], train[len(train) - n_test :] + test
     n_val = round(len(train) * val_fraction) if len(train) > 1 else 0
+    if n_val >= len(train):
+        raise UsageError(
+            f"--test_fraction {test_share:g} and --val_fraction {val_fraction:g} leave none of the {n_cases} labelled "
+            "cases for training; lower them"
+        )
     splits = {"training": train[: len(train) - n_val], "validation": train[len(train) - n_val :], "testing": test}
     counts = {}
     for section, cases in splits.items():
