@@ -120,29 +120,36 @@ def task_id(registry: TaskRegistry, task: str = "") -> int | None:
     return registry[task].id if task else None
 
 
-def _whole(value: Any) -> bool:
-    """Whether ``value`` is a whole number >= 1 (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _whole(value: Any, least: int = 1) -> bool:
+    """Whether ``value`` is a whole number >= ``least`` (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def check_numbers(
-    epochs: Any,
-    val_interval: Any,
-    learning_rate: Any = 1.0,
-    iterations_per_epoch: Any = 1,
-    batch_size: Any = 1,
-    patch_size: Any = (1, 1, 1),
-    strides: Sequence[Sequence[int]] = (),
-) -> None:
-    """Refuse, in one line naming the id, a training number that cannot work: ``epochs``, ``val_interval``,
-    ``iterations_per_epoch`` and ``batch_size`` whole numbers >= 1, ``learning_rate`` a number > 0, ``patch_size``
-    three whole numbers >= 1, multiples of the network's total stride (the product of ``strides``, (levels, 3))."""
-    for name, value in (("epochs", epochs), ("val_interval", val_interval),
-                        ("iterations_per_epoch", iterations_per_epoch), ("batch_size", batch_size)):  # fmt: skip
-        if not _whole(value):
-            raise UsageError(f"--{name} takes a positive integer, got {value!r}")
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not learning_rate > 0:
-        raise UsageError(f"--learning_rate must be a number > 0, got {learning_rate!r}")
+def _number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# id: (test, what the id takes) of the plain numbers a run checks in ``initialize``
+NUMBER_RULES: dict[str, tuple[Any, str]] = {
+    **{name: (_whole, "takes a positive integer") for name in
+       ("epochs", "val_interval", "iterations_per_epoch", "batch_size", "sw_batch_size")},
+    "num_workers": (lambda v: _whole(v, 0), "takes an integer >= 0 (0: load in the main process)"),
+    "learning_rate": (lambda v: _number(v) and v > 0, "must be a number > 0"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "must be a number >= 0"),
+    "foreground_fraction": (lambda v: _number(v) and 0 <= v <= 1, "must be a number in [0, 1]"),
+}  # fmt: skip
+
+
+def check_numbers(patch_size: Any = (1, 1, 1), strides: Sequence[Sequence[int]] = (), **numbers: Any) -> bool:
+    """Refuse, in one line naming the id, a run number that cannot work: each of ``numbers`` (ids of
+    :data:`NUMBER_RULES`: epochs, batch size, learning rate, ...) as its rule says, ``patch_size`` three whole
+    numbers >= 1, multiples of the network's total stride (the product of ``strides``, (levels, 3)). True, for
+    ``initialize``."""
+    for name, value in numbers.items():
+        test, takes = NUMBER_RULES[name]
+        if not test(value):
+            raise UsageError(f"--{name} {takes}, got {value!r}")
     if not (isinstance(patch_size, list | tuple) and len(patch_size) == 3 and all(map(_whole, patch_size))):
         raise UsageError(f"--patch_size must be [x, y, z] positive integers, got {patch_size!r}")
     total = [math.prod(s[axis] for s in strides) for axis in range(3)] if strides else [1, 1, 1]
@@ -152,6 +159,7 @@ def check_numbers(
             f"--patch_size {list(patch_size)} is not divisible by the network's total stride {total}: set "
             f"--patch_size to multiples of it, e.g. {fit}"
         )
+    return True
 
 
 def check_validation(epochs: int, val_interval: int, required: bool = True, **numbers: Any) -> bool:
@@ -159,7 +167,7 @@ def check_validation(epochs: int, val_interval: int, required: bool = True, **nu
     run in which no validation runs (``val_interval`` > ``epochs``): none would pick and write ``model.pt``
     (``required`` false: the run writes it otherwise, as adding a task does). True, for ``initialize`` (before
     anything is written or any data cached)."""
-    check_numbers(epochs, val_interval, **numbers)
+    check_numbers(epochs=epochs, val_interval=val_interval, **numbers)
     if flag(required, "validation_required") and val_interval > epochs:
         raise UsageError(
             f"--val_interval {val_interval} is more than --epochs {epochs}: no validation would run and no model.pt "
