@@ -236,6 +236,7 @@ def test_common_bundle_mistakes_end_in_one_line_naming_the_fix(cases, tmp_path, 
         "foreground fraction": ({"foreground_fraction": 2}, ["--foreground_fraction must be a number in [0, 1]"]),
         "negative weight decay": ({"weight_decay": -1}, ["--weight_decay must be a number >= 0, got -1"]),
         "negative workers": ({"num_workers": -1}, ["--num_workers takes an integer >= 0"]),
+        "batch beyond memory": ({"batch_size": 10**7}, ["--batch_size 10000000", "one batch needs at least"]),
         "no sliding window batch": ({"sw_batch_size": 0}, ["--sw_batch_size takes a positive integer, got 0"]),
         "unknown task": ({"task": "spleen"}, ["unknown task 'spleen'", "define it in the datalist"]),
         "missing file": (

@@ -13,11 +13,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from uniseg_monai.core.errors import UsageError, flag
 from uniseg_monai.core.locks import claimed
 from uniseg_monai.core.run_folder import check_output_dir, check_predictions_dir, check_run_dir
 from uniseg_monai.data.check import check_run_items
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, load_items, read_datalist, task_items
+from uniseg_monai.data.memory import GIB, available_memory
 from uniseg_monai.engine.precision import autocast_kwargs
 from uniseg_monai.model_io.model_files import MODEL_FILE, model_tasks
 from uniseg_monai.tasks import (
@@ -173,6 +176,27 @@ def check_validation(epochs: int, val_interval: int, required: bool = True, **nu
             f"--val_interval {val_interval} is more than --epochs {epochs}: no validation would run and no model.pt "
             "would be written; lower --val_interval or raise --epochs"
         )
+    return True
+
+
+def check_batch_memory(batch_size: int, patch_size: Sequence[int], features: Sequence[int], device: Any) -> bool:
+    """Refuse a batch that cannot fit: per voxel of the batch's patches at least 16 bytes of host memory (image and
+    label in float32, the samples and their collated batch) and 2 bytes x ``features[0]`` on the training device
+    (the first layer's output), lower bounds of any training step, above the host's available memory
+    (:func:`~uniseg_monai.data.memory.available_memory`) or a GPU's total. Such a batch would otherwise load its
+    samples for hours before running out of memory. True, for ``initialize``."""
+    voxels, device = batch_size * math.prod(patch_size), torch.device(device)
+    host, layer = 16 * voxels, 2 * features[0] * voxels
+    needs = [(host + layer * (device.type != "cuda"), available_memory(), "host memory")]
+    if device.type == "cuda":
+        needs.append((layer, torch.cuda.get_device_properties(device).total_memory, f"memory of {device}"))
+    for need, has, what in needs:
+        if has and need > has:
+            raise UsageError(
+                f"--batch_size {batch_size} with --patch_size {list(patch_size)}: one batch needs at least "
+                f"{need / GIB:.1f} GiB of {what}, more than the {has / GIB:.1f} GiB available; lower --batch_size "
+                "(cases are drawn with replacement: any batch size that fits works)"
+            )
     return True
 
 
