@@ -165,12 +165,22 @@ def check_numbers(patch_size: Any = (1, 1, 1), strides: Sequence[Sequence[int]] 
     return True
 
 
-def check_validation(epochs: int, val_interval: int, required: bool = True, **numbers: Any) -> bool:
-    """Refuse a training number that cannot work (:func:`check_numbers`, ``numbers``: its other arguments), then a
+def check_validation(
+    epochs: int,
+    val_interval: int,
+    required: bool = True,
+    features: Sequence[int] = (),
+    device: Any = "cpu",
+    **numbers: Any,
+) -> bool:
+    """Refuse a training number that cannot work (:func:`check_numbers`, ``numbers``: its other arguments), a batch
+    that cannot fit (:func:`check_batch_memory`, given the network's ``features`` and the training ``device``), then a
     run in which no validation runs (``val_interval`` > ``epochs``): none would pick and write ``model.pt``
     (``required`` false: the run writes it otherwise, as adding a task does). True, for ``initialize`` (before
     anything is written or any data cached)."""
     check_numbers(epochs=epochs, val_interval=val_interval, **numbers)
+    if features:
+        check_batch_memory(numbers["batch_size"], numbers["patch_size"], features, device)
     if flag(required, "validation_required") and val_interval > epochs:
         raise UsageError(
             f"--val_interval {val_interval} is more than --epochs {epochs}: no validation would run and no model.pt "
