@@ -167,3 +167,20 @@ def test_a_datalist_relabels_a_models_task_but_keeps_what_it_was_trained_with(pr
         f"task 'ph_organs' spacing [1.0, 1.0, 1.0] there, {list(trained.spacing)} in the model: "
     )
     assert "\n" not in str(refused.value) and "remove those keys" in str(refused.value)
+
+
+def test_overwrite_removes_the_earlier_evaluations_outputs_only(tmp_path):
+    """``--overwrite true``: the earlier run's maps, figures and tables go first (a report of the new model never
+    shows the old model's overlays); files this package did not write stay; without it the folder is refused."""
+    from uniseg_monai.core.run_folder import check_output_dir
+
+    earlier = ["per_case.csv", "summary.json", "report.html", "overlay_ph_liver.png", "dice.png",
+               "predictions/case_ph_liver_seg.nii.gz"]  # fmt: skip
+    kept = ["notes.txt", "predictions/mine.nii.gz"]
+    for name in earlier + kept:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("earlier")
+    with pytest.raises(FileExistsError, match="--overwrite true"):
+        check_output_dir(tmp_path, False)
+    check_output_dir(tmp_path, True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)

@@ -233,6 +233,11 @@ def test_common_bundle_mistakes_end_in_one_line_naming_the_fix(cases, tmp_path, 
         "no validation interval": ({"val_interval": 0}, ["--val_interval takes a positive integer, got 0"]),
         "no iterations": ({"iterations_per_epoch": 0}, ["--iterations_per_epoch takes a positive integer"]),
         "negative learning rate": ({"learning_rate": -1}, ["--learning_rate must be a number > 0, got -1"]),
+        "foreground fraction": ({"foreground_fraction": 2}, ["--foreground_fraction must be a number in [0, 1]"]),
+        "negative weight decay": ({"weight_decay": -1}, ["--weight_decay must be a number >= 0, got -1"]),
+        "negative workers": ({"num_workers": -1}, ["--num_workers takes an integer >= 0"]),
+        "batch beyond memory": ({"batch_size": 10**7}, ["--batch_size 10000000", "one batch needs at least"]),
+        "no sliding window batch": ({"sw_batch_size": 0}, ["--sw_batch_size takes a positive integer, got 0"]),
         "unknown task": ({"task": "spleen"}, ["unknown task 'spleen'", "define it in the datalist"]),
         "missing file": (
             {"dataset_dir": tmp_path / "missing_file"},
@@ -251,6 +256,9 @@ def test_common_bundle_mistakes_end_in_one_line_naming_the_fix(cases, tmp_path, 
     assert sorted(p.name for p in earlier.iterdir()) == ["checkpoint_epoch=3.pt"]  # untouched
     err = stderr_of_failed_run("train+evaluate", capsys, dataset_dir=str(data), ckpt_dir=str(tmp_path / "empty"))
     assert "empty: no model with a task table" in err and "uniseg weights" in err
+    for configs in ("train+evaluate", "inference"):
+        err = stderr_of_failed_run(configs, capsys, dataset_dir=str(data), sw_batch_size=0)
+        assert err.startswith("uniseg: error: --sw_batch_size takes a positive integer, got 0"), (configs, err)
 
 
 def test_a_user_error_is_not_logged_again_before_its_one_line(one_line_hook):

@@ -61,11 +61,17 @@ def check_run_dir(ckpt_dir: str | Path, resume: bool, in_place: bool = False) ->
 
 
 REPORT_FILES = ("per_case.csv", "summary.json", "report.html", "predictions")  # what an evaluation run writes
+# every file an evaluation run (and its report) writes into its output_dir: what --overwrite true removes first
+EVALUATION_OUTPUTS = (
+    "per_case.csv", "summary.csv", "summary.md", "per_class.csv", "per_class.md", "summary.json", "report.html",
+    "curves.png", "dice.png", "prompt.png", "overlay_*.png", "predictions/*_seg.nii.gz",
+)  # fmt: skip
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> bool:
     """Refuse to replace an earlier evaluation's report in ``output_dir`` unless ``overwrite`` (bundle id
-    ``overwrite``). True, for ``initialize``."""
+    ``overwrite``); with it, remove the earlier run's outputs (:data:`EVALUATION_OUTPUTS`, nothing else) so the new
+    report cannot show the earlier model's maps. True, for ``initialize``."""
     folder = Path(output_dir)
     earlier = [name for name in REPORT_FILES if (folder / name).exists()]
     if earlier and not overwrite:
@@ -73,6 +79,11 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> bool:
             f"{folder} already holds {', '.join(earlier)} of an earlier evaluation; pass --overwrite true to replace "
             "them, or choose another --output_dir (nothing was overwritten)"
         )
+    if earlier:
+        for path in (p for pattern in EVALUATION_OUTPUTS for p in folder.glob(pattern) if p.is_file()):
+            path.unlink()
+        if (folder / "predictions").is_dir() and not any((folder / "predictions").iterdir()):
+            (folder / "predictions").rmdir()
     return True
 
 

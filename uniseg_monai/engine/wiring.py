@@ -13,11 +13,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from uniseg_monai.core.errors import UsageError, flag
 from uniseg_monai.core.locks import claimed
 from uniseg_monai.core.run_folder import check_output_dir, check_predictions_dir, check_run_dir
 from uniseg_monai.data.check import check_run_items
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, load_items, read_datalist, task_items
+from uniseg_monai.data.memory import GIB, available_memory
 from uniseg_monai.engine.precision import autocast_kwargs
 from uniseg_monai.model_io.model_files import MODEL_FILE, model_tasks
 from uniseg_monai.tasks import (
@@ -120,30 +123,38 @@ def task_id(registry: TaskRegistry, task: str = "") -> int | None:
     return registry[task].id if task else None
 
 
-def _whole(value: Any) -> bool:
-    """Whether ``value`` is a whole number >= 1 (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _whole(value: Any, least: int = 1) -> bool:
+    """Whether ``value`` is a whole number >= ``least`` (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def check_numbers(
-    epochs: Any,
-    val_interval: Any,
-    learning_rate: Any = 1.0,
-    iterations_per_epoch: Any = 1,
-    batch_size: Any = 1,
-    patch_size: Any = (1, 1, 1),
-    strides: Sequence[Sequence[int]] = (),
-) -> None:
-    """Refuse, in one line naming the id, a training number that cannot work: ``epochs``, ``val_interval``,
-    ``iterations_per_epoch`` and ``batch_size`` whole numbers >= 1, ``learning_rate`` a number > 0, ``patch_size``
-    three whole numbers >= 1, multiples of the network's total stride (the product of ``strides``, (levels, 3))."""
-    for name, value in (("epochs", epochs), ("val_interval", val_interval),
-                        ("iterations_per_epoch", iterations_per_epoch), ("batch_size", batch_size)):  # fmt: skip
-        if not _whole(value):
-            raise UsageError(f"--{name} takes a positive integer, got {value!r}")
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not learning_rate > 0:
-        raise UsageError(f"--learning_rate must be a number > 0, got {learning_rate!r}")
+def _number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# id: (test, what the id takes) of the plain numbers a run checks in ``initialize``
+NUMBER_RULES: dict[str, tuple[Any, str]] = {
+    **{name: (_whole, "takes a positive integer") for name in
+       ("epochs", "val_interval", "iterations_per_epoch", "batch_size", "sw_batch_size")},
+    "num_workers": (lambda v: _whole(v, 0), "takes an integer >= 0 (0: load in the main process)"),
+    "learning_rate": (lambda v: _number(v) and v > 0, "must be a number > 0"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "must be a number >= 0"),
+    "foreground_fraction": (lambda v: _number(v) and 0 <= v <= 1, "must be a number in [0, 1]"),
+}  # fmt: skip
+
+
+def check_numbers(patch_size: Any = (1, 1, 1), strides: Sequence[Sequence[int]] = (), **numbers: Any) -> bool:
+    """Refuse, in one line naming the id, a run number that cannot work: each of ``numbers`` (ids of
+    :data:`NUMBER_RULES`: epochs, batch size, learning rate, ...) as its rule says, ``patch_size`` three whole
+    numbers >= 1, multiples of the network's total stride (the product of ``strides``, (levels, 3)). True, for
+    ``initialize``."""
+    for name, value in numbers.items():
+        test, takes = NUMBER_RULES[name]
+        if not test(value):
+            raise UsageError(f"--{name} {takes}, got {value!r}")
     check_patch_size(patch_size, [math.prod(s[axis] for s in strides) for axis in range(3)] if strides else [1, 1, 1])
+    return True
 
 
 def check_patch_size(patch_size: Any, total: Sequence[int]) -> None:
@@ -160,17 +171,48 @@ def check_patch_size(patch_size: Any, total: Sequence[int]) -> None:
         )
 
 
-def check_validation(epochs: int, val_interval: int, required: bool = True, **numbers: Any) -> bool:
-    """Refuse a training number that cannot work (:func:`check_numbers`, ``numbers``: its other arguments), then a
+def check_validation(
+    epochs: int,
+    val_interval: int,
+    required: bool = True,
+    features: Sequence[int] = (),
+    device: Any = "cpu",
+    **numbers: Any,
+) -> bool:
+    """Refuse a training number that cannot work (:func:`check_numbers`, ``numbers``: its other arguments), a batch
+    that cannot fit (:func:`check_batch_memory`, given the network's ``features`` and the training ``device``), then a
     run in which no validation runs (``val_interval`` > ``epochs``): none would pick and write ``model.pt``
     (``required`` false: the run writes it otherwise, as adding a task does). True, for ``initialize`` (before
     anything is written or any data cached)."""
-    check_numbers(epochs, val_interval, **numbers)
+    check_numbers(epochs=epochs, val_interval=val_interval, **numbers)
+    if features:
+        check_batch_memory(numbers["batch_size"], numbers["patch_size"], features, device)
     if flag(required, "validation_required") and val_interval > epochs:
         raise UsageError(
             f"--val_interval {val_interval} is more than --epochs {epochs}: no validation would run and no model.pt "
             "would be written; lower --val_interval or raise --epochs"
         )
+    return True
+
+
+def check_batch_memory(batch_size: int, patch_size: Sequence[int], features: Sequence[int], device: Any) -> bool:
+    """Refuse a batch that cannot fit: per voxel of the batch's patches at least 16 bytes of host memory (image and
+    label in float32, the samples and their collated batch) and 2 bytes x ``features[0]`` on the training device
+    (the first layer's output), lower bounds of any training step, above the host's available memory
+    (:func:`~uniseg_monai.data.memory.available_memory`) or a GPU's total. Such a batch would otherwise load its
+    samples for hours before running out of memory. True, for ``initialize``."""
+    voxels, device = batch_size * math.prod(patch_size), torch.device(device)
+    host, layer = 16 * voxels, 2 * features[0] * voxels
+    needs = [(host + layer * (device.type != "cuda"), available_memory(), "host memory")]
+    if device.type == "cuda":
+        needs.append((layer, torch.cuda.get_device_properties(device).total_memory, f"memory of {device}"))
+    for need, has, what in needs:
+        if has and need > has:
+            raise UsageError(
+                f"--batch_size {batch_size} with --patch_size {list(patch_size)}: one batch needs at least "
+                f"{need / GIB:.1f} GiB of {what}, more than the {has / GIB:.1f} GiB available; lower --batch_size "
+                "(cases are drawn with replacement: any batch size that fits works)"
+            )
     return True
 
 
