@@ -22,7 +22,8 @@ from uniseg_monai.model_io.model_files import network_from_file
 VARIANTS = ("uniseg", "fixed_prompt", "multiple_prompts", "uniseg_t", "dodnet", "task_blind")  # the default table
 SHARED = ("ph_organs", "ph_liver")  # the two tasks on the same CT volumes; label 2 differs
 SETTINGS = (
-    "demo network and optimiser (configs/demo.json: AdamW lr 1e-3, poly decay, batch 2, patch 32x32x16, crop only)"
+    "demo network and optimiser (configs/demo.json: AdamW lr 3e-3, constant for half the epochs then poly decay, "
+    "batch 2, patch 32x32x16, crop only)"
 )
 
 
