@@ -223,7 +223,9 @@ def test_resuming_a_finished_run_is_refused(phantoms, first_epoch, tmp_path):
     assert checkpoints(root) == ["checkpoint_epoch=1.pt"]
 
 
-def test_resuming_with_another_learning_rate_epoch_length_or_batch_size_is_refused(phantoms, first_epoch, tmp_path):
+def test_resuming_with_another_learning_rate_epoch_length_batch_size_or_prompt_decay_is_refused(
+    phantoms, first_epoch, tmp_path
+):
     root = tmp_path / "run"
     shutil.copytree(first_epoch, root)
     with pytest.raises(Exception) as refused:
@@ -234,6 +236,9 @@ def test_resuming_with_another_learning_rate_epoch_length_or_batch_size_is_refus
     with pytest.raises(Exception) as refused:
         train(phantoms, root, epochs=3, num_workers=0, resume=True, batch_size=saved + 1)
     assert f"trained with batch_size {saved} (now {saved + 1}); resume with" in str(user_error(refused.value))
+    with pytest.raises(Exception) as refused:  # the prompt's own parameter group
+        train(phantoms, root, epochs=3, num_workers=0, resume=True, prompt_weight_decay=0.0)
+    assert "trained with prompt_weight_decay 3e-05 (now 0.0); resume with" in str(user_error(refused.value))
     assert checkpoints(root) == ["checkpoint_epoch=1.pt"]
 
 

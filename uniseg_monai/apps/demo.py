@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from uniseg_monai.apps.ablation import wrong_task_rates
 from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, FINETUNE_BUNDLES, find_bundle, run_workflow
 from uniseg_monai.apps.report import write_report
 from uniseg_monai.data.phantoms import DOWNSTREAM_TASKS, generate_downstream_phantoms, generate_phantoms
@@ -19,7 +20,8 @@ from uniseg_monai.tasks import load_model_tasks
 
 
 def _same_volume_two_tasks(datalist: Path, run: Path, per_case: Path) -> list[str]:
-    """Lines showing one test CT volume segmented as two tasks (voxel counts per label, the case's Dice)."""
+    """Lines showing one test CT volume segmented as two tasks (voxel counts per label, the case's Dice), and the
+    wrong-task rates over all shared test volumes (:func:`~uniseg_monai.apps.ablation.wrong_task_rates`)."""
     registry = load_model_tasks(run / "models")
     items = json.loads(datalist.read_text())["testing"]
     by_image: dict[str, list[str]] = {}
@@ -46,6 +48,11 @@ def _same_volume_two_tasks(datalist: Path, run: Path, per_case: Path) -> list[st
         lines.append(f"  {task:<10} -> " + ", ".join(parts))
     differ = int(sum((m != maps[0]).sum() for m in maps[1:]))
     lines.append(f"  the task prompt alone changes {differ} voxels of this volume between the {len(tasks)} maps")
+    rates = wrong_task_rates(run / "predictions", datalist)
+    lines.append(
+        f"  wrong-task rates on all shared test volumes: tumour labelled spleen under ph_organs "
+        f"{rates['tumour_as_spleen']:.3f}, spleen labelled tumour under ph_liver {rates['spleen_as_tumour']:.3f}"
+    )
     return lines
 
 

@@ -309,9 +309,9 @@ OPTIMIZER_IDS = {"initial_lr": "learning_rate", "momentum": "momentum", "weight_
 def changed_settings(checkpoint: Mapping[str, Any], load_dict: Mapping[str, Any], engine: Engine) -> list[str]:
     """The run settings of a checkpoint that a resumed run would silently replace or mix with its own, as ``"id
     saved (now ours)"``: the optimizer's learning rate (``initial_lr``, the poly schedule's base; ``lr`` without a
-    scheduler), momentum and weight decay, and the poly schedule's power (loading restores the checkpoint's), and the
-    iterations per epoch (ignite would count the checkpoint's iterations in epochs of the new length) and the batch
-    size (older checkpoints lack it: not checked). ``--epochs``
+    scheduler), momentum and weight decay (the prompt group's too: ``prompt_weight_decay``), and the poly schedule's
+    power (loading restores the checkpoint's), and the iterations per epoch (ignite would count the checkpoint's
+    iterations in epochs of the new length) and the batch size (older checkpoints lack it: not checked). ``--epochs``
     may change: the schedule is stretched (:func:`_stretch_poly_schedule`)."""
     found = []
     optimizer, saved = load_dict.get("optimizer"), checkpoint.get("optimizer", {}).get("param_groups", [])
@@ -319,6 +319,10 @@ def changed_settings(checkpoint: Mapping[str, Any], load_dict: Mapping[str, Any]
         ours = optimizer.param_groups[0]
         keys = {**OPTIMIZER_IDS, **({} if "initial_lr" in ours else {"lr": "learning_rate"})}
         found += [(name, saved[0].get(key), ours.get(key)) for key, name in keys.items()]
+        if len(saved) > 1 or len(optimizer.param_groups) > 1:  # the prompt's own group (prompt_weight_decay)
+            found.append(
+                ("prompt_weight_decay", saved[-1].get("weight_decay"), optimizer.param_groups[-1]["weight_decay"])
+            )
     scheduler = load_dict.get("lr_scheduler")
     if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR):
         found.append(("poly_power", checkpoint.get("lr_scheduler", {}).get("power"), scheduler.power))
