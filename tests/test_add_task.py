@@ -223,7 +223,7 @@ def test_refused_settings(base_file, tmp_path, capsys):
             "strides": [1, 2],
         }
     )
-    save_model(backbone, net.state_dict(), net.network_def(), read_model(base_file).tasks)
+    save_model(backbone, net.state_dict(), net.network_def(), read_model(base_file).tasks.subset(["ct_a"]))
     with pytest.raises(UsageError, match="tasks can be added to a UniSeg model with its network_def only"):
         TaskExtension(backbone, datalist, "ct_new", "prompt", str(tmp_path / "new"))
     with pytest.raises(SystemExit) as exit_info:  # the command line: one line, exit 2, before anything is written
