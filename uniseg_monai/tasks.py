@@ -249,8 +249,6 @@ class Task:
         modalities = _list(spec, "modalities", where, _is_text, 'a list of modality names, e.g. ["CT"]')
         labels = _list(spec, "labels", where, _is_text, "a list of class names, background first")
         spacing = _list(spec, "spacing", where, _is_number, "3 positive numbers (x, y, z) in mm", 3)
-        if not all(0 < s < math.inf for s in spacing):
-            raise TaskError(f"{where}: spacing must be 3 positive numbers (x, y, z) in mm, got {spec['spacing']}")
         if spec.get("normalization") is None:
             norm_spec: tuple = tuple("ct" if m.upper() == "CT" else "zscore" for m in modalities)
         else:
@@ -278,7 +276,7 @@ class Task:
         if len(labels) < 2:
             raise TaskError(f"{where}: labels must list background and at least one class, got {list(labels)}")
         low, high = SPACING_MM
-        if len(spacing) != 3 or not all(low <= s <= high for s in spacing):
+        if not all(low <= s <= high for s in spacing):  # NaN fails too
             raise TaskError(
                 f"{where}: spacing must be 3 positive numbers (x, y, z) in mm, each {low:g}-{high:g}, got "
                 f"{spec['spacing']}"

@@ -33,7 +33,7 @@ from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.data.memory import GIB, available_memory, case_memory
 from uniseg_monai.data.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
 from uniseg_monai.engine.precision import autocast_kwargs
-from uniseg_monai.engine.wiring import check_patch_size
+from uniseg_monai.engine.wiring import check_numbers, check_patch_size
 from uniseg_monai.model_io.model_files import ModelFile, load_into
 from uniseg_monai.tasks import Task, check_task_name
 
@@ -325,9 +325,8 @@ class Predictor:
         self.preprocess = Compose([t for t in steps if t is not self.load])
         self.postprocess = parser.get_parsed_content("postprocessing")
         window, per_batch = parser.get_parsed_content("patch_size"), parser.get_parsed_content("sw_batch_size")
+        check_numbers(sw_batch_size=per_batch)
         check_patch_size(window, getattr(self.network, "total_stride", (1, 1, 1)))
-        if not isinstance(per_batch, int) or per_batch < 1:
-            raise UsageError(f"--sw_batch_size must be a positive integer, got {per_batch!r}")
         self.inferer = parser.get_parsed_content("all_inferer" if self.all else "inferer")
         self.window, self.windows_on_cpu = window, None  # windows on the CPU: their share of host memory
         network_def = getattr(self.network, "network_def", dict)()
