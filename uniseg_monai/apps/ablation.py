@@ -144,12 +144,14 @@ def _label_2(summary: dict, task: str) -> float:
     return per_class[list(per_class)[1]]
 
 
-def _curve(bundle: Path, configs: list[str], ids: dict, run: Path, datalist: Path, every: int, epochs: int) -> dict:
-    """Tumour Dice and :func:`wrong_task_rates` of each kept checkpoint (every ``every`` epochs, then the final
-    model) on the shared test volumes, scored by the bundle's evaluation (its sliding-window inferer); per point the
-    epoch it was saved at."""
-    kept = [(every * k, run / "models" / f"checkpoint_epoch={every * k}.pt") for k in range(1, epochs // every + 1)]
-    points = [(epoch, path) for epoch, path in kept if epoch < epochs] + [(epochs, run / "models" / "model.pt")]
+def _curve(
+    bundle: Path, configs: list[str], ids: dict, run: Path, datalist: Path, every: int, epochs: int, final: dict
+) -> dict:
+    """Tumour Dice and :func:`wrong_task_rates` of each checkpoint kept before the last epoch (every ``every``
+    epochs) on the shared test volumes, scored by the bundle's evaluation (its sliding-window inferer), then
+    ``final`` (the same metrics of the final model, from the run's own evaluation); per point the epoch it was saved
+    at."""
+    points = [(epoch, run / "models" / f"checkpoint_epoch={epoch}.pt") for epoch in range(every, epochs, every)]
     shared = datalist.parent / SHARED_TESTING
     curve: dict[str, list] = {"epoch": [], "tumour_dice": [], **{rate: [] for rate in RATES}}
     for epoch, checkpoint in points:
@@ -162,6 +164,9 @@ def _curve(bundle: Path, configs: list[str], ids: dict, run: Path, datalist: Pat
         curve["tumour_dice"].append(_label_2(json.loads((scored / "summary.json").read_text()), SHARED[1]))
         for rate, value in wrong_task_rates(scored / "predictions", datalist).items():
             curve[rate].append(value)
+    curve["epoch"].append(epochs)
+    for key in ("tumour_dice", *RATES):
+        curve[key].append(final[key])
     return curve
 
 
@@ -186,8 +191,9 @@ def run_variant(
     run_workflow(bundle, "eval", [*configs, "evaluate"], **ids, output_dir=str(run), evaluate_section="testing",
               save_predictions=True, write_report=False, overwrite=True)  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
+    final = {"tumour_dice": _label_2(summary, SHARED[1]), **wrong_task_rates(run / "predictions", datalist)}
     tic = time.perf_counter()
-    curve = _curve(bundle, configs, ids, run, datalist, curve_every, epochs)
+    curve = _curve(bundle, configs, ids, run, datalist, curve_every, epochs, final)
     result = {
         "variant": name,
         "seed": seed,
@@ -196,9 +202,8 @@ def run_variant(
         "dice": {t: v["dice"] for t, v in summary["tasks"].items()},
         "mean_dice": summary["mean_dice"],
         "spleen_dice": _label_2(summary, SHARED[0]),
-        "tumour_dice": _label_2(summary, SHARED[1]),
         "prompt_effect_voxels": prompt_effect(run / "predictions", datalist),
-        **wrong_task_rates(run / "predictions", datalist),
+        **final,
         "train_seconds": round(seconds, 1),
         "threads": torch.get_num_threads(),
         "curve": {"iterations": [e * iterations for e in curve.pop("epoch")], **curve},
