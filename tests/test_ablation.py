@@ -103,6 +103,8 @@ def test_ablate_finds_its_bundle_from_any_folder(tmp_path, monkeypatch, capsys):
         (["--seeds", "[1,1]"], "--seeds takes"),
         (["--jobs", "-1"], "--jobs must be"),
         (["--curve_every", "99"], "--curve_every must be"),
+        (["--epochs", "abc"], "--epochs takes a whole number, got 'abc'"),
+        (["--iterations", "2.5"], "--iterations takes a whole number"),
     ]:
         with pytest.raises(SystemExit) as done:
             main(["ablate", "--out", "out", *args])

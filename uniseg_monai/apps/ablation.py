@@ -416,6 +416,10 @@ def ablate(
     unknown = [v for v in variants if v not in known]
     if unknown:
         raise UsageError(f"unknown variant(s) {unknown}; choose from {known}")
+    given = {"--epochs": epochs, "--iterations": iterations, "--jobs": jobs, "--curve_every": curve_every}
+    for option, value in given.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"{option} takes a whole number, got {value!r}")
     settings = recipe(bundle)
     epochs = settings["epochs"] = int(epochs or settings["epochs"])
     iterations = settings["iterations_per_epoch"] = int(iterations or settings["iterations_per_epoch"])
