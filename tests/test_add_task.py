@@ -260,3 +260,18 @@ def test_install_replaces_the_bundle_model_keeping_backups(prompt_run, predict_m
         assert backup.read_bytes() == original.read_bytes()
     assert sha(models / "model.pt") == sha(prompt_run[0] / "model.pt")
     assert NEW in json.loads((models / "tasks.json").read_text())["tasks"]
+
+
+def test_no_differs_warning_for_the_same_values_written_otherwise(caplog):
+    """A datalist's list (the model's tuple), 3 (3.0): the same definition, no warning; another value warns."""
+    from uniseg_monai.apps.add_task import _warn_about
+
+    registry = TaskRegistry()
+    name = registry.names[0]
+    spec = json.loads(json.dumps(registry[name].to_json()))
+    data = {"tasks": {name: spec}, "validation": [{"task": "new"}]}
+    _warn_about(data, "dl.json", registry, "new", "prompt", [], False)
+    assert "differs" not in caplog.text
+    spec["spacing"] = [9, 9, 9]
+    _warn_about(data, "dl.json", registry, "new", "prompt", [], False)
+    assert "differs from the model's in ['spacing']" in caplog.text

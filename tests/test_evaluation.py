@@ -167,6 +167,23 @@ def test_a_datalist_relabels_a_models_task_but_keeps_what_it_was_trained_with(pr
         f"task 'ph_organs' spacing [1.0, 1.0, 1.0] there, {list(trained.spacing)} in the model: "
     )
     assert "\n" not in str(refused.value) and "remove those keys" in str(refused.value)
+    datalist.write_text(json.dumps({"tasks": {"organs2": {**model["ph_organs"].to_json(), "id": 9}}}))
+    with pytest.raises(TaskError, match=r"'organs2' is defined in .* but the model was not trained on it"):
+        registry_for_evaluation(datalist, ckpt)["organs2"]
+
+
+def test_evaluation_refuses_cases_without_labels_and_a_file_as_output_dir(tmp_path):
+    from uniseg_monai.core.errors import UsageError
+    from uniseg_monai.engine.wiring import start_evaluation
+
+    items = [{"image": str(tmp_path / "a.nii.gz"), "task": "liver"}]
+    with pytest.raises(UsageError, match=r"have no 'label' .*a\.nii\.gz.*--evaluate_section.*uniseg predict"):
+        start_evaluation(tmp_path / "out", False, items, TaskRegistry())
+    (tmp_path / "afile").write_text("mine")
+    items = [{**items[0], "label": str(tmp_path / "l.nii.gz")}]
+    with pytest.raises(UsageError, match="afile is a file, not a folder"):
+        start_evaluation(tmp_path / "afile" / "sub", False, items, TaskRegistry())
+    assert not (tmp_path / "out").exists() and (tmp_path / "afile").read_text() == "mine"
 
 
 def test_overwrite_removes_the_earlier_evaluations_outputs_only(tmp_path):

@@ -394,3 +394,18 @@ def test_a_bug_while_reading_a_checkpoint_keeps_its_traceback(tmp_path, monkeypa
     loader = ResumeCheckpointLoader(tmp_path, True, {"model": torch.nn.Linear(1, 1)})
     with pytest.raises(AttributeError, match="a bug"):
         loader(None)
+
+
+def test_a_misspelt_bundle_id_on_the_command_line_is_refused_with_the_closest_id():
+    """``--epoch 5`` would be a new id nothing reads: refused naming ``--epochs``; real ids, MONAI's own run
+    arguments and keyword arguments of a config component pass."""
+    from uniseg_monai.core.errors import UsageError, check_command_line_ids
+
+    configs = BUNDLES / "uniseg_pretrain" / "configs"
+    files = f"['{configs / 'train.json'}','{configs / 'demo.json'}']"
+    ok = ["--config_file", files, "--bundle_root", "x", "--epochs", "2", "--train#trainer#max_epochs=3", "--meta_file",
+          "m", "--network_def#dropout", "0.1"]  # fmt: skip
+    assert check_command_line_ids(ok)
+    for typo, closest in (("--epoch", "--epochs"), ("--val_intervall", "--val_interval")):
+        with pytest.raises(UsageError, match=f"^{typo}: no config of the bundle defines this id.*{closest}\\?$"):
+            check_command_line_ids([*ok, typo, "5"])

@@ -115,3 +115,14 @@ def test_a_folder_without_evaluation_gives_what_exists_with_notes(run, tmp_path,
             main(["report", *args])
         assert done.value.code == 2 and expected in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    (bare / "per_case.csv").write_text("garbage,,,\n")
+    for args, expected in (
+        ([str(tmp_path / "empty")], "nothing to report"),
+        ([str(tmp_path / "afile")], "is a file, not a folder"),
+        ([str(bare)], "no column(s) task, case, dice"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main(["report", *args])
+        assert done.value.code == 2 and expected in capsys.readouterr().err
+    assert not any((tmp_path / "empty").iterdir())

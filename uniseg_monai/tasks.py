@@ -323,6 +323,8 @@ class TaskRegistry(Mapping[str, Task]):
         if tasks is None:
             tasks = (Task.parse(n, {k: v for k, v in s.items() if k not in FLAGS}) for n, s in BUILTIN_TASKS.items())
         self._tasks = {t.name: t for t in tasks}
+        # task name -> the datalist that defines it, for a trained model's tasks (:meth:`with_definitions`)
+        self.not_in_model: dict[str, str] = {}
         folded: dict[str, str] = {}
         for name in self._tasks:
             if (other := folded.setdefault(name.lower(), name)) != name:
@@ -336,6 +338,12 @@ class TaskRegistry(Mapping[str, Task]):
         try:
             return self._tasks[name]
         except KeyError:
+            if name in self.not_in_model:
+                raise TaskError(
+                    f"task {name!r} is defined in {self.not_in_model[name]} but the model was not trained on it "
+                    f"(its tasks: {sorted(self._tasks)}); a trained model knows its tasks by the names it was trained "
+                    "with: use that name (rename the task back), or teach the model the task with `uniseg add-task`"
+                ) from None
             raise TaskError(
                 f"unknown task {name!r}; known tasks: {sorted(self._tasks)} (use one of them, or define it in the "
                 'datalist\'s "tasks")'
@@ -386,6 +394,7 @@ class TaskRegistry(Mapping[str, Task]):
                 'spacing and normalisation; remove those keys from the datalist\'s "tasks" to evaluate the model as '
                 "trained, or train a model with them"
             )
+        merged.not_in_model = {name: source for name in specs if name not in self}
         return merged
 
     def subset(self, names: Iterable[str]) -> TaskRegistry:

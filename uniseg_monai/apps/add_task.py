@@ -55,7 +55,7 @@ from uniseg_monai.model_io.model_files import (
     sha256,
 )
 from uniseg_monai.networks import UniSeg
-from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskRegistry, check_task_name
+from uniseg_monai.tasks import MODEL_TASKS_FILE, TaskError, TaskRegistry, check_task_name
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +175,20 @@ def _warn_about(
         )  # fmt: skip
     for name, spec in data.get("tasks", {}).items():
         if name != task and name in registry and isinstance(spec, dict):
-            ours = registry[name].to_json()
-            differ = sorted(k for k, v in spec.items() if k != "id" and k in ours and v != ours[k])
+            ours = _normal(registry[name].to_json())
+            try:  # as the datalist's tasks are read (a list or a tuple, 3 or 3.0, a short form: the same value)
+                theirs = _normal(registry.extended({name: spec})[name].to_json())
+            except (TaskError, ValueError, TypeError):
+                theirs = _normal(spec)
+            differ = sorted(k for k in spec if k != "id" and k in ours and theirs.get(k) != ours[k])
             if differ:
                 logger.warning("%s: task %r differs from the model's in %s; the model's definition is used",
                                datalist, name, differ)  # fmt: skip
+
+
+def _normal(value: Any) -> Any:
+    """``value`` as JSON reads it back (tuples become lists, keys strings): values compared, not their types."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 class TaskExtension:

@@ -73,7 +73,11 @@ def read_cases(path: Path) -> list[dict[str, Any]]:
     """``per_case.csv`` rows with numbers as floats (NaN where empty)."""
     try:
         with path.open() as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        missing = [key for key in ("task", "case", "dice") if key not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"no column(s) {', '.join(missing)}")
         for row in rows:
             for key in ("dice", "hd95_mm", "nsd"):
                 row[key] = float(row[key]) if row.get(key) else float("nan")
@@ -234,6 +238,10 @@ def write_report(
     ``datalist`` (and ``registry``, default: the datalist's tasks) locate images and references for the overlays.
     """
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise UsageError(
+            f"run folder {run} is a file, not a folder: give the output_dir of a training or evaluation run"
+        )
     if not run.is_dir():
         raise UsageError(f"run folder {run} not found: give the output_dir of a training or evaluation run")
     out_dir = Path(out) if out else run
@@ -244,9 +252,20 @@ def write_report(
 
         registry = registry_for_datalist(datalist)
     notes, sections = [], []
-    steps = tqdm(total=4, desc="uniseg report", unit="part", disable=not progress)
 
     scalars = read_scalars(run)
+    summary_path, cases_path = run / "summary.json", run / "per_case.csv"
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{summary_path}: not valid JSON ({err}); re-run the evaluation into this folder") from None
+    rows = read_cases(cases_path) if cases_path.is_file() else []
+    if not scalars and not summary and not rows:
+        raise UsageError(
+            f"run folder {run}: nothing to report (no TensorBoard event files, {summary_path.name} or "
+            f"{cases_path.name}): give the output_dir of a training or evaluation run (nothing was written)"
+        )
+    steps = tqdm(total=4, desc="uniseg report", unit="part", disable=not progress)
     if scalars:
         curves_figure(scalars, out_dir / "curves.png")
         sections.append(("Training", "curves.png"))
@@ -254,12 +273,6 @@ def write_report(
         notes.append("no training curves: no TensorBoard event files under this folder")
     steps.update()
 
-    summary_path, cases_path = run / "summary.json", run / "per_case.csv"
-    try:
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{summary_path}: not valid JSON ({err}); re-run the evaluation into this folder") from None
-    rows = read_cases(cases_path) if cases_path.is_file() else []
     tasks = list(summary.get("tasks", {})) or list(dict.fromkeys(r["task"] for r in rows))
     if rows:
         scores_figure(rows, tasks, out_dir / "dice.png")

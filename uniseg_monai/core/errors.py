@@ -7,6 +7,9 @@ exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import json
 import logging
 import os
 import sys
@@ -111,9 +114,90 @@ def one_line_errors() -> bool:
     """Make a bundle run (``python -m monai.bundle run``) end a user error with its message on one line of stderr
     instead of MONAI's chained traceback ending in "Failed to instantiate component": installs a ``sys.excepthook``
     and a log-record factory that drops a user error's traceback from log records. ``UNISEG_DEBUG=1`` restores the
-    tracebacks. True, for ``initialize``."""
+    tracebacks. Then refuses an id on the command line that no config of the bundle defines
+    (:func:`check_command_line_ids`). True, for ``initialize``."""
     sys.excepthook = _excepthook
     factory = logging.getLogRecordFactory()
     if not getattr(factory, "one_line", False):
         logging.setLogRecordFactory(_one_line_record(factory))
+    check_command_line_ids()
+    return True
+
+
+# MONAI's own arguments of ``python -m monai.bundle run`` (monai.bundle.scripts.run and ConfigWorkflow)
+MONAI_RUN_ARGS = frozenset(
+    "run_id init_id final_id meta_file config_file logging_file tracking args_file workflow_name workflow_type "
+    "properties_path bundle_root".split()
+)
+
+
+def _ids(value: Any, prefix: str, into: set[str]) -> None:
+    """Every id of a config value (``a#b#0`` style), added to ``into``."""
+    if prefix:
+        into.add(prefix)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, sub in items:
+        _ids(sub, f"{prefix}#{key}" if prefix else str(key), into)
+
+
+def _defined_ids(config_files: list[str]) -> set[str]:
+    """The ids the JSON configs in the folders of ``config_files`` (and below) define."""
+    ids: set[str] = set()
+    for folder in {os.path.dirname(os.path.abspath(f)) for f in config_files}:
+        for root, _, names in os.walk(folder):
+            for name in (n for n in names if n.endswith(".json")):
+                try:
+                    with open(os.path.join(root, name)) as f:
+                        _ids(json.load(f), "", ids)
+                except (OSError, ValueError):
+                    continue
+    return ids
+
+
+def _argv_ids(argv: list[str]) -> dict[str, str]:
+    """``{id: value}`` of the ``--id value`` / ``--id=value`` / ``--flag`` arguments of a fire command line."""
+    found: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and len(arg) > 2:
+            key, eq, value = arg[2:].partition("=")
+            nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+            found[key.replace("-", "_")] = value if eq else nxt
+    return found
+
+
+def _config_files(value: str) -> list[str]:
+    """The files of a ``--config_file`` value: a path, a Python/JSON list of paths or comma-separated paths."""
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    if isinstance(parsed, str):
+        return [parsed] if os.path.isfile(parsed) or "," not in parsed else parsed.split(",")
+    return [str(p) for p in parsed] if isinstance(parsed, list | tuple) else []
+
+
+def check_command_line_ids(argv: list[str] | None = None) -> bool:
+    """In ``python -m monai.bundle run`` (``argv``: default ``sys.argv`` there, else nothing is checked): a
+    :class:`UsageError` for an ``--id`` that no JSON config beside the ``--config_file`` files defines and that is
+    not MONAI's own argument (:data:`MONAI_RUN_ARGS`), naming the closest known id: MONAI would add a typo such as
+    ``--epoch 5`` as a new id that nothing reads. True."""
+    if argv is None:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is None or not spec.name.startswith("monai.bundle") or sys.argv[1:2] != ["run"]:
+            return True
+        argv = sys.argv[2:]
+    given = _argv_ids(argv)
+    files = _config_files(given.get("config_file", ""))
+    if not files:
+        return True
+    ids = _defined_ids(files)
+    for key in given:
+        if key in MONAI_RUN_ARGS or key in ids or key.startswith("_meta_"):
+            continue
+        parent = key.rpartition("#")[0]
+        if parent and parent in ids and f"{parent}#_target_" in ids:
+            continue  # another keyword argument of a component
+        close = difflib.get_close_matches(key, sorted(ids | MONAI_RUN_ARGS), n=1)
+        hint = f"did you mean --{close[0]}?" if close else "check its spelling against the bundle's configs"
+        raise UsageError(f"--{key}: no config of the bundle defines this id, so it would do nothing; {hint}")
     return True

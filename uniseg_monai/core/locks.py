@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from uniseg_monai.core.errors import InputError, UniSegError
+from uniseg_monai.core.errors import InputError, UniSegError, UsageError
 
 LOCK_NAME = ".uniseg.lock"
 logger = logging.getLogger(__name__)
@@ -111,7 +111,12 @@ def _take_away(path: Path, seen: str) -> None:
 def _make_folder(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; the folders created, deepest first."""
     missing, parent = [], folder.absolute()
-    while not parent.exists() and parent != parent.parent:
+    while not parent.is_dir() and parent != parent.parent:
+        if parent.exists() or parent.is_symlink():
+            raise UsageError(
+                f"{folder} cannot be the run's folder: {parent} is a file, not a folder; choose another folder "
+                "(nothing was written)"
+            )
         missing.append(parent)
         parent = parent.parent
     folder.mkdir(parents=True, exist_ok=True)

@@ -253,6 +253,13 @@ def start_evaluation(
     (:func:`uniseg_monai.core.run_folder.check_output_dir`) and check the headers of the files of ``items``. A refusal
     releases the folder. True, for ``initialize``."""
     overwrite = flag(overwrite, "overwrite")
+    unlabelled = [item for item in items if not item.get("label")]
+    if unlabelled:
+        raise UsageError(
+            f"{len(unlabelled)} of the {len(items)} cases to evaluate have no 'label' (first: "
+            f"{unlabelled[0].get('image')}): evaluation scores predictions against labels; evaluate a section whose "
+            "cases have labels (--evaluate_section), or segment these with the inference config or `uniseg predict`"
+        )
     with claimed(output_dir, "evaluation"):
         check_output_dir(output_dir, overwrite)
         check_run_items([items], registry, default)
