@@ -19,10 +19,11 @@ from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
 from uniseg_monai.apps.bundles import bundle_workflow
 from uniseg_monai.apps.metadata import channel_def
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.data import load_items
 from uniseg_monai.data.phantoms import generate_downstream_phantoms
 from uniseg_monai.data.prepare import prepare
-from uniseg_monai.engine.wiring import registry_for_datalist
+from uniseg_monai.engine.wiring import registry_for_datalist, registry_for_run
 from uniseg_monai.model_io.transfer import PretrainedCheckpointError
 from uniseg_monai.networks import UniSeg
 from uniseg_monai.tasks import TaskRegistry, load_model_tasks
@@ -105,6 +106,20 @@ def test_the_two_bundles_differ_only_in_task_data_and_normalisation():
         btcv, vs = (json.loads(Path(configs(k, name)[0]).read_text()) for k in KINDS)
         assert set(btcv) == set(vs), name
         assert {k for k in btcv if btcv[k] != vs[k]} <= allowed, name
+
+
+def test_a_datalist_without_the_bundles_task_is_one_line_naming_it(tmp_path):
+    spec = {"id": 1, "modalities": ["CT"], "labels": ["background", "organ"], "spacing": [1.0, 1.0, 1.0]}
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"tasks": {"my_org": spec}, "training": []}))
+    for normalization in (None, [{"_target_": "NormalizeIntensityd", "keys": "image"}]):
+        with pytest.raises(UsageError) as err:
+            registry_for_run(datalist, tmp_path, "btcv", normalization)
+        message = str(err.value)
+        assert "\n" not in message and "missing" not in message
+        assert f"{datalist} has no task 'btcv', the task this bundle fine-tunes" in message
+        assert '"tasks" table, or set --task' in message and "['my_org']" in message
+    assert registry_for_run(datalist, tmp_path, "my_org").names == ["my_org"]
 
 
 def test_properties_and_network_in_out(downstream, tmp_path):

@@ -120,6 +120,21 @@ def test_a_run_checks_the_headers_of_its_files_first(cases, phantoms, tmp_path):
         check_run_items([[bad[0][0], bad[0][0]]], registry)
 
 
+def test_bundle_inference_checks_image_channels_before_it_writes(cases, phantoms, tmp_path):
+    """An image whose channel count is not the task's modalities (2 files as a 1-channel task) is one line before the
+    run, and no output folder is made; unlabelled cases and a label-less check pass."""
+    from uniseg_monai.engine.wiring import start_inference
+
+    registry = registry_for_datalist(phantoms)
+    out = tmp_path / "out"
+    unlabelled = {k: v for k, v in cases["train"].items() if k != "label"}
+    four = {**unlabelled, "image": [cases["train"]["image"]] * 2}
+    with pytest.raises(InputError, match=r"2 channel\(s\), task 'ph_organs' expects 1 .*use the right task"):
+        start_inference(out, False, [unlabelled, four], tmp_path / "none.json", tmp_path, "testing", True, registry)
+    assert not out.exists()
+    assert start_inference(out, False, [unlabelled, cases["val"]], tmp_path / "none.json", tmp_path, registry=registry)
+
+
 def engine(loss: float, amp: bool = False, iteration: int = 1, grad: float = 1.0) -> SimpleNamespace:
     """The parts of a SupervisedTrainer the guard reads, after a backward pass with gradient ``grad``."""
     network = torch.nn.Linear(2, 1)

@@ -440,15 +440,20 @@ def _repeated(
     return []
 
 
-def check_run_items(groups: Sequence[Sequence[Mapping[str, Any]]], registry: TaskRegistry, default: str = "") -> None:
+def check_run_items(
+    groups: Sequence[Sequence[Mapping[str, Any]]], registry: TaskRegistry, default: str = "", labelled: bool = True
+) -> None:
     """Header-level :func:`item_problems` of the items a bundle run reads (lists of items with absolute paths and
-    labels, e.g. training and validation; ``default``: the task of items that name none); an
+    labels, e.g. training and validation; ``default``: the task of items that name none; ``labelled``: they need a
+    label, else only their images are checked, as inference reads them); an
     :class:`~uniseg_monai.core.errors.InputError` naming the first problem and how many there are."""
     items = [item for group in groups for item in group]
     problems: list[Problem] = []
     for i, item in enumerate(tqdm(items, desc="checking files", unit="case", disable=len(items) < 500)):
         where = f"case {i} ({item.get('image')})"
-        problems += item_problems(item, resolve_task(item, registry, default), where, True, read_header)
+        if not labelled:
+            item = {k: v for k, v in item.items() if k != "label"}
+        problems += item_problems(item, resolve_task(item, registry, default), where, labelled, read_header)
     if problems:
         first = problems[0]
         more = f" (and {len(problems) - 1} more problem(s); `uniseg check-data DATALIST` lists them all)"

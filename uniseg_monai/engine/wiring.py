@@ -63,6 +63,12 @@ def registry_for_run(
         registry = TaskRegistry()
     if not task:
         return registry
+    if task not in registry:
+        source = f"{datalist}" if Path(datalist).is_file() else f"the model in {ckpt_dir} (no datalist {datalist})"
+        raise UsageError(
+            f"{source} has no task {task!r}, the task this bundle fine-tunes (--task; it has {registry.names}): define "
+            f'{task!r} in the datalist\'s "tasks" table, or set --task to one of its tasks'
+        )
     if normalization is not None:
         registry = registry.extended({task: {"normalization": list(normalization)}})
     return registry.subset([task])
@@ -274,9 +280,14 @@ def start_inference(
     dataset_dir: str | Path,
     section: str = "testing",
     save_predictions: bool = True,
+    registry: TaskRegistry | None = None,
+    task: str = "",
 ) -> bool:
     """Before a bundle inference run (first in its ``run`` list: model-zoo CI initialises the workflow without
-    data): refuse to run with no ``items`` (naming ``--dataset_dir`` or the datalist's ``section``); when it saves
+    data): refuse to run with no ``items`` (naming ``--dataset_dir`` or the datalist's ``section``); with the model's
+    ``registry``, check the image headers of ``items`` (:func:`uniseg_monai.data.check.check_run_items`, no labels
+    needed; ``task``: the task of items that name none), so an image whose channel count is not the task's
+    modalities is refused before anything runs or is written; when it saves
     predictions, own ``output_dir`` (:func:`uniseg_monai.core.locks.claimed`, released by the ``run`` list or when the
     process ends) and refuse earlier predictions in it unless ``overwrite``
     (:func:`uniseg_monai.core.run_folder.check_predictions_dir`). True, for the ``run`` list."""
@@ -289,6 +300,8 @@ def start_inference(
             f"--dataset_dir {dataset_dir} {where}: nothing to segment; point it to a folder with a datalist.json or "
             "*.nii.gz images (directly or in imagesTs/)"
         )
+    if registry is not None:
+        check_run_items([items], registry, task, labelled=False)
     if not flag(save_predictions, "save_predictions"):
         return True
     with claimed(output_dir, "inference"):
