@@ -324,3 +324,27 @@ def test_a_network_def_or_weights_that_are_not_a_network_are_refused_when_read(t
     with pytest.raises(ModelFileError) as err:
         read_model(path)
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_older_file_that_does_not_fit_names_every_setting_its_tensors_show(tmp_path):
+    """A state dict without network_def (an earlier version's file) loaded into a network built with other settings:
+    the one line names every network_def id that differs, read off the tensors (patch_size too: it decides the
+    universal prompt's shape), with the options that fix them."""
+    from uniseg_monai.model_io.model_files import inferred_network_def, load_into
+
+    small = {"features": [4, 8, 16], "kernel_sizes": [[3, 3, 1], [3, 3, 3], [3, 3, 3]],
+             "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]], "patch_size": [16, 16, 8]}  # fmt: skip
+    trained = UniSeg(num_tasks=3, num_classes=2, **small)
+    assert inferred_network_def(trained.state_dict()) == {
+        k: v for k, v in trained.network_def().items() if k not in ("_target_", "in_channels", "fuse_blocks")
+    }
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    other = UniSeg(num_tasks=3, num_classes=2, features=[4, 8, 32], patch_size=[32, 32, 16],
+                   kernel_sizes=small["kernel_sizes"], strides=small["strides"])  # fmt: skip
+    with pytest.raises(ModelFileError) as caught:
+        load_into(other, tmp_path / "model.pt")
+    line = str(caught.value)
+    assert "\n" not in line and "features: file [4, 8, 16] vs config [4, 8, 32]" in line
+    assert "patch_size: file [16, 16, 8] vs config [32, 32, 16]" in line
+    assert "pass --base_features 4 --patch_size [16,16,8]" in line
+    assert "kernel_sizes" not in line and "strides" not in line and "num_tasks" not in line  # only what differs

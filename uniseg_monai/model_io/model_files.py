@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -320,6 +321,37 @@ def tensor_differences(expected: dict[str, tuple[int, ...]], state: dict[str, to
     return "; ".join(parts)[:300]
 
 
+def inferred_network_def(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``network_def`` ids that the tensors of an older model file (one without a ``network_def``) show: per
+    stage its width (``features``: the output channels of its last conv), ``kernel_sizes`` (that conv's kernel) and
+    ``strides`` (the kernel of the transposed conv that upsamples it); ``num_classes`` (the first head's outputs);
+    and for a UniSeg ``num_tasks`` and ``patch_size`` (the universal prompt's channels, and its size times the total
+    stride: the prompt is the bottleneck's size). Ids it cannot read are left out; ``{}`` for other files."""
+
+    def shape(key: str) -> tuple[int, ...] | None:
+        value = state.get(key)
+        return tuple(int(n) for n in value.shape) if isinstance(value, torch.Tensor) and value.ndim == 5 else None
+
+    stages = 1 + sum(1 for s in range(MAX_STAGES) if shape(f"encoder.{s}.1.conv.weight"))
+    convs = [shape(f"encoder.{s}.1.conv.weight") for s in range(stages - 1)] + [shape("bottleneck.1.conv.weight")]
+    ups = [shape(f"decoder.{stages - 1 - s}.upsample.conv.weight") for s in range(1, stages)]
+    if stages < 2 or None in convs:
+        return {}
+    found: dict[str, Any] = {
+        "features": [c[0] for c in convs],  # type: ignore[index]
+        "kernel_sizes": [list(c[2:]) for c in convs],  # type: ignore[index]
+    }
+    if None not in ups:
+        found["strides"] = [[1, 1, 1]] + [list(u[2:]) for u in ups]  # type: ignore[index]
+    if head := shape("heads.0.conv.weight"):
+        found["num_classes"] = head[0]
+    if (prompt := shape("universal_prompt")) and "strides" in found:
+        total = [math.prod(s[a] for s in found["strides"]) for a in range(3)]
+        found["num_tasks"] = prompt[1]
+        found["patch_size"] = [n * t for n, t in zip(prompt[2:], total)]
+    return found
+
+
 def mismatch(network: torch.nn.Module, model: ModelFile, err: RuntimeError) -> str:
     """Why ``model`` did not load into ``network``, in one short line with the option that fixes it: the
     ``network_def`` fields that differ (the file's own, or for an older file without one the stage widths its
@@ -329,12 +361,9 @@ def mismatch(network: torch.nn.Module, model: ModelFile, err: RuntimeError) -> s
     from uniseg_monai.networks import nnunet_features
 
     ours = getattr(network, "network_def", dict)()
-    theirs = dict(model.network_def or {})
-    if not theirs and ours.get("features"):  # an older file: its stage widths = the output channels of each stage
-        stages = len(ours["features"])
-        keys = [f"encoder.{s}.1.conv.weight" for s in range(stages - 1)] + ["bottleneck.1.conv.weight"]
-        if all(k in model.state and model.state[k].ndim == 5 for k in keys):
-            theirs = {"features": [int(model.state[k].shape[0]) for k in keys]}
+    theirs = dict(model.network_def or {}) or inferred_network_def(model.state)  # an older file: what its tensors show
+    if not model.network_def and ours.get("prompt_channels"):
+        theirs.pop("num_tasks", None)  # the prompt's channels are not the task count of such a variant
     differ = [k for k in dict.fromkeys([*theirs, *ours]) if k in theirs and ours.get(k) != theirs.get(k)]
     if differ:
         fixes = []
