@@ -235,7 +235,10 @@ def _task(task_id: int, classes: int = 3) -> dict:
         ({"a": _task(0), "b": _task(1, classes=6)}, "task 'b' has 6 labels, but the network outputs 3 classes"),
         ({"a": _task(0), "b": _task(0)}, "tasks 'a' and 'b' share id 0"),
         ({"Liver": _task(0), "liver": _task(1)}, "tasks 'Liver' and 'liver' differ only in letter case"),
-        ("liver", '"tasks" must map task names to task definitions (a model\'s task table), got str'),
+        ("liver", "\"tasks\" must map task names to task definitions, got a str 'liver'; a model's task table is {"),
+        ([1, 2], '"tasks" must map task names to task definitions, got a list [1, 2]; a model\'s task table is {'),
+        ({"a": _task(0), "b": 1}, "task 'b' must be a task definition, an object such as {\"id\": 0, "),
+        ({"a": _task(0), "b": {**_task(1), "id": True}}, "task 'b': id must be an integer from 0 to 1023, got True"),
         ({"a": _task(0), "b": {**_task(1), "spacing": [1e-6] * 3}}, "task 'b': spacing must be 3 positive numbers"),
     ],
 )

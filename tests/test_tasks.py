@@ -164,3 +164,22 @@ def test_a_run_with_other_task_definitions_than_its_model_shows_the_difference(t
         save_model_tasks(relabelled, tmp_path)
     assert "(task 'liver' label_map: {} there, {'2': 1} in the datalist)" in str(refused.value)
     assert "use another --ckpt_dir" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ([1, 2], 'must be an object with a "tasks" key, got a list [1, 2]; a model\'s task table is {"tasks": {'),
+        ({"liver": {**MINE, "id": 0}}, "got an object with keys ['liver'] (it looks like the table itself: wrap it in"),
+        ({"tasks": {"liver": 1}}, "task 'liver' must be a task definition, an object such as {\"id\": 0, "),
+        ({"tasks": {"liver": {**MINE, "id": True}}}, "task 'liver': id must be an integer from 0 to 1023, got True"),
+    ],
+)
+def test_a_tasks_json_in_the_wrong_form_is_one_line_naming_the_file_and_the_form(tmp_path, document, message):
+    """A list instead of a table, a table without its "tasks" wrapper, a number instead of a task definition, a
+    boolean id (an int in Python): one line naming the file, what it holds and the form it needs."""
+    (tmp_path / "tasks.json").write_text(json.dumps(document))
+    with pytest.raises(TaskError) as err:
+        load_model_tasks(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'tasks.json'}: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
