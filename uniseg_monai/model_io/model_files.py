@@ -487,12 +487,21 @@ def convert_official(
     }
 
 
-def check_destination(src: str | os.PathLike, dst: str | os.PathLike, option: str) -> None:
-    """Refuse (one line naming ``option``) a destination that is a folder, or that is the source file itself (also
-    through a symbolic or hard link): writing would replace the user's source (convert-official, weights, export)."""
-    src, dst = Path(src), Path(dst)
+def check_destination(
+    src: str | os.PathLike | None, dst: str | os.PathLike, option: str, example: str = MODEL_FILE
+) -> None:
+    """Refuse (one line naming ``option``: what was given, what is expected, the fix) a destination that is a folder,
+    or that is the source file ``src`` itself (also through a symbolic or hard link): writing would replace the
+    user's source (convert-official, weights, export). Checked before "exists; pass --overwrite", which would not
+    help. ``example``: the file name suggested in the folder."""
+    dst = Path(dst)
     if dst.is_dir():
-        raise UsageError(f"{option} {dst} is a folder: give the file to write, e.g. {dst / MODEL_FILE}")
+        raise UsageError(
+            f"{option} {dst} is a folder, but it must be the file to write: give a file name, e.g. {dst / example}"
+        )
+    if src is None:
+        return
+    src = Path(src)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise UsageError(
             f"{option} {dst} is the source file {src} itself (it would be replaced): write to another file"
