@@ -281,6 +281,24 @@ def test_a_downstream_conversion_names_what_is_wrong_with_its_task(official_fixt
         assert convert_official(src, tmp_path / "x.pt")["tasks"] == [task]
 
 
+@pytest.mark.parametrize("kind", ["upstream", "downstream with a tasks.json"])
+def test_a_conversion_refuses_a_task_it_would_ignore(official_fixture, tmp_path, kind):
+    """--task with an upstream checkpoint (its tasks are the paper's) or beside a tasks.json (that file says the
+    task): one line saying why and to drop it, nothing written (the option was silently ignored); the task the
+    tasks.json names is accepted."""
+    name = "upstream_state_dict" if kind == "upstream" else "downstream_state_dict"
+    src = save_nnunet_v1(nnunet_v1_container(official_fixture[name]), tmp_path / "x.model")
+    expected = "is an upstream checkpoint: its tasks are the paper's 11 (liver, "
+    if kind != "upstream":
+        spec = {"id": 0, "modalities": ["CT"], "labels": [f"c{i}" for i in range(14)], "spacing": [1.5, 1.5, 3]}
+        (tmp_path / "tasks.json").write_text(json.dumps({"tasks": {"mine": spec}}))
+        expected = f"the tasks.json beside {src} defines its task (mine), so --task would be ignored; drop --task"
+        assert convert_official(src, tmp_path / "ok.pt", task="mine")["tasks"] == ["mine"]
+    with pytest.raises(UniSegError, match=re.escape(f"--task 'btcv': {expected if kind != 'upstream' else ''}")) as err:
+        convert_official(src, tmp_path / "x.pt", task="btcv")
+    assert expected in str(err.value) and "\n" not in str(err.value) and not (tmp_path / "x.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("tasks", "message"),
     [

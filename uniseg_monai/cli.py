@@ -30,7 +30,8 @@ def _convert_official(src: str, dst: str = "", bundle: str = "", task: str = "",
         bundle: instead of DST, install into a bundle (folder or name): weights that fit its network become
             ``models/model.pt``, upstream weights given to a fine-tuning bundle its ``models/pretrained.pt``; with
             ``<name>_provenance.json`` (source, sha256, the weights' non-commercial licence).
-        task: task of a downstream checkpoint (default: the built-in task with its class count).
+        task: task of a downstream checkpoint (default: the built-in task with its class count); refused for an
+            upstream one (its tasks are the paper's) or one with a tasks.json beside it (that file says its task).
         overwrite: replace the output if it exists (otherwise an existing file is never touched).
     """
     if bool(dst) == bool(bundle):

@@ -469,6 +469,17 @@ def convert_official(
     model = read_model(src)
     if not model.official:
         raise ModelFileError(f"{src}: not an official UniSeg checkpoint (no nnU-Net key names)")
+    if task and model.tasks is not None and model.tasks.names != [task]:  # never silently another table than asked
+        names = ", ".join(model.tasks.names)
+        if "num_tasks" in model.network_def:
+            raise UsageError(
+                f"--task {task!r}: {src} is an upstream checkpoint: its tasks are the paper's {len(model.tasks)} "
+                f"({names}), fixed by its task prompts, so --task does not apply; drop --task"
+            )
+        raise UsageError(
+            f"--task {task!r}: the {MODEL_TASKS_FILE} beside {src} defines its task ({names}), so --task would be "
+            f"ignored; drop --task or edit that {MODEL_TASKS_FILE}"
+        )
     tasks = model.tasks if model.tasks is not None else downstream_tasks(model.network_def["num_classes"], task, src)
     network = build_network(model.network_def)
     try:
