@@ -183,3 +183,19 @@ def test_a_tasks_json_in_the_wrong_form_is_one_line_naming_the_file_and_the_form
         load_model_tasks(tmp_path)
     assert str(err.value).startswith(f"{tmp_path / 'tasks.json'}: ") and message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tasks", "--check"], "uniseg: error: --check compares a bundle's metadata.json with its task table: give "
+                               "--metadata BUNDLE too"),
+        (["tasks", "extra"], "uniseg: error: `uniseg tasks`: Could not consume arg: extra (see `uniseg tasks --help`)"),
+    ],
+)  # fmt: skip
+def test_uniseg_tasks_refuses_check_without_metadata_and_a_positional_in_one_line(capsys, argv, message):
+    """--check alone was silently the plain table; an extra positional filled --json ("--json takes true or
+    false")."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [message]

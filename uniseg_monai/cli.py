@@ -78,7 +78,7 @@ def _pack_bundles(out: str = "dist", bundles: str | list[str] = "") -> None:
         print(pack_bundle(name, out))
 
 
-def _tasks(json: bool = False, datalist: str | None = None, metadata: str = "", check: bool = False) -> None:
+def _tasks(*, json: bool = False, datalist: str | None = None, metadata: str = "", check: bool = False) -> None:
     """Print the task registry as a table or JSON; with --datalist, the tasks that datalist uses.
 
     Args:
@@ -88,6 +88,8 @@ def _tasks(json: bool = False, datalist: str | None = None, metadata: str = "", 
             models/tasks.json and network.
         check: with --metadata, only compare and exit 1 if it differs.
     """
+    if check and not metadata:
+        raise UsageError("--check compares a bundle's metadata.json with its task table: give --metadata BUNDLE too")
     if metadata:
         from uniseg_monai.apps.metadata import sync_metadata
 
