@@ -201,3 +201,33 @@ def test_the_readme_torchscript_recipe_exports_a_self_describing_file(official_f
     x = torch.randn(1, 1, *net.network_def()["patch_size"])
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(tmp_path / "model.ts"))(x, torch.tensor([3])), net(x, 3))
+
+
+@pytest.mark.parametrize(
+    ("swap", "expected"),
+    [
+        ("--onnx", "--onnx {tmp}/out is a folder, but it must be the file to write: give a file name, e.g. "
+                   "{tmp}/out/model.onnx"),
+        ("--checkpoint", "--checkpoint {tmp}/out is a folder, but it must be a model file: give the one in it, e.g. "
+                         "{tmp}/out/model.pt (a bundle folder goes to --bundle)"),
+        ("--bundle", "bundle {tmp}/model.pt is a file, but a bundle is a folder with configs/inference.json: give the "
+                     "bundle folder or name (a model file goes to --checkpoint)"),
+    ],
+)  # fmt: skip
+def test_cli_export_given_a_folder_for_a_file_or_a_file_for_a_folder_says_given_expected_fix(
+    tmp_path, monkeypatch, capsys, swap, expected
+):
+    """A folder where a file belongs (--onnx, --checkpoint) or a file where a folder does (--bundle): one line, in
+    the order what was given, what is expected, the fix (an existing --onnx folder was "exists; pass --overwrite",
+    then with --overwrite "is a folder"); nothing written."""
+    registry = TaskRegistry().subset(["liver", "kidney"])
+    net = tiny_uniseg(num_tasks=registry.num_tasks, num_classes=registry.num_classes)
+    save_model(tmp_path / "model.pt", net.state_dict(), net.network_def(), registry)
+    (tmp_path / "out").mkdir()
+    given = {"--bundle": str(PRETRAIN), "--checkpoint": str(tmp_path / "model.pt"), "--onnx": str(tmp_path / "x.onnx")}
+    given[swap] = str(tmp_path / ("model.pt" if swap == "--bundle" else "out"))
+    with pytest.raises(SystemExit) as done:
+        main(["export", *(x for kv in given.items() for x in kv)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and lines == [f"uniseg: error: {expected.format(tmp=tmp_path)}"], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "out"] and not any((tmp_path / "out").iterdir())

@@ -235,7 +235,10 @@ def _task(task_id: int, classes: int = 3) -> dict:
         ({"a": _task(0), "b": _task(1, classes=6)}, "task 'b' has 6 labels, but the network outputs 3 classes"),
         ({"a": _task(0), "b": _task(0)}, "tasks 'a' and 'b' share id 0"),
         ({"Liver": _task(0), "liver": _task(1)}, "tasks 'Liver' and 'liver' differ only in letter case"),
-        ("liver", '"tasks" must map task names to task definitions (a model\'s task table), got str'),
+        ("liver", "\"tasks\" must map task names to task definitions, got a str 'liver'; a model's task table is {"),
+        ([1, 2], '"tasks" must map task names to task definitions, got a list [1, 2]; a model\'s task table is {'),
+        ({"a": _task(0), "b": 1}, "task 'b' must be a task definition, an object such as {\"id\": 0, "),
+        ({"a": _task(0), "b": {**_task(1), "id": True}}, "task 'b': id must be an integer from 0 to 1023, got True"),
         ({"a": _task(0), "b": {**_task(1), "spacing": [1e-6] * 3}}, "task 'b': spacing must be 3 positive numbers"),
     ],
 )
@@ -276,6 +279,24 @@ def test_a_downstream_conversion_names_what_is_wrong_with_its_task(official_fixt
     if task == "my_new_task":  # the way the message gives: a tasks.json beside SRC
         (tmp_path / "tasks.json").write_text(json.dumps({"tasks": {task: _task(0, classes=14)}}))
         assert convert_official(src, tmp_path / "x.pt")["tasks"] == [task]
+
+
+@pytest.mark.parametrize("kind", ["upstream", "downstream with a tasks.json"])
+def test_a_conversion_refuses_a_task_it_would_ignore(official_fixture, tmp_path, kind):
+    """--task with an upstream checkpoint (its tasks are the paper's) or beside a tasks.json (that file says the
+    task): one line saying why and to drop it, nothing written (the option was silently ignored); the task the
+    tasks.json names is accepted."""
+    name = "upstream_state_dict" if kind == "upstream" else "downstream_state_dict"
+    src = save_nnunet_v1(nnunet_v1_container(official_fixture[name]), tmp_path / "x.model")
+    expected = "is an upstream checkpoint: its tasks are the paper's 11 (liver, "
+    if kind != "upstream":
+        spec = {"id": 0, "modalities": ["CT"], "labels": [f"c{i}" for i in range(14)], "spacing": [1.5, 1.5, 3]}
+        (tmp_path / "tasks.json").write_text(json.dumps({"tasks": {"mine": spec}}))
+        expected = f"the tasks.json beside {src} defines its task (mine), so --task would be ignored; drop --task"
+        assert convert_official(src, tmp_path / "ok.pt", task="mine")["tasks"] == ["mine"]
+    with pytest.raises(UniSegError, match=re.escape(f"--task 'btcv': {expected if kind != 'upstream' else ''}")) as err:
+        convert_official(src, tmp_path / "x.pt", task="btcv")
+    assert expected in str(err.value) and "\n" not in str(err.value) and not (tmp_path / "x.pt").exists()
 
 
 @pytest.mark.parametrize(
@@ -324,3 +345,27 @@ def test_a_network_def_or_weights_that_are_not_a_network_are_refused_when_read(t
     with pytest.raises(ModelFileError) as err:
         read_model(path)
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_older_file_that_does_not_fit_names_every_setting_its_tensors_show(tmp_path):
+    """A state dict without network_def (an earlier version's file) loaded into a network built with other settings:
+    the one line names every network_def id that differs, read off the tensors (patch_size too: it decides the
+    universal prompt's shape), with the options that fix them."""
+    from uniseg_monai.model_io.model_files import inferred_network_def, load_into
+
+    small = {"features": [4, 8, 16], "kernel_sizes": [[3, 3, 1], [3, 3, 3], [3, 3, 3]],
+             "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]], "patch_size": [16, 16, 8]}  # fmt: skip
+    trained = UniSeg(num_tasks=3, num_classes=2, **small)
+    assert inferred_network_def(trained.state_dict()) == {
+        k: v for k, v in trained.network_def().items() if k not in ("_target_", "in_channels", "fuse_blocks")
+    }
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    other = UniSeg(num_tasks=3, num_classes=2, features=[4, 8, 32], patch_size=[32, 32, 16],
+                   kernel_sizes=small["kernel_sizes"], strides=small["strides"])  # fmt: skip
+    with pytest.raises(ModelFileError) as caught:
+        load_into(other, tmp_path / "model.pt")
+    line = str(caught.value)
+    assert "\n" not in line and "features: file [4, 8, 16] vs config [4, 8, 32]" in line
+    assert "patch_size: file [16, 16, 8] vs config [32, 32, 16]" in line
+    assert "pass --base_features 4 --patch_size [16,16,8]" in line
+    assert "kernel_sizes" not in line and "strides" not in line and "num_tasks" not in line  # only what differs

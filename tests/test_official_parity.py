@@ -248,6 +248,7 @@ def test_convert_official_never_writes_over_its_source_or_into_a_folder(
         main(args)
     lines = capsys.readouterr().err.strip().splitlines()
     assert done.value.code == 2 and len(lines) == 1, lines
-    reason = "is a folder: give the file to write" if dst == "a folder" else f"is the source file {src} itself"
+    folder = "is a folder, but it must be the file to write"
+    reason = folder if dst == "a folder" else f"is the source file {src} itself"
     assert reason in lines[0]
     assert {p: p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))} == before

@@ -564,8 +564,10 @@ def test_a_checkpoint_folder_and_an_official_downstream_file_say_what_to_pass(of
     good = save(tmp_path / "good.nii.gz", *crop)
     folder = tmp_path / "models"
     folder.mkdir()
-    with pytest.raises(ModelFileError, match=re.escape(f"--checkpoint {folder} is a folder: give the model file in it, "
-                                                       f"e.g. {folder / 'model.pt'}")):  # fmt: skip
+    expected = (
+        f"--checkpoint {folder} is a folder, but it must be a model file: give the one in it, e.g. {folder}/model.pt"
+    )
+    with pytest.raises(ModelFileError, match=re.escape(expected)):
         predict(str(good), str(tmp_path / "out"), "btcv", checkpoint=str(folder), device="cpu")
     down = save_nnunet_v1(nnunet_v1_container(official_fixture["downstream_state_dict"]), tmp_path / "down.model")
     command = f"uniseg convert-official {down} --dst model.pt --task TASK"

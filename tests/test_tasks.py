@@ -164,3 +164,38 @@ def test_a_run_with_other_task_definitions_than_its_model_shows_the_difference(t
         save_model_tasks(relabelled, tmp_path)
     assert "(task 'liver' label_map: {} there, {'2': 1} in the datalist)" in str(refused.value)
     assert "use another --ckpt_dir" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ([1, 2], 'must be an object with a "tasks" key, got a list [1, 2]; a model\'s task table is {"tasks": {'),
+        ({"liver": {**MINE, "id": 0}}, "got an object with keys ['liver'] (it looks like the table itself: wrap it in"),
+        ({"tasks": {"liver": 1}}, "task 'liver' must be a task definition, an object such as {\"id\": 0, "),
+        ({"tasks": {"liver": {**MINE, "id": True}}}, "task 'liver': id must be an integer from 0 to 1023, got True"),
+    ],
+)
+def test_a_tasks_json_in_the_wrong_form_is_one_line_naming_the_file_and_the_form(tmp_path, document, message):
+    """A list instead of a table, a table without its "tasks" wrapper, a number instead of a task definition, a
+    boolean id (an int in Python): one line naming the file, what it holds and the form it needs."""
+    (tmp_path / "tasks.json").write_text(json.dumps(document))
+    with pytest.raises(TaskError) as err:
+        load_model_tasks(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'tasks.json'}: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tasks", "--check"], "uniseg: error: --check compares a bundle's metadata.json with its task table: give "
+                               "--metadata BUNDLE too"),
+        (["tasks", "extra"], "uniseg: error: `uniseg tasks`: Could not consume arg: extra (see `uniseg tasks --help`)"),
+    ],
+)  # fmt: skip
+def test_uniseg_tasks_refuses_check_without_metadata_and_a_positional_in_one_line(capsys, argv, message):
+    """--check alone was silently the plain table; an extra positional filled --json ("--json takes true or
+    false")."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [message]

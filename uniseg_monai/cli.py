@@ -30,7 +30,8 @@ def _convert_official(src: str, dst: str = "", bundle: str = "", task: str = "",
         bundle: instead of DST, install into a bundle (folder or name): weights that fit its network become
             ``models/model.pt``, upstream weights given to a fine-tuning bundle its ``models/pretrained.pt``; with
             ``<name>_provenance.json`` (source, sha256, the weights' non-commercial licence).
-        task: task of a downstream checkpoint (default: the built-in task with its class count).
+        task: task of a downstream checkpoint (default: the built-in task with its class count); refused for an
+            upstream one (its tasks are the paper's) or one with a tasks.json beside it (that file says its task).
         overwrite: replace the output if it exists (otherwise an existing file is never touched).
     """
     if bool(dst) == bool(bundle):
@@ -77,7 +78,7 @@ def _pack_bundles(out: str = "dist", bundles: str | list[str] = "") -> None:
         print(pack_bundle(name, out))
 
 
-def _tasks(json: bool = False, datalist: str | None = None, metadata: str = "", check: bool = False) -> None:
+def _tasks(*, json: bool = False, datalist: str | None = None, metadata: str = "", check: bool = False) -> None:
     """Print the task registry as a table or JSON; with --datalist, the tasks that datalist uses.
 
     Args:
@@ -87,6 +88,8 @@ def _tasks(json: bool = False, datalist: str | None = None, metadata: str = "", 
             models/tasks.json and network.
         check: with --metadata, only compare and exit 1 if it differs.
     """
+    if check and not metadata:
+        raise UsageError("--check compares a bundle's metadata.json with its task table: give --metadata BUNDLE too")
     if metadata:
         from uniseg_monai.apps.metadata import sync_metadata
 

@@ -236,6 +236,11 @@ class Task:
         that is unknown, missing, of the wrong kind (a string where a list belongs, text where a number does) or
         out of range."""
         where = f"task {name!r}"
+        if not isinstance(spec, Mapping):
+            raise TaskError(
+                f'{where} must be a task definition, an object such as {{"id": 0, "modalities": ["CT"], "labels": '
+                f'["background", "liver"], "spacing": [1.5, 1.5, 3]}}, got {spec!r:.80}'
+            )
         known = {"id", "modalities", "labels", "spacing", "normalization", "label_map", "short_labels", "nsd_tolerance"}
         unknown = set(spec) - known
         if unknown:
@@ -507,23 +512,46 @@ def load_model_tasks(ckpt_dir: str | Path) -> TaskRegistry:
     """The tasks of the model in ``ckpt_dir`` (its ``tasks.json``, written by training or the converter)."""
     path = Path(ckpt_dir) / MODEL_TASKS_FILE
     try:
-        specs = json.loads(path.read_text())["tasks"]
+        document = json.loads(path.read_text())
     except FileNotFoundError:
         raise TaskError(
             f"{path} not found: a model folder needs model.pt and the tasks.json its training wrote"
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise TaskError(f"{path}: not a task table ({err})") from None
-    return task_table(specs, str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TaskError(f"{path}: not JSON ({err}); {TASK_TABLE_FORM}") from None
+    if not isinstance(document, dict) or "tasks" not in document:
+        got = f"an object with keys {sorted(document)[:5]}" if isinstance(document, dict) else _kind(document)
+        hint = ' (it looks like the table itself: wrap it in {"tasks": ...})' if _looks_like_table(document) else ""
+        raise TaskError(f'{path}: must be an object with a "tasks" key, got {got}{hint}; {TASK_TABLE_FORM}')
+    return task_table(document["tasks"], str(path))
+
+
+TASK_TABLE_FORM = (
+    'a model\'s task table is {"tasks": {"NAME": {"id": 0, "modalities": ["CT"], "labels": ["background", "organ"], '
+    '"spacing": [1.5, 1.5, 3]}, ...}}'
+)
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, for a message: ``a list [1, 2]``, ``a str 'liver'``, ``an empty object``."""
+    if isinstance(value, Mapping) and not value:
+        return "an empty object"
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return f"{'an' if type(value).__name__[0] in 'aeiou' else 'a'} {type(value).__name__} {shown}"
+
+
+def _looks_like_table(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping) and bool(value) and all(isinstance(v, Mapping) and "id" in v for v in value.values())
+    )
 
 
 def task_table(specs: Any, where: str) -> TaskRegistry:
     """The tasks of a model's task table ``specs`` (the ``"tasks"`` of a model file or ``tasks.json``): task names
     mapped to task definitions with distinct ids; else a :class:`TaskError` naming ``where`` (the file)."""
     if not isinstance(specs, Mapping) or not specs:
-        shown = type(specs).__name__ if specs else repr(specs)
         raise TaskError(
-            f'{where}: "tasks" must map task names to task definitions (a model\'s task table), got {shown}'
+            f'{where}: "tasks" must map task names to task definitions, got {_kind(specs)}; {TASK_TABLE_FORM}'
         )
     try:
         registry = TaskRegistry(Task.parse(name, spec) for name, spec in specs.items())

@@ -66,6 +66,11 @@ def find_bundle(bundle: str | os.PathLike) -> Path:
     if (path / INFERENCE_CONFIG).is_file():
         return path
     if path.exists() and len(path.parts) > 1:
+        if path.is_file():
+            raise BundleNotFoundError(
+                f"bundle {path} is a file, but a bundle is a folder with {INFERENCE_CONFIG}: give the bundle folder "
+                "or name (a model file goes to --checkpoint)"
+            )
         raise BundleNotFoundError(f"{path} is not a bundle: it has no {INFERENCE_CONFIG}")
     looked = [path] if len(path.parts) > 1 else bundle_search_path(str(bundle))
     for candidate in looked:
@@ -160,7 +165,8 @@ def open_inference(
     """
     if checkpoint and Path(checkpoint).is_dir():
         raise ModelFileError(
-            f"--checkpoint {checkpoint} is a folder: give the model file in it, e.g. {Path(checkpoint) / MODEL_FILE}"
+            f"--checkpoint {checkpoint} is a folder, but it must be a model file: give the one in it, e.g. "
+            f"{Path(checkpoint) / MODEL_FILE} (a bundle folder goes to --bundle)"
         )
     if checkpoint and not Path(checkpoint).is_file():
         raise ModelFileError(f"--checkpoint {checkpoint} not found: check the path")

@@ -235,10 +235,11 @@ def export_bundle_onnx(
     Raises:
         UsageError: ``out_path`` is the model file itself (also through a link), even with ``overwrite``.
     """
+    check_destination(None, out_path, "--onnx", "model.onnx")  # a folder: not "exists; pass --overwrite"
     if Path(out_path).exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it")
     parser, model = open_inference(bundle_dir, ckpt, overrides)
-    check_destination(model.path, out_path, "--onnx")
+    check_destination(model.path, out_path, "--onnx", "model.onnx")
     network = parser.get_parsed_content("network_def")
     load_into(network, model)
     if window is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -320,6 +321,37 @@ def tensor_differences(expected: dict[str, tuple[int, ...]], state: dict[str, to
     return "; ".join(parts)[:300]
 
 
+def inferred_network_def(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``network_def`` ids that the tensors of an older model file (one without a ``network_def``) show: per
+    stage its width (``features``: the output channels of its last conv), ``kernel_sizes`` (that conv's kernel) and
+    ``strides`` (the kernel of the transposed conv that upsamples it); ``num_classes`` (the first head's outputs);
+    and for a UniSeg ``num_tasks`` and ``patch_size`` (the universal prompt's channels, and its size times the total
+    stride: the prompt is the bottleneck's size). Ids it cannot read are left out; ``{}`` for other files."""
+
+    def shape(key: str) -> tuple[int, ...] | None:
+        value = state.get(key)
+        return tuple(int(n) for n in value.shape) if isinstance(value, torch.Tensor) and value.ndim == 5 else None
+
+    stages = 1 + sum(1 for s in range(MAX_STAGES) if shape(f"encoder.{s}.1.conv.weight"))
+    convs = [shape(f"encoder.{s}.1.conv.weight") for s in range(stages - 1)] + [shape("bottleneck.1.conv.weight")]
+    ups = [shape(f"decoder.{stages - 1 - s}.upsample.conv.weight") for s in range(1, stages)]
+    if stages < 2 or None in convs:
+        return {}
+    found: dict[str, Any] = {
+        "features": [c[0] for c in convs],  # type: ignore[index]
+        "kernel_sizes": [list(c[2:]) for c in convs],  # type: ignore[index]
+    }
+    if None not in ups:
+        found["strides"] = [[1, 1, 1]] + [list(u[2:]) for u in ups]  # type: ignore[index]
+    if head := shape("heads.0.conv.weight"):
+        found["num_classes"] = head[0]
+    if (prompt := shape("universal_prompt")) and "strides" in found:
+        total = [math.prod(s[a] for s in found["strides"]) for a in range(3)]
+        found["num_tasks"] = prompt[1]
+        found["patch_size"] = [n * t for n, t in zip(prompt[2:], total)]
+    return found
+
+
 def mismatch(network: torch.nn.Module, model: ModelFile, err: RuntimeError) -> str:
     """Why ``model`` did not load into ``network``, in one short line with the option that fixes it: the
     ``network_def`` fields that differ (the file's own, or for an older file without one the stage widths its
@@ -329,12 +361,9 @@ def mismatch(network: torch.nn.Module, model: ModelFile, err: RuntimeError) -> s
     from uniseg_monai.networks import nnunet_features
 
     ours = getattr(network, "network_def", dict)()
-    theirs = dict(model.network_def or {})
-    if not theirs and ours.get("features"):  # an older file: its stage widths = the output channels of each stage
-        stages = len(ours["features"])
-        keys = [f"encoder.{s}.1.conv.weight" for s in range(stages - 1)] + ["bottleneck.1.conv.weight"]
-        if all(k in model.state and model.state[k].ndim == 5 for k in keys):
-            theirs = {"features": [int(model.state[k].shape[0]) for k in keys]}
+    theirs = dict(model.network_def or {}) or inferred_network_def(model.state)  # an older file: what its tensors show
+    if not model.network_def and ours.get("prompt_channels"):
+        theirs.pop("num_tasks", None)  # the prompt's channels are not the task count of such a variant
     differ = [k for k in dict.fromkeys([*theirs, *ours]) if k in theirs and ours.get(k) != theirs.get(k)]
     if differ:
         fixes = []
@@ -440,6 +469,17 @@ def convert_official(
     model = read_model(src)
     if not model.official:
         raise ModelFileError(f"{src}: not an official UniSeg checkpoint (no nnU-Net key names)")
+    if task and model.tasks is not None and model.tasks.names != [task]:  # never silently another table than asked
+        names = ", ".join(model.tasks.names)
+        if "num_tasks" in model.network_def:
+            raise UsageError(
+                f"--task {task!r}: {src} is an upstream checkpoint: its tasks are the paper's {len(model.tasks)} "
+                f"({names}), fixed by its task prompts, so --task does not apply; drop --task"
+            )
+        raise UsageError(
+            f"--task {task!r}: the {MODEL_TASKS_FILE} beside {src} defines its task ({names}), so --task would be "
+            f"ignored; drop --task or edit that {MODEL_TASKS_FILE}"
+        )
     tasks = model.tasks if model.tasks is not None else downstream_tasks(model.network_def["num_classes"], task, src)
     network = build_network(model.network_def)
     try:
@@ -458,12 +498,21 @@ def convert_official(
     }
 
 
-def check_destination(src: str | os.PathLike, dst: str | os.PathLike, option: str) -> None:
-    """Refuse (one line naming ``option``) a destination that is a folder, or that is the source file itself (also
-    through a symbolic or hard link): writing would replace the user's source (convert-official, weights, export)."""
-    src, dst = Path(src), Path(dst)
+def check_destination(
+    src: str | os.PathLike | None, dst: str | os.PathLike, option: str, example: str = MODEL_FILE
+) -> None:
+    """Refuse (one line naming ``option``: what was given, what is expected, the fix) a destination that is a folder,
+    or that is the source file ``src`` itself (also through a symbolic or hard link): writing would replace the
+    user's source (convert-official, weights, export). Checked before "exists; pass --overwrite", which would not
+    help. ``example``: the file name suggested in the folder."""
+    dst = Path(dst)
     if dst.is_dir():
-        raise UsageError(f"{option} {dst} is a folder: give the file to write, e.g. {dst / MODEL_FILE}")
+        raise UsageError(
+            f"{option} {dst} is a folder, but it must be the file to write: give a file name, e.g. {dst / example}"
+        )
+    if src is None:
+        return
+    src = Path(src)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise UsageError(
             f"{option} {dst} is the source file {src} itself (it would be replaced): write to another file"
