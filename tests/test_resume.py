@@ -342,3 +342,69 @@ def test_resuming_with_other_network_settings_names_the_field_and_the_option(tmp
     with pytest.raises(UsageError, match=r"epoch=1.pt: was trained with other settings \(features: file \[4, 8, 16\] "
                        r"vs config \[8, 16, 32\]: pass --base_features 4\)"):  # fmt: skip
         loader(Engine(lambda engine, batch: None))
+
+
+def demo_schedule(epochs: int) -> tuple[torch.nn.Linear, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """A tiny network with the demo overlay's optimiser and constant-then-poly ``SequentialLR`` for ``epochs``
+    (train.json + demo.json, only the parameters replaced)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")])
+    network = torch.nn.Linear(2, 1)
+    parser["optimizer_params"], parser["epochs"] = "$[torch.nn.Parameter(torch.ones(3))]", epochs
+    optimizer = parser.get_parsed_content("optimizer")
+    optimizer.param_groups[0]["params"] = list(network.parameters())
+    return network, optimizer, parser.get_parsed_content("lr_scheduler", instantiate=True)
+
+
+def lrs(optimizer, scheduler, steps: int) -> list[float]:
+    """The learning rate of the next ``steps`` epochs (the bundle steps the schedule once per epoch)."""
+    found = []
+    for _ in range(steps):
+        found.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    return found
+
+
+@pytest.mark.parametrize("stop", [3, 7])  # before / after the saved run's milestone (5 of 10 epochs)
+def test_a_larger_epochs_stretches_the_demo_constant_then_poly_schedule(stop, tmp_path):
+    _, optimizer, scheduler = demo_schedule(20)
+    uninterrupted = lrs(optimizer, scheduler, 20)
+    network, optimizer, scheduler = demo_schedule(10)
+    lrs(optimizer, scheduler, stop)
+    engine = Engine(lambda engine, batch: None)
+    engine.state.max_epochs, engine.state.epoch_length, engine.state.iteration = 10, 4, 4 * stop
+    saved = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": engine}
+    torch.save({k: v.state_dict() for k, v in saved.items()}, tmp_path / f"checkpoint_epoch={stop}.pt")
+    network, optimizer, scheduler = demo_schedule(20)  # resumed with --epochs 20
+    engine.state.max_epochs = 20
+    load = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler}
+    ResumeCheckpointLoader(tmp_path, True, load).attach(engine)
+    assert engine.state.epoch == stop and scheduler._milestones == [10] and scheduler._schedulers[1].total_iters == 10
+    assert lrs(optimizer, scheduler, 20 - stop) == pytest.approx(uninterrupted[stop:], rel=1e-9, abs=1e-12)
+    assert uninterrupted[-1] > 0 and uninterrupted[9] == uninterrupted[0]  # constant for 10 epochs, then decays
+
+
+def test_a_sequential_schedule_that_cannot_be_stretched_is_refused(tmp_path):
+    def make(epochs):
+        network = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+        parts = [
+            torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0, 0),
+            torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9),
+        ]
+        return network, optimizer, torch.optim.lr_scheduler.SequentialLR(optimizer, parts, [epochs // 2])
+
+    network, optimizer, scheduler = make(10)
+    lrs(optimizer, scheduler, 3)
+    engine = Engine(lambda engine, batch: None)
+    engine.state.max_epochs, engine.state.epoch_length, engine.state.iteration = 10, 4, 12
+    saved = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": engine}
+    torch.save({k: v.state_dict() for k, v in saved.items()}, tmp_path / "checkpoint_epoch=3.pt")
+    network, optimizer, scheduler = make(20)
+    engine.state.max_epochs = 20
+    with pytest.raises(UsageError, match=r"milestones \[5\] now \[10\].*resume with the checkpoint's --epochs"):
+        ResumeCheckpointLoader(
+            tmp_path, True, {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler}
+        ).attach(engine)

@@ -271,6 +271,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
         states = [k for k in entries if not isinstance(entries[k], Entry)]  # a description (batch_size) restores none
         missing = [k for k in states if k not in checkpoint]
         prior_max_epochs = engine.state.max_epochs
+        ours = _schedule_lengths(self.load_dict.get("lr_scheduler"))  # this run's, from its --epochs
         try:
             Checkpoint.load_objects(to_load=present, checkpoint=checkpoint, strict=self.strict)
         except RuntimeError as err:  # a size mismatch: the run is resumed with other network settings
@@ -288,6 +289,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
                 f"{prior_max_epochs}; pass a larger --epochs to continue it (the poly schedule is stretched to it)"
             )
         _stretch_poly_schedule(self.load_dict.get("lr_scheduler"), prior_max_epochs, self.logger)
+        _stretch_sequential_schedule(self.load_dict.get("lr_scheduler"), ours, self.logger)
         for key in missing:
             if hasattr(entries[key], "set_epoch"):
                 entries[key].set_epoch(engine.state.epoch)
@@ -312,7 +314,7 @@ def changed_settings(checkpoint: Mapping[str, Any], load_dict: Mapping[str, Any]
     scheduler), momentum and weight decay (the prompt group's too: ``prompt_weight_decay``), and the poly schedule's
     power (loading restores the checkpoint's), and the iterations per epoch (ignite would count the checkpoint's
     iterations in epochs of the new length) and the batch size (older checkpoints lack it: not checked). ``--epochs``
-    may change: the schedule is stretched (:func:`_stretch_poly_schedule`)."""
+    may change: the schedule is stretched (:func:`_stretch_poly_schedule`, :func:`_stretch_sequential_schedule`)."""
     found = []
     optimizer, saved = load_dict.get("optimizer"), checkpoint.get("optimizer", {}).get("param_groups", [])
     if optimizer is not None and saved:
@@ -345,3 +347,45 @@ def _stretch_poly_schedule(scheduler: Any, epochs: int | None, logger: Any) -> N
         group["lr"] = base * factor
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
     logger.info(f"poly learning-rate schedule stretched from {old} to {epochs} epochs: lr {scheduler._last_lr[0]:.3g}")
+
+
+def _schedule_lengths(scheduler: Any) -> tuple[list[int], list[int | None]] | None:
+    """A ``SequentialLR``'s milestones and its schedulers' ``total_iters`` (None where one has none); None for any
+    other scheduler. Read before a checkpoint is loaded, they are this run's (from its ``--epochs``)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR):
+        return None
+    return list(scheduler._milestones), [getattr(s, "total_iters", None) for s in scheduler._schedulers]
+
+
+def _stretch_sequential_schedule(scheduler: Any, ours: tuple[list[int], list[int | None]] | None, logger: Any) -> None:
+    """A resumed run with another ``--epochs`` under a ``SequentialLR`` of constant learning rates then a poly
+    decay (the demo overlay's): loading restored the checkpoint's milestones and poly length, so that the run would
+    keep its old schedule (and one extended past it train at learning rate 0). Put back ``ours`` (this run's, read
+    before loading: the milestone and the poly length follow the new ``--epochs``) and set the learning rate to the
+    new schedule's value at the current epoch, as a run started with this ``--epochs`` has there; the following
+    epochs then step exactly as in such a run. Another mix of schedulers is refused when its lengths changed."""
+    if ours is None or _schedule_lengths(scheduler) == ours:
+        return
+    old = _schedule_lengths(scheduler)
+    *constant, poly = scheduler._schedulers
+    simple = all(isinstance(s, torch.optim.lr_scheduler.ConstantLR) and s.factor == 1.0 for s in constant)
+    if not (simple and isinstance(poly, torch.optim.lr_scheduler.PolynomialLR) and len(ours[0]) == len(constant)):
+        raise UsageError(
+            f"this run's epochs change its SequentialLR schedule (milestones {old[0]} now {ours[0]}), which cannot be "
+            "stretched; resume with the checkpoint's --epochs or start a new run in another --ckpt_dir"
+        )
+    milestones, lengths = ours
+    scheduler._milestones = list(milestones)
+    for sub, length in zip(scheduler._schedulers, lengths):
+        if length is not None:
+            sub.total_iters = length
+    epoch, start = scheduler.last_epoch, milestones[-1]
+    poly.last_epoch = max(epoch - start, 0)  # a run not yet at the new milestone has not started its poly decay
+    factor = (1.0 - min(poly.last_epoch, poly.total_iters) / poly.total_iters) ** poly.power if poly.total_iters else 1
+    for group, base in zip(scheduler.optimizer.param_groups, poly.base_lrs):
+        group["lr"] = base * factor
+    scheduler._last_lr = poly._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    logger.info(
+        f"constant-then-poly learning-rate schedule stretched: milestone {old[0][-1]} -> {start}, poly length "
+        f"{old[1][-1]} -> {poly.total_iters} epochs; lr {scheduler._last_lr[0]:.3g} at epoch {epoch}"
+    )
