@@ -64,10 +64,19 @@ def test_the_table_the_headline_and_the_figure(tmp_path):
     assert "seeds 0, 1, 2" in lines[-1] and "450 iterations (3 epochs x 150)" in lines[-1] and "P/model.pt" in lines[-1]
     assert study.headline(rows) == (
         "from the pretrained model: +10.0 mean Dice at the same budget (mean over 3 seeds); validation Dice 0.80 "
-        "reached after 250 iterations instead of not reached by 2 of 3 seeds (from scratch)"
+        "reached after 250 iterations fine-tuned, reached after 450 iterations by 1 of 3 seeds from scratch"
     )
     one = study.summarise([r for r in synthetic() if r["seed"] == 1])
-    assert study.headline(one).endswith("reached after 300 iterations instead of not reached (from scratch)")
+    assert study.headline(one).endswith(
+        "validation Dice 0.80 reached after 300 iterations fine-tuned, not reached from scratch"
+    )
+    assert study.headline(study.summarise([r for r in synthetic() if r["seed"] == 0])).endswith(
+        "reached after 300 iterations instead of 450"
+    )
+    high = study.summarise([r for r in synthetic() if r["seed"] == 1], threshold=0.99)
+    assert study.headline(high, threshold=0.99).endswith(
+        "validation Dice 0.99 reached by neither run within 450 iterations"
+    )
     study.curves_figure(rows, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 

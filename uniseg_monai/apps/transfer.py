@@ -214,14 +214,19 @@ def headline(rows: Sequence[dict], threshold: float = THRESHOLD) -> str:
     seeds = "" if tuned["of"] == 1 else f" (mean over {tuned['of']} seeds)"
 
     def reach(r: dict) -> str:
-        if r["reached"] == r["of"]:
-            return f"{r['reach']['mean']:,.0f} iterations"
-        return "not reached" if r["reach"] is None else f"not reached by {r['of'] - r['reached']} of {r['of']} seeds"
+        if r["reach"] is None:
+            return "not reached"
+        seeds = "" if r["reached"] == r["of"] else f" by {r['reached']} of {r['of']} seeds"
+        return f"reached after {r['reach']['mean']:,.0f} iterations{seeds}"
 
-    return (
-        f"from the pretrained model: {margin:+.1f} mean Dice at the same budget{seeds}; validation Dice "
-        f"{threshold:.2f} reached after {reach(tuned)} instead of {reach(scratch)} (from scratch)"
-    )
+    if tuned["reached"] == tuned["of"] and scratch["reached"] == scratch["of"]:
+        when = f"reached after {tuned['reach']['mean']:,.0f} iterations instead of {scratch['reach']['mean']:,.0f}"
+    elif tuned["reach"] is None and scratch["reach"] is None:
+        when = f"reached by neither run within {max(tuned['curve']['iterations'] or [0]):,} iterations"
+    else:
+        when = f"{reach(tuned)} fine-tuned, {reach(scratch)} from scratch"
+    budget = f"{margin:+.1f} mean Dice at the same budget{seeds}"
+    return f"from the pretrained model: {budget}; validation Dice {threshold:.2f} {when}"
 
 
 def curves_figure(rows: Sequence[dict], path: Path, threshold: float = THRESHOLD) -> None:
