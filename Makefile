@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lint test test-fast test-isa demo ablate bench bundles gpu-wheels
+.PHONY: setup lint test test-fast test-isa demo ablate transfer bench bundles gpu-wheels
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,13 @@ demo: setup
 ABLATE ?=
 ablate: setup
 	$(BIN)/uniseg ablate --out ablation_output $(ABLATE)
+
+# fine-tuning from scratch vs from the demo's pretraining (trained once into transfer_output/pretrained), 3 seeds at
+# the demo's fine-tuning budget (README, "Transfer learning"); other options through TRANSFER, e.g.
+# make transfer TRANSFER="--seeds 1 --pretrained demo_output/pretrain/models/model.pt"
+TRANSFER ?=
+transfer: setup
+	$(BIN)/uniseg transfer --out transfer_output $(TRANSFER)
 
 bundles: setup
 	$(BIN)/uniseg pack-bundles --out dist

@@ -86,7 +86,7 @@ def test_ablate_runs_each_seed_apart_names_a_failed_run_and_reuses_finished_ones
     text = (out / "ablation.md").read_text()
     assert " ± " in text and "AdamW" in text and "Failed (not in the table): broken seed 0, broken seed 1" in text
 
-    monkeypatch.setattr(ablation, "_execute", lambda *a: pytest.fail("a finished run was run again"))
+    monkeypatch.setattr(ablation, "run_all", lambda *a: pytest.fail("a finished run was run again"))
     ablate(out, variants=["task_blind"], **budget)  # both runs reused
     assert json.loads((out / "ablation.json").read_text())["runs"] == report["runs"]
     with pytest.raises(UsageError, match="another budget"):

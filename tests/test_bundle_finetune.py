@@ -161,7 +161,7 @@ def finetuned(downstream, pretrained, tmp_path_factory) -> tuple[str, Path, Path
     return kind, datalist, root
 
 
-def test_evaluation_writes_the_table3_layout(finetuned):
+def test_evaluation_writes_the_table3_layout_and_the_report_with_overlays(finetuned):
     kind, datalist, root = finetuned
     dirs = run_dirs(kind, datalist, root, output_dir=str(root / "report"), evaluate_section="testing")
     wf = workflow(kind, "eval", ["train", "evaluate"], **dirs)
@@ -173,6 +173,10 @@ def test_evaluation_writes_the_table3_layout(finetuned):
     summary = json.loads((root / "report" / "summary.json").read_text())
     assert list(summary["tasks"]) == [f"ph_{kind}"] and 0 <= summary["mean_dice"] <= 1
     assert len((root / "report" / "per_case.csv").read_text().splitlines()) == 1 + 2 * {"btcv": 13, "vs": 1}[kind]
+    # the same report as pretraining's: the predictions are saved by default, so the best / median / worst overlays
+    assert len(list((root / "report" / "predictions").glob("*_seg.nii.gz"))) == 2
+    assert f"overlay_ph_{kind}.png" in (root / "report" / "report.html").read_text()
+    assert (root / "report" / f"overlay_ph_{kind}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_inference_keeps_the_input_geometry(finetuned):

@@ -252,6 +252,38 @@ def _ablate(
     ablate(out, names, epochs or None, iterations or None, bundle, seeds, jobs or None, curve_every or None)
 
 
+def _transfer(
+    out: str = "transfer_output",
+    seeds: int | list[int] = 3,
+    jobs: int = 0,
+    epochs: int = 0,
+    iterations: int = 0,
+    bundle: str = "uniseg_finetune_btcv",
+    pretrained: str = "",
+    threshold: float = 0.8,
+) -> None:
+    """Fine-tune a phantom task unseen in pretraining (ph_kidneys) from scratch and from a pretrained UniSeg at the
+    same budget (the fine-tuning bundle's configs/demo.json), over several seeds in parallel processes, and write
+    OUT/transfer.md / .json (mean +- sd over seeds of the per-class test Dice, mean Dice, iterations to reach a
+    validation Dice) and OUT/curves.png (validation Dice against iterations).
+
+    Args:
+        out: output folder (phantoms, the pretraining, one run folder OUT/from_scratch|fine_tuned/seed_K per run,
+            transfer.md / .json, curves.png); finished runs are reused, interrupted ones resume.
+        seeds: a count N (seeds 0..N-1) or a list, e.g. [0,4,7]; each is the bundle id seed of its two runs.
+        jobs: runs at a time, each in its own process with cores // JOBS torch threads (0: one per core, up to the
+            runs to do).
+        epochs: the budget is epochs x iterations per epoch; 0: the bundle's configs/demo.json.
+        iterations: iterations per epoch; 0: configs/demo.json's.
+        bundle: the fine-tuning bundle (folder or name) with a configs/demo.json.
+        pretrained: the pretrained model file; '': the demo's pretraining, trained once into OUT/pretrained.
+        threshold: the validation mean Dice whose first crossing is tabled.
+    """
+    from uniseg_monai.apps.transfer import transfer
+
+    transfer(out, seeds, jobs or None, epochs or None, iterations or None, bundle, pretrained or None, threshold)
+
+
 def _add_task(
     datalist: str = "",
     task: str = "",
@@ -367,6 +399,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
         "check-data": _check_data,
         "demo": _demo,
         "ablate": _ablate,
+        "transfer": _transfer,
         "report": _report,
         "add-task": _add_task,
         "export": _export,
@@ -377,6 +410,7 @@ INTERRUPTED = {  # what Ctrl-C left, per command
     "predict": "nothing partial was written; run again (with --skip_existing to keep the finished cases)",
     "add-task": "the training continues with the same command and --resume true",
     "ablate": "run the same command again: finished runs are reused, interrupted ones resume",
+    "transfer": "run the same command again: finished runs are reused, interrupted ones resume",
 }
 SHORT_FLAGS = {"predict": {"-i": "--input", "-o": "--output"}}  # TotalSegmentator's spelling
 

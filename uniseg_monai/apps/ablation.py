@@ -7,26 +7,20 @@ iterations, from checkpoints kept during each run)."""
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-import sys
 import time
-import traceback
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from tqdm import tqdm
 
 from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, find_bundle, run_workflow
 from uniseg_monai.apps.report import _pyplot, _save
+from uniseg_monai.apps.runs import cell, run_all, seed_list, stats, whole_numbers
 from uniseg_monai.core.atomic import write_text_atomic
-from uniseg_monai.core.errors import UniSegError, UsageError, one_line
+from uniseg_monai.core.errors import UniSegError, UsageError
 from uniseg_monai.core.run_folder import latest_checkpoint
 from uniseg_monai.data.phantoms import generate_phantoms
 from uniseg_monai.engine.checkpoints import prune_checkpoints
@@ -65,21 +59,6 @@ def recipe(bundle: Path) -> dict:
     found = {key: parser.get_parsed_content(key) for key in ids if key in parser}
     found["optimizer"] = str(parser.get("optimizer#_target_")).rsplit(".", 1)[-1]
     found["augmentation"] = len(parser.get("augmentation_transforms") or [])
-    return found
-
-
-def seed_list(seeds: int | str | Sequence[int]) -> list[int]:
-    """``--seeds``: a count N (seeds 0..N-1) or the seeds themselves (a list, or ``"0,4,7"``)."""
-    if isinstance(seeds, str):
-        seeds = int(seeds) if seeds.strip().isdigit() else seeds.split(",")
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        found = list(range(seeds))
-    elif isinstance(seeds, Sequence) and all(str(s).strip().isdigit() for s in seeds):
-        found = [int(s) for s in seeds]
-    else:
-        found = []
-    if not found or len(set(found)) != len(found):
-        raise UsageError(f"--seeds takes a count (3: seeds 0, 1, 2) or distinct seeds >= 0 ([0,4,7]), got {seeds!r}")
     return found
 
 
@@ -214,73 +193,6 @@ def run_variant(
     return result
 
 
-@contextmanager
-def _console(path: Path) -> Iterator[None]:
-    """This process's stdout and stderr (file descriptors 1 and 2, so the bundle's logging and progress bars too)
-    appended to ``path`` inside the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    saved = []
-    with path.open("a") as log:
-        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
-            stream.flush()
-            saved.append(os.dup(fd))
-            os.dup2(log.fileno(), fd)
-        try:
-            yield
-        finally:
-            for fd, stream, old in zip((1, 2), (sys.stdout, sys.stderr), saved, strict=True):
-                stream.flush()
-                os.dup2(old, fd)
-                os.close(old)
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _set_threads(threads: int) -> None:
-    """A worker's torch threads (its share of the cores)."""
-    torch.set_num_threads(threads)
-
-
-def _work(run: Path, **arguments) -> dict:
-    """:func:`run_variant` in a worker process, its console in ``run/console.log``; a failure becomes
-    ``{"error": one line}`` (the traceback goes to the log)."""
-    with _console(run / "console.log"):
-        try:
-            return run_variant(run=run, **arguments)
-        except KeyboardInterrupt:  # Ctrl-C reaches every process: this worker ends rather than start a queued run
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
-        except Exception as err:  # reported per run; the other runs go on
-            traceback.print_exc()
-            return {"error": f"{type(err).__name__}: {one_line(err)}"}
-
-
-def _execute(runs: dict[tuple[str, int], dict], jobs: int) -> Iterator[tuple[tuple[str, int], dict]]:
-    """Each run's :func:`_work` in ``jobs`` spawned processes of ``cores // jobs`` torch threads each, as they
-    finish: (variant, seed), result or ``{"error": ...}``."""
-    threads = max(1, _cores() // jobs)
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,))
-    try:
-        futures = {pool.submit(_work, **arguments): key for key, arguments in runs.items()}
-        for future in as_completed(futures):
-            try:
-                yield futures[future], future.result()
-            except Exception as err:  # the worker process died (killed, out of memory)
-                yield futures[future], {"error": f"{type(err).__name__}: {one_line(err)}"}
-    finally:  # also on Ctrl-C: the runs not started yet never start
-        pool.shutdown(cancel_futures=True)
-
-
-def _stats(values: Sequence[float]) -> dict[str, float | None]:
-    """Mean and sample standard deviation (None for one value)."""
-    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
-
-
 def summarise(results: Sequence[dict]) -> list[dict]:
     """Per variant (in order of first appearance) its seeds, parameters and :func:`_stats` over seeds of each
     per-task Dice, the :data:`COLUMNS` metrics and the learning curve (per point)."""
@@ -293,21 +205,15 @@ def summarise(results: Sequence[dict]) -> list[dict]:
             "variant": name,
             "seeds": [r["seed"] for r in runs],
             "parameters": runs[0]["parameters"],
-            "dice": {t: _stats([r["dice"][t] for r in runs]) for t in runs[0]["dice"]},
-            **{key: _stats([r[key] for r in runs]) for key, _, _ in COLUMNS.values()},
+            "dice": {t: stats([r["dice"][t] for r in runs]) for t in runs[0]["dice"]},
+            **{key: stats([r[key] for r in runs]) for key, _, _ in COLUMNS.values()},
             "curve": {
                 "iterations": runs[0]["curve"]["iterations"][:points],
-                **{key: [_stats([r["curve"][key][i] for r in runs]) for i in range(points)]
+                **{key: [stats([r["curve"][key][i] for r in runs]) for i in range(points)]
                    for key in ("tumour_dice", *RATES)},
             },
         })  # fmt: skip
     return rows
-
-
-def _cell(stats: dict, scale: float, decimals: int) -> str:
-    """``mean ± sd`` (the mean alone for one seed)."""
-    mean = f"{scale * stats['mean']:,.{decimals}f}"
-    return mean if stats["sd"] is None else f"{mean} ± {scale * stats['sd']:,.{decimals}f}"
 
 
 def table(rows: Sequence[dict], settings: dict, seeds: Sequence[int], threads: Sequence[int]) -> str:
@@ -319,8 +225,8 @@ def table(rows: Sequence[dict], settings: dict, seeds: Sequence[int], threads: S
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         name = f"{r['variant']} (floor: not told the task)" if r["variant"] == FLOOR else r["variant"]
-        cells = [name, f"{r['parameters']:,}", *(_cell(r["dice"][t], 100, 1) for t in tasks),
-                 *(_cell(r[key], scale, decimals) for key, scale, decimals in COLUMNS.values())]  # fmt: skip
+        cells = [name, f"{r['parameters']:,}", *(cell(r["dice"][t], 100, 1) for t in tasks),
+                 *(cell(r[key], scale, decimals) for key, scale, decimals in COLUMNS.values())]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     s = settings
     epochs, iterations = s["epochs"], s["iterations_per_epoch"]
@@ -361,23 +267,6 @@ def curves_figure(rows: Sequence[dict], path: Path) -> None:
     _save(figure, path)
 
 
-def _run_all(todo: dict[tuple[str, int], dict], jobs: int | None, out: Path) -> tuple[dict, dict]:
-    """:func:`_execute` the runs with a progress bar, each failure in one line as it happens; results and errors by
-    (variant, seed)."""
-    results, failed = {}, {}
-    jobs = int(jobs or min(_cores(), len(todo)))
-    print(f"uniseg ablate: {len(todo)} run(s), {jobs} at a time; logs in {out}/<variant>/seed_<k>/console.log")
-    with tqdm(total=len(todo), desc="uniseg ablate", unit="run") as bar:
-        for (name, seed), result in _execute(todo, jobs):
-            if "error" in result:
-                failed[name, seed] = result["error"]
-                bar.write(f"uniseg ablate: {name} seed {seed} failed: {result['error']}")
-            else:
-                results[name, seed] = result
-            bar.update()
-    return results, failed
-
-
 def _write(out: Path, results: list[dict], failed: dict, settings: dict, seeds: list[int]) -> None:
     """``OUT/ablation.md`` / ``.json`` and ``OUT/curves.png`` of the finished runs; the table is printed."""
     rows = summarise(results)
@@ -416,10 +305,7 @@ def ablate(
     unknown = [v for v in variants if v not in known]
     if unknown:
         raise UsageError(f"unknown variant(s) {unknown}; choose from {known}")
-    given = {"--epochs": epochs, "--iterations": iterations, "--jobs": jobs, "--curve_every": curve_every}
-    for option, value in given.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise UsageError(f"{option} takes a whole number, got {value!r}")
+    whole_numbers(epochs=epochs, iterations=iterations, jobs=jobs, curve_every=curve_every)
     settings = recipe(bundle)
     epochs = settings["epochs"] = int(epochs or settings["epochs"])
     iterations = settings["iterations_per_epoch"] = int(iterations or settings["iterations_per_epoch"])
@@ -449,7 +335,7 @@ def ablate(
     }
     failed = {}
     if todo:
-        done, failed = _run_all(todo, jobs, out)
+        done, failed = run_all(run_variant, todo, jobs, "uniseg ablate", f"{out}/<variant>/seed_<k>/console.log")
         results.update(done)
     if results:
         _write(out, [results[key] for key in runs if key in results], failed, settings, seeds)

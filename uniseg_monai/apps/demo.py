@@ -14,8 +14,8 @@ import numpy as np
 from uniseg_monai.apps.ablation import wrong_task_rates
 from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, FINETUNE_BUNDLES, find_bundle, run_workflow
 from uniseg_monai.apps.report import write_report
-from uniseg_monai.data.phantoms import DOWNSTREAM_TASKS, generate_downstream_phantoms, generate_phantoms
-from uniseg_monai.data.prepare import prepare
+from uniseg_monai.apps.transfer import RUNS, finetune_pair, headline, kidneys_datalist, pretrain, summarise
+from uniseg_monai.core.errors import UniSegError
 from uniseg_monai.tasks import load_model_tasks
 
 
@@ -56,40 +56,23 @@ def _same_volume_two_tasks(datalist: Path, run: Path, per_case: Path) -> list[st
     return lines
 
 
-def kidneys_datalist(out_dir: Path) -> Path:
-    """``<out_dir>/data_btcv/datalist.json``: task ``ph_kidneys`` (right / left kidney, gallbladder of BTCV-like
-    phantoms: structures and a class count the pretraining never saw), generated once."""
-    datalist = out_dir / "data_btcv" / "datalist.json"
-    if not datalist.exists():
-        raw = generate_downstream_phantoms(datalist.parent / "raw", "btcv", cases=10, seed=1, spacing=[2.0, 2.0, 4.0])
-        prepare(raw, "ph_kidneys", datalist, fmt="btcv", val_fraction=0.125, test_fraction=0.2)
-        data = json.loads(datalist.read_text())
-        data["tasks"]["ph_kidneys"].update(DOWNSTREAM_TASKS["ph_kidneys"])
-        datalist.write_text(json.dumps(data, indent=1))
-    return datalist
-
-
-def _fine_tune(out_dir: Path, bundle: Path, pretrained: Path) -> dict[str, Path]:
-    """:func:`kidneys_datalist`'s task fine-tuned with ``configs/demo.json`` from scratch and from ``pretrained`` at
-    the same budget; returns {run: per_class.csv}."""
+def _fine_tune(out_dir: Path, bundle: Path, pretrained: Path) -> tuple[dict[str, Path], str]:
+    """:func:`~uniseg_monai.apps.transfer.kidneys_datalist`'s task fine-tuned with ``configs/demo.json`` from scratch
+    and from ``pretrained`` at the same budget, seed 0, the two runs in parallel processes (``uniseg transfer``'s
+    :func:`~uniseg_monai.apps.transfer.finetune_pair`); returns {run: per_class.csv} and the lines saying what they
+    show (:func:`~uniseg_monai.apps.transfer.headline` and the validation curves)."""
     datalist = kidneys_datalist(out_dir)
-    reports = {}
-    for name, weights in (("from scratch", ""), ("fine-tuned", str(pretrained))):
-        run = out_dir / "finetune" / name.replace(" ", "_").replace("-", "_")
-        dirs = {"dataset_dir": str(datalist.parent), "ckpt_dir": str(run / "models"), "pretrained": weights}
-        if not (run / "models" / "model.pt").exists():
-            run_workflow(bundle, "train", ["train", "demo"], **dirs, output_dir=str(run / "logs"))
-        run_workflow(
-            bundle,
-            "eval",
-            ["train", "demo", "evaluate"],
-            **dirs,
-            output_dir=str(run),
-            evaluate_section="testing",
-            overwrite=True,  # the demo's own earlier results
-        )
-        reports[name] = run / "per_class.csv"
-    return reports
+    results, failed = finetune_pair(out_dir / "finetune", bundle, datalist, pretrained, layout="{out}/{folder}")
+    if failed:
+        (name, _), error = next(iter(failed.items()))
+        raise UniSegError(f"fine-tuning {name} failed: {error} (see {out_dir / 'finetune'}/<run>/console.log)")
+    rows = summarise(list(results.values()))
+    lines = [headline(rows) + "."]
+    for r in rows:
+        points = " ".join(f"{p['mean']:.2f}" for p in r["curve"]["val_dice"])
+        lines.append(f"  validation mean Dice of {r['run']} at iterations {r['curve']['iterations']}: {points}")
+    reports = {name: out_dir / "finetune" / folder / "per_class.csv" for name, folder in RUNS.items()}
+    return reports, "\n".join(lines)
 
 
 def _side_by_side(reports: dict[str, Path]) -> str:
@@ -115,15 +98,9 @@ def run_demo(
     Bundles are folders or names (:func:`~uniseg_monai.apps.bundles.find_bundle`)."""
     out_dir, bundle_dir = Path(out).resolve(), find_bundle(bundle).resolve()
     datalist = out_dir / "data" / "datalist.json"
-    if not datalist.exists():
-        generate_phantoms(datalist.parent)
-    run = out_dir / "pretrain"
-    dirs = {"dataset_dir": str(datalist.parent), "ckpt_dir": str(run / "models")}
     start = time.perf_counter()
-    if (run / "models" / "model.pt").exists():
-        print(f"reusing the trained model in {run / 'models'} (delete {run} to train again)")
-    else:
-        run_workflow(bundle_dir, "train", ["train", "demo"], **dirs, output_dir=str(run / "logs"))
+    run = pretrain(out_dir, bundle_dir)
+    dirs = {"dataset_dir": str(datalist.parent), "ckpt_dir": str(run / "models")}
     trained = time.perf_counter()
     run_workflow(
         bundle_dir,
@@ -138,7 +115,7 @@ def run_demo(
     run_workflow(bundle_dir, "infer", ["inference", "demo"], **dirs, output_dir=str(run), overwrite=True)
     report = write_report(run, datalist=datalist)
     done = time.perf_counter()
-    reports = _fine_tune(out_dir, find_bundle(finetune_bundle).resolve(), run / "models" / "model.pt")
+    reports, shows = _fine_tune(out_dir, find_bundle(finetune_bundle).resolve(), run / "models" / "model.pt")
     tuned = time.perf_counter()
 
     print(f"\n=== UniSeg demo: {len(json.loads(datalist.read_text())['testing'])} test cases of the phantom tasks ===")
@@ -147,12 +124,14 @@ def run_demo(
     print("\n=== Fine-tuning on a task unseen in pretraining (ph_kidneys: 2 kidneys + gallbladder, 4 classes) ===")
     print("=== with the BTCV bundle, same budget; test Dice (%) from scratch and from the pretrained model ===")
     print(_side_by_side(reports))
+    print(shows)
     print(
         f"\npretraining {trained - start:.0f} s, evaluation + inference {done - trained:.0f} s, "
-        f"fine-tuning (2 runs + evaluation) {tuned - done:.0f} s"
+        f"fine-tuning (2 runs in parallel + evaluation) {tuned - done:.0f} s"
     )
     print(f"predictions:  {run / 'predictions'}")
     print(f"TensorBoard:  tensorboard --logdir {run / 'logs'}")
     print(f"summary.json: {run / 'summary.json'}")
     print(f"report:       {report}")
+    print(f"fine-tuning:  {', '.join(str(p.parent / 'report.html') for p in reports.values())}")
     return run / "summary.json"
