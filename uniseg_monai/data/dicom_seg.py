@@ -145,41 +145,49 @@ def frames_on_series(labels: np.ndarray, affine: np.ndarray, instances: Sequence
     """A label map (X, Y, Z) on the grid of ``affine`` (RAS, as MONAI loads the series) -> one frame (rows, columns)
     per source instance, pixel-aligned with it (its frame (r, c) is the voxel at the instance's pixel (r, c)). An
     :class:`InputError` when an instance's pixels do not lie on the grid's voxels (e.g. a gantry tilt)."""
-    inverse = np.linalg.inv(np.asarray(affine, float))
     frames = np.empty((len(instances), int(instances[0].Rows), int(instances[0].Columns)), labels.dtype)
-    for n, ds in enumerate(instances):
-        orientation = np.reshape(np.asarray(ds.ImageOrientationPatient, float), (2, 3))
-        row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
-        origin = inverse[:3, :3] @ (LPS_TO_RAS @ np.asarray(ds.ImagePositionPatient, float)) + inverse[:3, 3]
-        step_c = inverse[:3, :3] @ (LPS_TO_RAS @ orientation[0]) * column_spacing  # one column to the right
-        step_r = inverse[:3, :3] @ (LPS_TO_RAS @ orientation[1]) * row_spacing  # one row down
-        index = np.round(origin).astype(int)
-        axes = [int(np.argmax(np.abs(step))) for step in (step_r, step_c)]
-        signs = [int(np.sign(step[a])) for step, a in zip((step_r, step_c), axes)]
-        units = [np.eye(3)[a] * s for a, s in zip(axes, signs)]
-        rows, cols = frames.shape[1:]
-        ends = [index[a] + s * (k - 1) for a, s, k in zip(axes, signs, (rows, cols))]
-        off = (
-            np.abs(origin - index).max() > 0.05
-            or not np.allclose(step_r, units[0], atol=0.01)
-            or not np.allclose(step_c, units[1], atol=0.01)
-            or axes[0] == axes[1]
-            or not all(0 <= i < labels.shape[a] for a, i in zip(axes, ends))
-            or not all(0 <= i < n_ for i, n_ in zip(index, labels.shape))
-        )
-        if off:
-            raise InputError(
-                f"{getattr(ds, 'filename', 'an instance')}: its pixels do not lie on the series' voxel grid (a gantry "
-                "tilt or mixed orientations): no pixel-aligned DICOM SEG; re-export the series without tilt"
-            )
-        other = 3 - sum(axes)
-        plane = np.take(labels, index[other], axis=other)  # 2D, the two remaining axes in increasing order
-        if axes[0] > axes[1]:
-            plane = plane.T  # -> (row axis, column axis)
-        r = index[axes[0]] + signs[0] * np.arange(rows)
-        c = index[axes[1]] + signs[1] * np.arange(cols)
-        frames[n] = plane[np.ix_(r, c)]
+    groups: dict[tuple[int, int], list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
+    for n, ds in enumerate(instances):  # which voxels each frame's rows and columns run along
+        axes, plane, r, c = _frame_voxels(ds, affine, labels.shape, frames.shape[1:])
+        groups.setdefault(axes, []).append((n, plane, r, c))
+    for (row_axis, column_axis), members in groups.items():  # one gather per orientation
+        other = 3 - row_axis - column_axis
+        volume = labels.transpose(other, row_axis, column_axis)
+        planes = np.array([m[1] for m in members])[:, None, None]
+        rows, cols = np.stack([m[2] for m in members])[:, :, None], np.stack([m[3] for m in members])[:, None, :]
+        frames[[m[0] for m in members]] = volume[planes, rows, cols]
     return frames
+
+
+def _frame_voxels(
+    ds: Any, affine: np.ndarray, shape: tuple[int, ...], size: tuple[int, ...]
+) -> tuple[tuple[int, int], int, np.ndarray, np.ndarray]:
+    """Where an instance's pixels lie on the grid: (row axis, column axis), the index along the third axis and the
+    voxel index of each row and each column; an :class:`InputError` when they are no voxels of the grid."""
+    inverse = np.linalg.inv(np.asarray(affine, float))
+    orientation = np.reshape(np.asarray(ds.ImageOrientationPatient, float), (2, 3))
+    row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+    origin = inverse[:3, :3] @ (LPS_TO_RAS @ np.asarray(ds.ImagePositionPatient, float)) + inverse[:3, 3]
+    step_r = inverse[:3, :3] @ (LPS_TO_RAS @ orientation[1]) * row_spacing  # one row down
+    step_c = inverse[:3, :3] @ (LPS_TO_RAS @ orientation[0]) * column_spacing  # one column to the right
+    index = np.round(origin).astype(int)
+    axes = [int(np.argmax(np.abs(step))) for step in (step_r, step_c)]
+    signs = [int(np.sign(step[a])) for step, a in zip((step_r, step_c), axes)]
+    ends = [index[a] + s * (k - 1) for a, s, k in zip(axes, signs, size)]
+    off = (
+        np.abs(origin - index).max() > 0.05
+        or axes[0] == axes[1]
+        or not all(np.allclose(step, np.eye(3)[a] * s, atol=0.01) for step, a, s in zip((step_r, step_c), axes, signs))
+        or not all(0 <= i < shape[a] for a, i in zip(axes, ends))
+        or not all(0 <= i < n for i, n in zip(index, shape))
+    )
+    if off:
+        raise InputError(
+            f"{getattr(ds, 'filename', 'an instance')}: its pixels do not lie on the series' voxel grid (a gantry "
+            "tilt or mixed orientations): no pixel-aligned DICOM SEG; re-export the series without tilt"
+        )
+    lines = [index[a] + s * np.arange(k) for a, s, k in zip(axes, signs, size)]
+    return (axes[0], axes[1]), int(index[3 - sum(axes)]), lines[0], lines[1]
 
 
 @dataclass(frozen=True)
