@@ -106,6 +106,103 @@ BUILTIN_TASKS: dict[str, dict[str, Any]] = {
 }
 
 
+# Coded meaning of each class for DICOM SEG (``uniseg predict --output_type dicom_seg``): SNOMED CT (SCT) codes of the
+# DICOM standard's CID 7150 (segmentation property categories) and CID 7151 (types), each equal to pydicom's
+# ``codes.SCT`` constant of that name (tests/test_dicom_seg.py checks it), an anatomic region where the type alone
+# does not say where (a tumour), and a display colour (sRGB; a presentation choice, not a code).
+SCT_CODES: dict[str, tuple[str, str]] = {  # pydicom codes.SCT name -> (code value, code meaning)
+    "Tissue": ("85756007", "Tissue"),
+    "AnatomicalStructure": ("91723000", "Anatomical Structure"),
+    "MorphologicallyAbnormalStructure": ("49755003", "Morphologically Abnormal Structure"),
+    "Liver": ("10200004", "Liver"),
+    "Kidney": ("64033007", "Kidney"),
+    "Pancreas": ("15776009", "Pancreas"),
+    "Colon": ("71854001", "Colon"),
+    "Lung": ("39607008", "Lung"),
+    "Spleen": ("78961009", "Spleen"),
+    "Vertebra": ("51282000", "Vertebra"),
+    "Prostate": ("41216001", "Prostate"),
+    "Brain": ("12738006", "Brain"),
+    "Gallbladder": ("28231008", "Gallbladder"),
+    "Esophagus": ("32849002", "Esophagus"),
+    "Stomach": ("69695003", "Stomach"),
+    "Aorta": ("15825003", "Aorta"),
+    "InferiorVenaCava": ("64131007", "Inferior vena cava"),
+    "AdrenalGland": ("23451007", "Adrenal gland"),
+    "BloodVessel": ("59820001", "Blood Vessel"),
+    "Neoplasm": ("108369006", "Neoplasm"),
+    "Edema": ("79654002", "Edema"),
+    "Lesion": ("52988006", "Lesion"),
+}
+
+
+@dataclass(frozen=True)
+class ClassCode:
+    """A class's coded meaning: ``category`` and ``type`` (names of :data:`SCT_CODES`), optional anatomic ``region``
+    and the display ``color`` (sRGB 0-255)."""
+
+    category: str
+    type: str
+    color: tuple[int, int, int]
+    region: str | None = None
+
+
+# the documented default for a class without a coded meaning (a user's task, or a class the standard has no code for)
+DEFAULT_CLASS_CODE = ClassCode("Tissue", "Tissue", (128, 174, 128))
+
+
+def _organ(kind: str, color: tuple[int, int, int]) -> ClassCode:
+    return ClassCode("AnatomicalStructure", kind, color)
+
+
+def _tumour(region: str | None, color: tuple[int, int, int] = (255, 255, 0), kind: str = "Neoplasm") -> ClassCode:
+    return ClassCode("MorphologicallyAbnormalStructure", kind, color, region)
+
+
+# task -> class label -> coded meaning; a class not listed gets DEFAULT_CLASS_CODE (here on purpose, no code fits:
+# btcv's "portal and splenic vein" (two veins in one class), brats21's "non-enhancing/necrotic tumour")
+CLASS_CODES: dict[str, dict[str, ClassCode]] = {
+    "liver": {"liver": _organ("Liver", (221, 130, 101)), "liver tumour": _tumour("Liver")},
+    "kidney": {"kidney": _organ("Kidney", (185, 102, 83)), "kidney tumour": _tumour("Kidney")},
+    "hepatic_vessel": {
+        "hepatic vessel": ClassCode("AnatomicalStructure", "BloodVessel", (0, 151, 206), "Liver"),
+        "hepatic tumour": _tumour("Liver"),
+    },
+    "pancreas": {"pancreas": _organ("Pancreas", (249, 180, 111)), "pancreas tumour": _tumour("Pancreas")},
+    "colon": {"colon tumour": _tumour("Colon")},
+    "lung": {"lung tumour": _tumour("Lung")},
+    "spleen": {"spleen": _organ("Spleen", (157, 108, 162))},
+    "verse20": {"vertebrae": _organ("Vertebra", (241, 214, 145))},
+    "prostate": {"prostate": _organ("Prostate", (230, 158, 140))},
+    "brats21": {
+        "edema": _tumour("Brain", (0, 255, 0), "Edema"),
+        "enhancing tumour": _tumour("Brain", (255, 0, 0)),
+    },
+    "autopet": {"lesion": _tumour(None, (255, 0, 0), "Lesion")},
+    "btcv": {
+        "spleen": _organ("Spleen", (157, 108, 162)),
+        "right kidney": _organ("Kidney", (185, 102, 83)),
+        "left kidney": _organ("Kidney", (185, 102, 83)),
+        "gallbladder": _organ("Gallbladder", (139, 150, 98)),
+        "esophagus": _organ("Esophagus", (211, 171, 143)),
+        "liver": _organ("Liver", (221, 130, 101)),
+        "stomach": _organ("Stomach", (216, 132, 105)),
+        "aorta": _organ("Aorta", (224, 97, 76)),
+        "inferior vena cava": _organ("InferiorVenaCava", (0, 151, 206)),
+        "pancreas": _organ("Pancreas", (249, 180, 111)),
+        "right adrenal gland": _organ("AdrenalGland", (244, 217, 154)),
+        "left adrenal gland": _organ("AdrenalGland", (244, 217, 154)),
+    },
+    "vs": {"vestibular schwannoma": _tumour(None)},
+}
+
+
+def class_code(task: Task, k: int) -> ClassCode | None:
+    """The coded meaning of class ``k`` of ``task``: the registry's (:data:`CLASS_CODES`, by task name and class
+    label), else None (the caller uses :data:`DEFAULT_CLASS_CODE` and says so)."""
+    return CLASS_CODES.get(task.name, {}).get(task.labels[k])
+
+
 FLAGS = ("paper", "paper_dice")  # registry flags of BUILTIN_TASKS, not task fields
 # task names become parts of file names (``<case>_<task>.nii.gz``, ``models_<task>``): identifiers only
 TASK_NAME_LENGTH = 64

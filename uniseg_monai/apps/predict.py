@@ -7,6 +7,7 @@ bundle's own inference.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from uniseg_monai.core.atomic import Writer, inside, temporaries, write_group
 from uniseg_monai.core.errors import USER_ERRORS, InputError, UsageError, one_line
 from uniseg_monai.core.locks import owned
 from uniseg_monai.data.check import READ_ERRORS, Volume, case_header, check_dicom_series
+from uniseg_monai.data.dicom_seg import build_seg, check_seg_type, choose_series, require_highdicom, source_instances
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
 from uniseg_monai.data.memory import GIB, available_memory, case_memory
 from uniseg_monai.data.transforms import IMAGE_SUFFIXES, ThreadSafeLoadImaged, image_stem
@@ -42,6 +44,7 @@ MERGE_RULE = (
     "where tasks overlap the later task wins"
 )
 Case = tuple[str | list[str], list[Path]]  # loader input (file, DICOM folder or one file per channel), files read
+OUTPUT_TYPES = ("nifti", "dicom_seg")
 NAN_POLICIES = {"refuse": "refuse an image with NaN / Inf voxels", "min": "fill them with the lowest finite value"}
 
 
@@ -174,10 +177,22 @@ def _remove_empty(folders: Sequence[Path]) -> None:
             return
 
 
-def _complete(out: Path, case: str, tasks: Sequence[Task], merged: bool) -> bool:
-    """Whether every file a case would get exists: its task's map and sidecar; for ``all``, the merged map and
-    sidecar and the map and sidecar of every task that fits the case: the tasks its merged sidecar lists, which must
-    be those of ``tasks`` that take as many channels (a task whose channel count does not fit has no files)."""
+def _seg_names(case: str, stem: str) -> tuple[str, str]:
+    """The DICOM SEG of a case and ``stem`` (a task, or ``all``) and its sidecar."""
+    return f"{case}_{stem}.seg.dcm", f"{case}_{stem}.seg.json"
+
+
+def _complete(out: Path, case: str, tasks: Sequence[Task], merged: bool, types: Sequence[str] = ("nifti",)) -> bool:
+    """Whether every file a case would get exists: with ``dicom_seg`` in ``types`` its SEG and SEG sidecar; with
+    ``nifti``, its task's map and sidecar; for ``all``, the merged map and sidecar and the map and sidecar of every
+    task that fits the case: the tasks its merged sidecar lists, which must be those of ``tasks`` that take as many
+    channels (a task whose channel count does not fit has no files)."""
+    if "dicom_seg" in types:
+        names = _seg_names(case, "all" if merged else tasks[0].name)
+        if not all(inside(out, n).is_file() for n in names):
+            return False
+        if "nifti" not in types:
+            return True
 
     def pair(stem: str) -> bool:
         return all(inside(out, f"{case}_{stem}{e}").is_file() for e in (".nii.gz", ".json"))
@@ -200,7 +215,7 @@ def _complete(out: Path, case: str, tasks: Sequence[Task], merged: bool) -> bool
 
 def _sidecar(path: Path) -> Path:
     """The sidecar JSON of an output ``path`` (a map or the sidecar itself)."""
-    return path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".json") + ".json")
+    return path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".json").removesuffix(".dcm") + ".json")
 
 
 def _written_by(path: Path) -> str | None:
@@ -216,7 +231,7 @@ def _remove_orphans(out: Path) -> None:
     """Remove the temporaries of maps and sidecars (:func:`~uniseg_monai.core.atomic.temporaries`) that an interrupted
     run left in ``out``; called while ``out`` is owned (:func:`~uniseg_monai.core.locks.owned`): no live run writes
     them."""
-    orphans = [path for path, name in temporaries(out).items() if name.endswith((".nii.gz", ".json"))]
+    orphans = [path for path, name in temporaries(out).items() if name.endswith((".nii.gz", ".json", ".dcm"))]
     for path in orphans:
         path.unlink(missing_ok=True)
     if orphans:
@@ -306,8 +321,13 @@ class Predictor:
         progress: bool,
         max_memory: float | None = None,
         nan_policy: str = "refuse",
+        output_types: Sequence[str] = ("nifti",),
+        seg_type: str = "binary",
+        series: str | None = None,
     ) -> None:
         self.max_memory, self.nan_policy = max_memory, nan_policy  # bytes (None: the available memory per case)
+        self.output_types, self.seg_type, self.series = tuple(output_types), seg_type, series
+        self.default_coded: set[str] = set()  # tasks warned about: classes without a coded meaning
         parser, self.model = predict_config(bundle, checkpoint, task, settings, progress)
         if task == "all" and one_task_network((self.model.network_def or {}).get("_target_")):
             task = parser["task"] = self.model.tasks.names[0]  # a fine-tuned model: all = its one task
@@ -414,15 +434,38 @@ class Predictor:
         series once loaded), load it, refuse NaN / Inf voxels (:func:`check_values`), segment it under ``tasks``
         (those whose channel count fits) and write its maps and sidecars (plus the merged map for ``all``) together
         (:func:`write_group`: all or none of them appear); ``run``: more sidecar fields."""
+        files = [source] if isinstance(source, str) else list(source)
+        chosen = choose_series(files[0], self.series) if Path(files[0]).is_dir() else None
+        if chosen is None or set(chosen.files) == {p for p in Path(files[0]).iterdir() if p.is_file()}:
+            self._write(out, name, source, tasks, run, chosen, source)
+            return
+        with tempfile.TemporaryDirectory(prefix="uniseg_series.") as folder:  # the chosen series' files only
+            for f in chosen.files:
+                os.symlink(f.absolute(), Path(folder) / f.name)
+            self._write(out, name, source, tasks, run, chosen, folder)
+
+    def _write(
+        self,
+        out: Path,
+        name: str,
+        source: str | list[str],
+        tasks: list[Task],
+        run: dict[str, Any],
+        chosen: Any,
+        read: str | list[str],
+    ) -> None:
+        """:meth:`write` of the case ``source``, read from ``read`` (a folder of the ``chosen`` series' files when
+        the source folder holds more)."""
         tic = time.perf_counter()
         files = [source] if isinstance(source, str) else list(source)
         series = Path(files[0]).is_dir()  # a DICOM series folder: checked once loaded
         if series:
-            check_dicom_series(files[0])  # no DICOM, unreadable or missing slices: refused unread
+            check_dicom_series(str(read))  # no DICOM, unreadable or missing slices: refused unread
         else:
             fits = self.check(case_header(files), tasks)  # a 2D file, a huge or singular header: refused unread
+        instances = source_instances(chosen.files) if "dicom_seg" in self.output_types else []
         try:
-            image = self.load({"image": source})["image"]  # (C, X, Y, Z) on the input grid
+            image = self.load({"image": read})["image"]  # (C, X, Y, Z) on the input grid
         except READ_ERRORS as err:  # voxels its header did not show to be bad: a truncated or corrupt file
             raise InputError(f"{' + '.join(files)}: unreadable ({one_line(err)}); re-export or replace it") from err
         if series:
@@ -433,20 +476,58 @@ class Predictor:
         del image  # segment frees it once resampled
         maps, meta, affine = self.segment(case, fits)
         inputs = {"case": name, "input": [source] if isinstance(source, str) else source, **checked}
-        tic, encoded = time.perf_counter(), {t.name: _nifti(maps[t.name], affine) for t in fits}
-        if self.all:
-            merged, table = merge(maps, fits)
-            encoded["all_merged"] = _nifti(merged, affine)
-        encoding = time.perf_counter() - tic
-        files: dict[Path, Writer] = {inside(out, f"{name}_{s}.nii.gz"): _bytes(data) for s, data in encoded.items()}
-        for t in fits:
-            meta[t.name]["timings_s"] = {"load": loaded, **meta[t.name]["timings_s"], "write": encoding}
-            sidecar = {**inputs, "task": t.name, **meta[t.name], **self.sidecar, **run}
-            files[inside(out, f"{name}_{t.name}.json")] = _json(sidecar)
-        if self.all:
-            sidecar = {**inputs, "task": "all", "rule": MERGE_RULE, "labels": table, **self.sidecar, **run}
-            files[inside(out, f"{name}_all_merged.json")] = _json(sidecar)
+        if chosen is not None:
+            inputs["series_uid"] = chosen.uid
+        files: dict[Path, Writer] = {}
+        encoding = 0.0
+        if "nifti" in self.output_types:
+            tic, encoded = time.perf_counter(), {t.name: _nifti(maps[t.name], affine) for t in fits}
+            if self.all:
+                merged, table = merge(maps, fits)
+                encoded["all_merged"] = _nifti(merged, affine)
+            encoding = time.perf_counter() - tic
+            files.update({inside(out, f"{name}_{s}.nii.gz"): _bytes(data) for s, data in encoded.items()})
+            for t in fits:
+                meta[t.name]["timings_s"] = {"load": loaded, **meta[t.name]["timings_s"], "write": encoding}
+                sidecar = {**inputs, "task": t.name, **meta[t.name], **self.sidecar, **run}
+                files[inside(out, f"{name}_{t.name}.json")] = _json(sidecar)
+            if self.all:
+                sidecar = {**inputs, "task": "all", "rule": MERGE_RULE, "labels": table, **self.sidecar, **run}
+                files[inside(out, f"{name}_all_merged.json")] = _json(sidecar)
+        if "dicom_seg" in self.output_types:
+            files.update(self._seg_files(out, name, maps, affine, fits, instances, {**inputs, **self.sidecar, **run}))
         write_group(files)
+
+    def _seg_files(
+        self,
+        out: Path,
+        name: str,
+        maps: dict[str, np.ndarray],
+        affine: np.ndarray,
+        fits: list[Task],
+        instances: list[Any],
+        fields: dict[str, Any],
+    ) -> dict[Path, Writer]:
+        """The DICOM SEG of a case (:func:`~uniseg_monai.data.dicom_seg.build_seg`) and its sidecar, as writers."""
+        from uniseg_monai import __version__
+
+        stem = "all" if self.all else fits[0].name
+        tic = time.perf_counter()
+        description = f"UniSeg {stem}" + (" (" + ", ".join(t.name for t in fits) + ")" if self.all else "")
+        seg, content = build_seg(maps, affine, fits, instances, self.seg_type, self.all, __version__, description)
+        buffer = io.BytesIO()
+        seg.save_as(buffer, enforce_file_format=True)
+        timing = time.perf_counter() - tic
+        new = [label for label in content["default_coded"] if (stem, label) not in self.default_coded]
+        if new:  # once per run and class
+            self.default_coded.update((stem, label) for label in new)
+            _warn(
+                f"no coded meaning (SNOMED CT) in the task registry for {', '.join(new)}: their DICOM SEG segments are "
+                "coded with the default category and type 'Tissue' (README, DICOM SEG output)"
+            )
+        seg_name, sidecar_name = _seg_names(name, stem)
+        sidecar = {**fields, "task": stem, "seg": seg_name, **content, "timings_s": {"seg_write": timing}}
+        return {inside(out, seg_name): _bytes(buffer.getvalue()), inside(out, sidecar_name): _json(sidecar)}
 
 
 def predict(
@@ -463,6 +544,9 @@ def predict(
     skip_existing: bool = False,
     max_memory: float | None = None,
     nan_policy: str = "refuse",
+    output_type: str | Sequence[str] = "nifti",
+    seg_type: str = "binary",
+    series: str | None = None,
     **overrides: Any,
 ) -> int:
     """Segment images with a trained model; returns 0, or 1 if any case failed (its file and reason on stderr,
@@ -529,6 +613,16 @@ def predict(
             resampled, with the estimate (see Memory above).
         nan_policy: ``refuse`` (default): an image with NaN / Inf voxels fails with their counts; ``min``: they are
             filled with the image channel's lowest finite value (a warning, counts in the sidecar's ``nan_policy``).
+        output_type: ``nifti`` (default), ``dicom_seg`` or both (``nifti,dicom_seg``). ``dicom_seg`` (inputs must be
+            DICOM series folders; needs highdicom, ``pip install 'uniseg-monai[dicom]'``): one DICOM Segmentation
+            ``<case>_<task>.seg.dcm`` (``<case>_all.seg.dcm`` for ``all``) per case, its frames pixel-aligned with the
+            series' instances, referencing them, plus ``<case>_<task>.seg.json`` (segment number -> task and class,
+            the empty classes left out of the SEG). README: "DICOM SEG output".
+        seg_type: ``binary`` (default; one bit plane per segment, overlapping across tasks) or ``labelmap`` (one
+            value per pixel, the 2024 LABELMAP SEG; with ``all`` the later task wins where tasks overlap, as in the
+            merged map).
+        series: the SeriesInstanceUID to read from a folder that holds several series (or a localizer beside the
+            series): such a folder is refused, listing its series, without it.
         overrides: other ids of ``inference.json``, e.g. ``--base_features 4 --patch_size [64,64,32]``.
     """
     if task != "all":
@@ -556,12 +650,31 @@ def predict(
             limit = math.nan
         if not limit > 0 or math.isinf(limit):
             raise UsageError(f"--max_memory must be a positive number of GiB, got {max_memory!r}")
+    types = [output_type] if isinstance(output_type, str) else list(output_type)
+    types = [t.strip().lower() for entry in types for t in str(entry).split(",") if t.strip()]
+    if not types or not set(types) <= set(OUTPUT_TYPES):
+        raise UsageError(f"--output_type must be one or more of {', '.join(OUTPUT_TYPES)} (comma-separated), got "
+                         f"{output_type!r}")  # fmt: skip
+    types = list(dict.fromkeys(types))
+    seg_type = check_seg_type(seg_type)
+    if series is not None:
+        series = str(series)
     cases = find_cases(input, exclude=out)
+    if "dicom_seg" in types:
+        require_highdicom()
+        files = [src for src, _ in cases.values() if isinstance(src, list) or not Path(src).is_dir()]
+        if files:
+            shown = files[0] if isinstance(files[0], str) else "+".join(files[0])
+            raise UsageError(
+                f"--output_type dicom_seg needs DICOM series folders as input; {shown} is not one (a DICOM SEG "
+                "references the series it segments): use --output_type nifti for it"
+            )
     for _, files in cases.values():
         for f in files:
             if out.resolve() in (f.resolve().parent, f.absolute().parent.resolve()):
                 raise UsageError(f"output folder {out} holds the input {f}: choose another one")
     settings = {"tta": bool(tta), "overlap": float(overlap), **overrides}
+    outputs = {"output_types": types, "seg_type": seg_type, "series": series}
     if device:
         settings["device"] = f"$torch.device({str(device)!r})"
     created = _writable_folder(out)
@@ -569,7 +682,7 @@ def predict(
         with owned(out, "uniseg predict"):
             _remove_orphans(out)
             return _predict_cases(out, cases, task, bundle, checkpoint, settings, modality, overwrite, skip_existing,
-                                  limit, nan_policy)  # fmt: skip
+                                  limit, nan_policy, outputs)  # fmt: skip
     finally:
         _remove_empty(created)
 
@@ -586,19 +699,28 @@ def _predict_cases(
     skip_existing: bool,
     limit: float | None,
     nan_policy: str,
+    outputs: dict[str, Any] | None = None,
 ) -> int:
-    """:func:`predict` once its options are checked and the output folder is known to be writable."""
-    predictor = Predictor(bundle, checkpoint, task, settings, len(cases) == 1, limit, nan_policy)
+    """:func:`predict` once its options are checked and the output folder is known to be writable; ``outputs``:
+    ``output_types``, ``seg_type``, ``series``."""
+    outputs = outputs or {}
+    predictor = Predictor(bundle, checkpoint, task, settings, len(cases) == 1, limit, nan_policy, **outputs)
+    types = predictor.output_types
     task = predictor.task
     tasks = predictor.tasks(task, modality)
     if task == "all" and not modality:
         _warn(assumed_modalities(tasks))
-    names = [t.name for t in tasks] + (["all_merged"] if task == "all" else [])
+    names = [t.name for t in tasks] + (["all_merged"] if task == "all" else []) if "nifti" in types else []
+    seg_stem = "all" if task == "all" else tasks[0].name
+
+    def outputs_of(c: str) -> list[Path]:
+        paths = [p for n in names for p in (inside(out, f"{c}_{n}.nii.gz"), inside(out, f"{c}_{n}.json"))]
+        return paths + ([inside(out, n) for n in _seg_names(c, seg_stem)] if "dicom_seg" in types else [])
+
     own = predictor.sidecar["checkpoint"]
-    found = {c: [p for n in names for p in (inside(out, f"{c}_{n}.nii.gz"), inside(out, f"{c}_{n}.json")) if p.exists()]
-             for c in cases}  # fmt: skip
+    found = {c: [p for p in outputs_of(c) if p.exists()] for c in cases}
     # a case is skipped when all its outputs exist and this model wrote them; another model's are refused below
-    skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all")
+    skipped = [c for c in cases if skip_existing and _complete(out, c, tasks, task == "all", types)
                and all(_written_by(p) == own for p in found[c])]  # fmt: skip
     found = {c: files for c, files in found.items() if c not in skipped}
     earlier = [p for files in found.values() for p in files]
