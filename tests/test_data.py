@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -449,3 +450,20 @@ def test_prepare_reads_the_btcv_and_vs_release_layouts(tmp_path):
     (btcv / "Training" / "label" / "label0003.nii.gz").unlink()
     with pytest.raises(DatalistError, match=r"img0003\.nii\.gz: no label"):
         prepare(btcv, "btcv", out, fmt="btcv")
+
+
+def test_loading_an_image_does_not_announce_the_absent_gpu_dicom_decoder():
+    """MONAI builds its nvImageCodec DICOM reader in every LoadImage; without nvImageCodec (a CPU install with
+    pydicom) it logs and warns once per loader. Importing the package silences both, unless the user chose it."""
+    code = "import uniseg_monai; from monai.transforms import LoadImage; LoadImage(); LoadImage()"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert quiet.returncode == 0 and "nvImageCodec" not in quiet.stderr, quiet.stderr
+    chosen = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(MONAI_DICOM_READER="nvimgcodec")
+    )
+    assert "nvImageCodec" in chosen.stderr  # the user asked for that reader: its notices stay
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MONAI_DICOM_READER"}
+    return {**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}

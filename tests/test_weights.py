@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import io
 import json
 import shutil
 import subprocess
 import sys
+import threading
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -121,6 +124,7 @@ def test_weights_installs_a_checked_converted_model_with_provenance(official_fix
     run = uniseg("weights", "--bundle", str(bundle), "--url", official_file.as_uri())
     assert run.returncode == 0, run.stderr[-2000:]
     assert "licence of these weights" in run.stderr and "non-commercial" in run.stderr
+    assert f"not verified (no published hash to check); its sha256 is {sha256(official_file)}" in run.stderr
     model_pt = bundle / "models" / "model.pt"
     saved = torch.load(model_pt, weights_only=True)  # plain weights: no numpy, no training state
     assert set(saved) == {"model", "network_def", "tasks", "provenance"}
@@ -140,6 +144,33 @@ def test_weights_installs_a_checked_converted_model_with_provenance(official_fix
     assert model_pt.read_bytes() == before
     forced = uniseg("weights", "--bundle", str(bundle), "--url", str(official_file), "--overwrite")
     assert forced.returncode == 0, forced.stderr[-2000:]
+
+
+def test_weights_over_http_say_once_that_no_hash_was_published(official_fixture, official_file, tmp_path):
+    """The release publishes no hash: one line of ours with the download's sha256 (recorded in the provenance),
+    not MONAI's warning naming a temporary file; the progress bar names the downloaded file."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(official_file.parent))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path / "b")
+            run = uniseg(
+                "weights", "--bundle", str(bundle), "--url", f"http://127.0.0.1:{server.server_port}/official.model"
+            )
+        finally:
+            server.shutdown()
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (
+        f"integrity of the download: not verified (no published hash to check); its sha256 is {sha256(official_file)}"
+        in run.stderr
+    )
+    assert (
+        "No hash value provided" not in run.stderr
+        and "official.model" in run.stderr
+        and "download.pt" not in run.stderr
+    )
+    provenance = json.loads((bundle / "models" / "model_provenance.json").read_text())
+    assert provenance["source_sha256"] == sha256(official_file)
 
 
 @pytest.mark.parametrize("download", ["downstream model", "other network", "text file", "missing file"])

@@ -6,10 +6,12 @@ Layers, bottom to top (docs/ARCHITECTURE.md; ``lint-imports`` enforces the direc
 """
 
 from uniseg_monai import _moved
+from uniseg_monai.core.notices import silence_absent_gpu_dicom_decoder
 
 __version__ = "0.4.0"
 
 _moved.install()
+silence_absent_gpu_dicom_decoder()
 
 
 def __getattr__(name: str):  # an old module path as an attribute: uniseg_monai.transforms

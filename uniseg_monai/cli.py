@@ -55,6 +55,7 @@ def _weights(bundle: str = DEFAULT_BUNDLE, url: str = "", overwrite: bool = Fals
     """
     report = download_weights(bundle, url=url, overwrite=overwrite)
     print(_json.dumps(report, indent=2))
+    print(f"integrity of the download: {report['integrity']}", file=sys.stderr)
     print(f"licence of these weights: {report['licence']}", file=sys.stderr)
 
 

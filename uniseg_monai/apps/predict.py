@@ -613,16 +613,16 @@ def predict(
             resampled, with the estimate (see Memory above).
         nan_policy: ``refuse`` (default): an image with NaN / Inf voxels fails with their counts; ``min``: they are
             filled with the image channel's lowest finite value (a warning, counts in the sidecar's ``nan_policy``).
-        output_type: ``nifti`` (default), ``dicom_seg`` or both (``nifti,dicom_seg``). ``dicom_seg`` (inputs must be
-            DICOM series folders; needs highdicom, ``pip install 'uniseg-monai[dicom]'``): one DICOM Segmentation
-            ``<case>_<task>.seg.dcm`` (``<case>_all.seg.dcm`` for ``all``) per case, its frames pixel-aligned with the
-            series' instances, referencing them, plus ``<case>_<task>.seg.json`` (segment number -> task and class,
-            the empty classes left out of the SEG). README: "DICOM SEG output".
+        output_type: ``nifti`` (default), ``dicom_seg`` or both (``nifti,dicom_seg``). ``dicom_seg`` writes one DICOM
+            Segmentation ``<case>_<task>.seg.dcm`` (``<case>_all.seg.dcm`` for ``all``) per case, its frames
+            pixel-aligned with the series' instances and referencing them, plus ``<case>_<task>.seg.json`` (segment
+            number -> task and class, the empty classes left out of the SEG); its inputs must be DICOM series folders
+            and it needs highdicom (``pip install 'uniseg-monai[dicom]'``; README, "DICOM SEG output").
         seg_type: ``binary`` (default; one bit plane per segment, overlapping across tasks) or ``labelmap`` (one
             value per pixel, the 2024 LABELMAP SEG; with ``all`` the later task wins where tasks overlap, as in the
             merged map).
         series: the SeriesInstanceUID to read from a folder that holds several series (or a localizer beside the
-            series): such a folder is refused, listing its series, without it.
+            series); without it such a folder is refused, listing its series.
         overrides: other ids of ``inference.json``, e.g. ``--base_features 4 --patch_size [64,64,32]``.
     """
     if task != "all":

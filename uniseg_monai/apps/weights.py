@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -82,7 +83,9 @@ def fetch(source: str, dst: Path, hash_val: str = "", hash_type: str = "sha256")
         if not hash_val:
             return
     try:
-        download_url(source, filepath=dst, hash_val=hash_val or None, hash_type=hash_type, progress=True)
+        with warnings.catch_warnings():  # no published hash: download_weights says so once, with the file's sha256
+            warnings.filterwarnings("ignore", message="No hash value provided", category=UserWarning)
+            download_url(source, filepath=dst, hash_val=hash_val or None, hash_type=hash_type, progress=True)
     except (*USER_ERRORS, ValueError, RuntimeError, GdownError) as err:  # one line for the user: network (OSError),
         # a wrong hash or URL (ValueError), MONAI's and gdown's failed downloads (RuntimeError, gdown's DownloadError)
         raise ModelFileError(f"could not fetch the weights from {source}: {type(err).__name__}: {err}") from err
@@ -161,10 +164,13 @@ def download_weights(bundle: str | os.PathLike, url: str = "", overwrite: bool =
         raise ModelFileError(f"{folder / 'large_files.yml'} names no url for {entry['path']}: pass --url")
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".download-") as tmp:
-        raw = Path(tmp) / "download.pt"
+        name = Path(unquote(urlparse(source).path)).name
+        raw = Path(tmp) / (name if Path(name).suffix else "weights")  # the progress bar's label
         hash_val = "" if url else str(entry.get("hash_val") or "")
         fetch(source, raw, hash_val, str(entry.get("hash_type") or "sha256"))
-        return install(read_model(raw, name=source), folder, dst, source, "uniseg weights")
+        checked = f"{entry.get('hash_type') or 'sha256'} checked against large_files.yml" if hash_val else ""
+        integrity = checked or f"not verified (no published hash to check); its sha256 is {sha256(raw)}"
+        return {**install(read_model(raw, name=source), folder, dst, source, "uniseg weights"), "integrity": integrity}
 
 
 def convert_into_bundle(src: str | os.PathLike, bundle: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:

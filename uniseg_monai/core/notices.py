@@ -1,0 +1,32 @@
+"""Notices from optional MONAI parts this package never uses, silenced where the package is imported.
+
+Every ``LoadImage`` builds all of MONAI's default readers, among them ``NvImgCodecPydicomReader`` (GPU decoding of
+compressed DICOM). Where pydicom is installed (the ``dicom`` extra) but nvImageCodec and CuPy are not, each one logs
+"nvImageCodec is not available" and warns "decoder plugin did not register" — once per loader, per thread and per
+process, in every command, although the CPU readers (ITK for DICOM, nibabel for NIfTI) do the reading. They stay
+audible when ``MONAI_DICOM_READER=nvimgcodec`` asks for that reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+_WARNING = "NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register"
+_LOGGER = "monai.data.nvimgcodec_pydicom_plugin"
+_LOG_MESSAGE = "nvImageCodec is not available"
+
+
+def _not_the_absent_decoder(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_LOG_MESSAGE)
+
+
+def silence_absent_gpu_dicom_decoder() -> None:
+    """Drop the two notices unless the user chose nvImageCodec as the DICOM reader (idempotent)."""
+    if os.environ.get("MONAI_DICOM_READER", "").strip().lower() in {"nvimgcodec", "nvimgcodecpydicomreader"}:
+        return
+    warnings.filterwarnings("ignore", message=_WARNING, category=UserWarning)
+    logger = logging.getLogger(_LOGGER)
+    if _not_the_absent_decoder not in logger.filters:
+        logger.addFilter(_not_the_absent_decoder)
