@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 from nibabel.filebasedimages import ImageFileError
 
-from uniseg_monai.core.errors import InputError
+from uniseg_monai.apps.finetune_bundles import read_table
+from uniseg_monai.apps.metadata import sync_metadata
+from uniseg_monai.apps.report import write_report
+from uniseg_monai.core.errors import InputError, UniSegError
 from uniseg_monai.data import DatalistError, check, load_items
 from uniseg_monai.data.check import check_datalist
 from uniseg_monai.data.phantoms import generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
 from uniseg_monai.engine.wiring import registry_for_datalist
-from uniseg_monai.tasks import TaskError
+from uniseg_monai.tasks import TaskError, load_model_tasks
 
 
 @pytest.mark.integration
@@ -387,6 +390,35 @@ def test_prepare_refuses_a_dataset_json_it_cannot_use_in_one_line(phantoms, tmp_
         prepare(msd, "mine", out)
     assert str(refused.value).startswith(f"{msd / 'dataset.json'}: ") and "\n" not in str(refused.value)
     assert message in str(refused.value) and not out.exists()
+
+
+def _raise_first(problems: list) -> None:
+    """check-data's first problem as the error a command would print."""
+    raise UniSegError(f"{problems[0].where}: {problems[0].what}")
+
+
+NOT_UTF8 = b"\x00\xff\xfe{}"  # a binary file, or JSON exported in another encoding
+
+
+@pytest.mark.parametrize(
+    ("file", "read"),
+    [
+        ("datalist.json", lambda folder: _raise_first(check_datalist(folder / "datalist.json"))),
+        ("datalist.json", lambda folder: registry_for_datalist(folder / "datalist.json")),
+        ("tasks.json", load_model_tasks),
+        ("dataset.json", lambda folder: prepare(folder, "mine", folder / "out.json")),
+        ("summary.json", write_report),
+        ("configs/metadata.json", lambda folder: (folder / "configs/inference.json").touch() or sync_metadata(folder)),
+        ("templates/finetune_bundles.json", read_table),
+    ],
+)
+def test_every_json_file_the_user_gives_that_is_not_utf8_text_is_one_line_naming_it(tmp_path, file, read):
+    (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / file).write_bytes(NOT_UTF8)
+    with pytest.raises(UniSegError) as refused:
+        read(tmp_path)
+    assert f"{tmp_path / file}: not valid JSON (not UTF-8 text (byte 0xff)" in str(refused.value)
+    assert "\n" not in str(refused.value)
 
 
 def test_prepare_msd_and_nnunet_folders_merge_into_one_datalist(phantoms, tmp_path):

@@ -17,6 +17,7 @@ from typing import Any
 
 from uniseg_monai.core.atomic import write_text_atomic
 from uniseg_monai.core.errors import UniSegError
+from uniseg_monai.core.json_files import read_json
 
 NORMALIZATIONS = ("ct", "zscore", "zscore_nonzero")
 DEFAULT_CT_WINDOW = (-325.0, 325.0)
@@ -609,13 +610,13 @@ def load_model_tasks(ckpt_dir: str | Path) -> TaskRegistry:
     """The tasks of the model in ``ckpt_dir`` (its ``tasks.json``, written by training or the converter)."""
     path = Path(ckpt_dir) / MODEL_TASKS_FILE
     try:
-        document = json.loads(path.read_text())
+        document = read_json(path)
     except FileNotFoundError:
         raise TaskError(
             f"{path} not found: a model folder needs model.pt and the tasks.json its training wrote"
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TaskError(f"{path}: not JSON ({err}); {TASK_TABLE_FORM}") from None
+    except json.JSONDecodeError as err:
+        raise TaskError(f"{path}: not valid JSON ({err}); {TASK_TABLE_FORM}") from None
     if not isinstance(document, dict) or "tasks" not in document:
         got = f"an object with keys {sorted(document)[:5]}" if isinstance(document, dict) else _kind(document)
         hint = ' (it looks like the table itself: wrap it in {"tasks": ...})' if _looks_like_table(document) else ""

@@ -20,6 +20,7 @@ from typing import Any
 
 from uniseg_monai.core.atomic import Writer, write_group
 from uniseg_monai.core.errors import UsageError
+from uniseg_monai.core.json_files import read_json
 from uniseg_monai.tasks import MODEL_TASKS_FILE, PAPER_DICE, Task, TaskRegistry
 
 TEMPLATE = Path("templates") / "finetune"  # in the bundles folder
@@ -97,10 +98,10 @@ def read_table(root: Path) -> dict[str, dict[str, Any]]:
     task), ``leave_out`` (template files it lacks), ``text`` (key -> string or list of lines)."""
     path = root / TABLE
     try:
-        table = json.loads(path.read_text())
+        table = read_json(path)
     except FileNotFoundError:
         raise UsageError(f"{path} not found: pass the bundles folder that holds {TABLE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except json.JSONDecodeError as err:
         raise UsageError(f"{path}: not valid JSON ({err}); fix the file") from None
     if not isinstance(table, dict) or not all(isinstance(e, dict) for e in table.values()):
         raise UsageError(f'{path}: must map bundle names to objects with "task", "leave_out" and "text"')

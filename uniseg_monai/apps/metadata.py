@@ -16,6 +16,7 @@ from typing import Any
 from uniseg_monai.apps.bundles import INFERENCE_CONFIG, find_bundle
 from uniseg_monai.core.atomic import write_text_atomic
 from uniseg_monai.core.errors import UsageError
+from uniseg_monai.core.json_files import read_json
 from uniseg_monai.tasks import Task, TaskRegistry, load_model_tasks
 
 METADATA = Path("configs") / "metadata.json"
@@ -78,10 +79,10 @@ def network_data_format(registry: TaskRegistry, total_stride: list[int], task_in
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except FileNotFoundError:
         raise UsageError(f"{path} not found: every bundle has it") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except json.JSONDecodeError as err:
         raise UsageError(f"{path}: not valid JSON ({err}); fix the file") from None
 
 

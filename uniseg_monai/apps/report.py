@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from uniseg_monai.core.atomic import inside, write_atomic, write_text_atomic
 from uniseg_monai.core.errors import UsageError, flag
+from uniseg_monai.core.json_files import read_json
 from uniseg_monai.data.transforms import MapTaskLabelsd, image_stem
 from uniseg_monai.tasks import PAPER_DICE, PAPER_UPSTREAM_MEAN_DICE, PAPER_UPSTREAM_TASKS, Task, TaskRegistry
 
@@ -256,8 +257,8 @@ def write_report(
     scalars = read_scalars(run)
     summary_path, cases_path = run / "summary.json", run / "per_case.csv"
     try:
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        summary = read_json(summary_path) if summary_path.is_file() else {}
+    except json.JSONDecodeError as err:
         raise UsageError(f"{summary_path}: not valid JSON ({err}); re-run the evaluation into this folder") from None
     rows = read_cases(cases_path) if cases_path.is_file() else []
     if not scalars and not summary and not rows:

@@ -9,6 +9,7 @@ from typing import Any
 
 from uniseg_monai.core.atomic import is_file_name
 from uniseg_monai.core.errors import UniSegError
+from uniseg_monai.core.json_files import read_json
 from uniseg_monai.tasks import TaskRegistry, check_task_name
 
 SECTIONS = ("training", "validation", "testing")
@@ -23,7 +24,7 @@ def read_datalist(path: str | Path) -> dict[str, Any]:
     :data:`~uniseg_monai.tasks.TASK_NAME_RULE` (in "tasks" or an item's "task")."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except FileNotFoundError:
         raise DatalistError(
             f"{path}: datalist not found; check the path (bundles: --dataset_dir is the folder holding datalist.json)"

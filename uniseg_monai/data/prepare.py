@@ -16,6 +16,7 @@ import numpy as np
 
 from uniseg_monai.core.atomic import write_text_atomic
 from uniseg_monai.core.errors import UsageError
+from uniseg_monai.core.json_files import read_json
 from uniseg_monai.data.datalist import DatalistError, read_datalist
 from uniseg_monai.tasks import TaskError, TaskRegistry, check_task_name
 
@@ -72,8 +73,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     "modality" / "channel_names" that are no object, "training" entries without "image" and "label" paths, "test"
     entries without an image path."""
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        meta = read_json(path)
+    except json.JSONDecodeError as err:
         raise DatalistError(f"{path}: not valid JSON ({err}); repair or re-export it") from None
     if not isinstance(meta, dict):
         raise DatalistError(
