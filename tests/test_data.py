@@ -499,3 +499,19 @@ def test_loading_an_image_does_not_announce_the_absent_gpu_dicom_decoder():
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MONAI_DICOM_READER"}
     return {**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}
+
+
+def test_a_folder_without_dicoms_is_our_one_line_without_itks_warning_output(tmp_path):
+    """ITK's series reader prints a multi-line "WARNING: In .../itkGDCMSeriesFileNames.cxx ... No Series were
+    found" to stderr before our error; where ITK reads (check-data, the loaders of predict and bundles) it is off."""
+    (tmp_path / "notes.txt").write_text("no DICOM here")
+    code = (
+        "import sys; from uniseg_monai.data.check import read_volume; "
+        "from uniseg_monai.data.transforms import ThreadSafeLoadImaged\n"
+        "for read in (read_volume, lambda f: ThreadSafeLoadImaged(['image'])({'image': f})):\n"
+        "    try: read(sys.argv[1])\n"
+        "    except Exception as err: print(type(err).__name__, err)"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=_env())
+    assert run.stdout.count(f"no DICOMs in: {tmp_path}") == 2, run.stdout + run.stderr
+    assert "WARNING" not in run.stderr and "No Series" not in run.stderr, run.stderr

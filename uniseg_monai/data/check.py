@@ -26,6 +26,7 @@ from nibabel.spatialimages import HeaderDataError
 from tqdm import tqdm
 
 from uniseg_monai.core.errors import USER_ERRORS, InputError
+from uniseg_monai.core.notices import NIFTI_SUFFIXES, quiet_itk
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, read_datalist
 from uniseg_monai.data.geometry import affine_problem, geometry_problem
 from uniseg_monai.data.memory import GIB, available_memory, loading_memory
@@ -59,9 +60,6 @@ class Volume:
     data: torch.Tensor | None = None
 
 
-_NIFTI = (".nii", ".nii.gz")
-
-
 @functools.cache
 def _loader() -> LoadImage:
     return LoadImage(image_only=True, ensure_channel_first=True)  # built on first use: MONAI's readers log at creation
@@ -70,9 +68,10 @@ def _loader() -> LoadImage:
 def read_volume(path: str) -> Volume:
     """Every voxel of ``path`` (as the bundles load it); a NIfTI affine as the header says (:func:`read_header`),
     and its size checked against the file and the memory before a voxel is read (:func:`check_claimed_size`)."""
-    header = read_header(path) if path.endswith(_NIFTI) else None
+    header = read_header(path) if path.endswith(NIFTI_SUFFIXES) else None
     if header is not None:
         check_claimed_size(path, header)
+    quiet_itk(path)
     img = _loader()(path)
     affine = header.affine if header is not None else np.asarray(img.affine)
     return Volume(path, int(img.shape[0]), tuple(img.shape[1:]), affine, img)
@@ -123,7 +122,7 @@ def nifti_affine(img: nib.Nifti1Image, path: str) -> np.ndarray:
 def read_header(path: str) -> Volume:
     """Channels, shape and affine of ``path`` from its header (NIfTI via nibabel, :func:`nifti_affine`; other formats
     via ITK); no voxels."""
-    if path.endswith(_NIFTI):
+    if path.endswith(NIFTI_SUFFIXES):
         img = nib.load(path)
         shape = tuple(int(s) for s in img.shape)
         # a 4th axis holds channels (MONAI's reader puts it first); a 5D+ file is no 3D volume, whatever its sizes
@@ -131,6 +130,7 @@ def read_header(path: str) -> Volume:
         return Volume(path, channels, spatial, nifti_affine(img, path))
     import itk
 
+    quiet_itk(path)
     io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
     if io is None:
         raise OSError(f"no reader for {path}")
@@ -271,6 +271,7 @@ def check_dicom_series(folder: str) -> None:
     along the slice normal) of the series it reads not evenly spaced (a missing or doubled slice)."""
     import itk
 
+    quiet_itk(folder)
     geometry, unreadable = {}, []
     for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
         io = itk.GDCMImageIO.New()

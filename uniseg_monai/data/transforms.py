@@ -36,6 +36,7 @@ from monai.transforms.utils import generate_label_classes_crop_centers
 from monai.utils import TraceKeys, convert_to_dst_type
 
 from uniseg_monai.core.atomic import inside
+from uniseg_monai.core.notices import quiet_itk
 from uniseg_monai.tasks import Normalization, Task, TaskRegistry, resolve_task
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -318,6 +319,7 @@ class ThreadSafeLoadImaged(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         if not hasattr(self._local, "load"):
             self._local.load = LoadImaged(self.keys, **self._kwargs)
+        quiet_itk(*(data.get(key) for key in self.keys))
         return self._local.load(data)
 
 
