@@ -102,6 +102,8 @@ def test_ablate_finds_its_bundle_from_any_folder(tmp_path, monkeypatch, capsys):
         (["--bundle", "no_such_bundle"], "not found"),
         (["--seeds", "[1,1]"], "--seeds takes"),
         (["--jobs", "-1"], "--jobs must be"),
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["--curve_every", "0"], "--curve_every must be >= 1, got 0"),
         (["--curve_every", "99"], "--curve_every must be"),
         (["--epochs", "abc"], "--epochs takes a whole number, got 'abc'"),
         (["--iterations", "2.5"], "--iterations takes a whole number"),

@@ -214,12 +214,39 @@ def test_an_old_checkpoint_still_resumes_inexactly_with_a_warning(phantoms, firs
     assert checkpoints(root) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
 
 
+def refused_before_data(phantoms: Path, root: Path, **extra) -> str:
+    """The one-line refusal of a ``--resume true`` run with ``extra`` settings, raised by the run's ``initialize``
+    (engine.checkpoints.check_resume), i.e. before any data is read or cached: its datalist's images do not exist,
+    which the later header checks would refuse instead."""
+    gone = root.parent / "gone"
+    datalist = json.loads(phantoms.read_text())
+    for section in ("training", "validation", "testing"):
+        datalist[section] = [
+            {**item, "image": f"missing/{i}.nii.gz"} for i, item in enumerate(datalist.get(section, []))
+        ]
+    gone.mkdir(exist_ok=True)
+    (gone / "datalist.json").write_text(json.dumps(datalist))
+    wf = ConfigWorkflow(**settings(gone / "datalist.json", root, resume=True, num_workers=0, **extra))
+    with pytest.raises(Exception) as refused:
+        wf.initialize()
+    return str(user_error(refused.value))
+
+
+def refused_by_loader(phantoms: Path, root: Path, **extra) -> str:
+    """The refusal of the trainer's ResumeCheckpointLoader itself, in a run built without its ``initialize`` checks
+    (as a script using the bundle's objects would)."""
+    wf = ConfigWorkflow(**settings(phantoms, root, resume=True, num_workers=0, **extra))
+    wf.parser.parse(reset=True)
+    with pytest.raises(Exception) as refused:
+        build(wf)
+    return str(user_error(refused.value))
+
+
 def test_resuming_a_finished_run_is_refused(phantoms, first_epoch, tmp_path):
     root = tmp_path / "run"
     shutil.copytree(first_epoch, root)
-    with pytest.raises(Exception) as refused:
-        train(phantoms, root, epochs=1, num_workers=0, resume=True)
-    assert "already trained 1 epochs and --epochs is 1" in str(user_error(refused.value))
+    assert "already trained 1 epochs and --epochs is 1" in refused_before_data(phantoms, root, epochs=1)
+    assert "already trained 1 epochs and --epochs is 1" in refused_by_loader(phantoms, root, epochs=1)
     assert checkpoints(root) == ["checkpoint_epoch=1.pt"]
 
 
@@ -228,17 +255,17 @@ def test_resuming_with_another_learning_rate_epoch_length_batch_size_or_prompt_d
 ):
     root = tmp_path / "run"
     shutil.copytree(first_epoch, root)
-    with pytest.raises(Exception) as refused:
-        train(phantoms, root, epochs=3, num_workers=0, resume=True, learning_rate=0.02, iterations_per_epoch=3)
-    message = str(user_error(refused.value))
+    message = refused_before_data(phantoms, root, epochs=3, learning_rate=0.02, iterations_per_epoch=3)
     assert "trained with learning_rate 0.01 (now 0.02), iterations_per_epoch 2 (now 3); resume with" in message
     saved = torch.load(root / "models" / "checkpoint_epoch=1.pt", weights_only=True)["batch_size"]
-    with pytest.raises(Exception) as refused:
-        train(phantoms, root, epochs=3, num_workers=0, resume=True, batch_size=saved + 1)
-    assert f"trained with batch_size {saved} (now {saved + 1}); resume with" in str(user_error(refused.value))
-    with pytest.raises(Exception) as refused:  # the prompt's own parameter group
-        train(phantoms, root, epochs=3, num_workers=0, resume=True, prompt_weight_decay=0.0)
-    assert "trained with prompt_weight_decay 3e-05 (now 0.0); resume with" in str(user_error(refused.value))
+    message = refused_before_data(phantoms, root, epochs=3, batch_size=saved + 1)
+    assert f"trained with batch_size {saved} (now {saved + 1}); resume with" in message
+    message = refused_before_data(phantoms, root, epochs=3, prompt_weight_decay=0.0)  # the prompt's own group
+    assert "trained with prompt_weight_decay 3e-05 (now 0.0); resume with" in message
+    for change, shown in (({"momentum": 0.9}, "momentum 0.99 (now 0.9)"), ({"poly_power": 2.0}, "poly_power 0.9")):
+        assert f"trained with {shown}" in refused_before_data(phantoms, root, epochs=3, **change)
+    message = refused_by_loader(phantoms, root, epochs=3, learning_rate=0.02)  # from the objects it restores into
+    assert "trained with learning_rate 0.01 (now 0.02); resume with" in message
     assert checkpoints(root) == ["checkpoint_epoch=1.pt"]
 
 

@@ -147,10 +147,17 @@ def test_the_check_fails_when_nothing_is_transferred(tmp_path):
         (["--bundle", "uniseg_finetune_vs"], "no fine-tuning recipe configs/demo.json"),
         (["--iterations", "2.5"], "--iterations takes a whole number"),
         (["--threshold", "0"], "--threshold takes a validation Dice"),
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        # checked with the reader and the transfer the fine-tuning uses, before the pretraining or any run
+        (["--pretrained", "script.sh"], "script.sh: not a readable PyTorch file"),
+        (["--pretrained", "other.pt"], "is missing from the checkpoint: not a pretrained model of this architecture"),
     ],
 )
 def test_bad_input_is_one_line(options, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "script.sh").write_text("#!/bin/bash\necho not a model\n")
+    torch.save({"model": {"conv.weight": torch.zeros(2, 1, 3, 3, 3)}}, tmp_path / "other.pt")
     with pytest.raises(SystemExit) as exited:
         main(["transfer", "--out", str(tmp_path / "out"), *options])
     err = capsys.readouterr().err.strip().splitlines()

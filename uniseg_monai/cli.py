@@ -223,10 +223,10 @@ def _ablate(
     out: str = "ablation_output",
     variants: str | list[str] = "",
     seeds: int | list[int] = 3,
-    jobs: int = 0,
-    epochs: int = 0,
-    iterations: int = 0,
-    curve_every: int = 0,
+    jobs: int | None = None,
+    epochs: int | None = None,
+    iterations: int | None = None,
+    curve_every: int | None = None,
     bundle: str = DEFAULT_BUNDLE,
 ) -> None:
     """Train the paper's ablations and universal baselines side by side on the phantoms (same budget, network and
@@ -240,25 +240,25 @@ def _ablate(
         variants: comma-separated names (default uniseg, fixed_prompt, multiple_prompts, uniseg_t, dodnet,
             task_blind), any overlay in BUNDLE/configs/variants, e.g. fuse_2 or prompt_4n.
         seeds: a count N (seeds 0..N-1) or a list, e.g. [0,4,7]; each is the bundle id seed of its runs.
-        jobs: runs at a time, each in its own process with cores // JOBS torch threads (0: one per core, up to the
-            runs to do).
-        epochs: the budget is epochs x iterations per epoch; 0: the demo's (configs/demo.json).
-        iterations: iterations per epoch; 0: the demo's.
-        curve_every: keep a checkpoint every N epochs and score it for the learning curves (0: epochs // 8).
+        jobs: runs at a time, each in its own process with cores // JOBS torch threads (default one per core, up to
+            the runs to do).
+        epochs: the budget is epochs x iterations per epoch (default the demo's, configs/demo.json).
+        iterations: iterations per epoch (default the demo's).
+        curve_every: keep a checkpoint every N epochs and score it for the learning curves (default epochs // 8).
         bundle: the pretrain bundle (folder or name) whose configs/variants hold the overlays.
     """
     from uniseg_monai.apps.ablation import VARIANTS, ablate
 
     names = [v for v in (variants.split(",") if isinstance(variants, str) else variants) if v] or list(VARIANTS)
-    ablate(out, names, epochs or None, iterations or None, bundle, seeds, jobs or None, curve_every or None)
+    ablate(out, names, epochs, iterations, bundle, seeds, jobs, curve_every)
 
 
 def _transfer(
     out: str = "transfer_output",
     seeds: int | list[int] = 3,
-    jobs: int = 0,
-    epochs: int = 0,
-    iterations: int = 0,
+    jobs: int | None = None,
+    epochs: int | None = None,
+    iterations: int | None = None,
     bundle: str = "uniseg_finetune_btcv",
     pretrained: str = "",
     threshold: float = 0.8,
@@ -272,17 +272,17 @@ def _transfer(
         out: output folder (phantoms, the pretraining, one run folder OUT/from_scratch|fine_tuned/seed_K per run,
             transfer.md / .json, curves.png); finished runs are reused, interrupted ones resume.
         seeds: a count N (seeds 0..N-1) or a list, e.g. [0,4,7]; each is the bundle id seed of its two runs.
-        jobs: runs at a time, each in its own process with cores // JOBS torch threads (0: one per core, up to the
-            runs to do).
-        epochs: the budget is epochs x iterations per epoch; 0: the bundle's configs/demo.json.
-        iterations: iterations per epoch; 0: configs/demo.json's.
+        jobs: runs at a time, each in its own process with cores // JOBS torch threads (default one per core, up to
+            the runs to do).
+        epochs: the budget is epochs x iterations per epoch (default the bundle's configs/demo.json).
+        iterations: iterations per epoch (default configs/demo.json's).
         bundle: the fine-tuning bundle (folder or name) with a configs/demo.json.
         pretrained: the pretrained model file; '': the demo's pretraining, trained once into OUT/pretrained.
         threshold: the validation mean Dice whose first crossing is tabled.
     """
     from uniseg_monai.apps.transfer import transfer
 
-    transfer(out, seeds, jobs or None, epochs or None, iterations or None, bundle, pretrained or None, threshold)
+    transfer(out, seeds, jobs, epochs, iterations, bundle, pretrained or None, threshold)
 
 
 def _add_task(

@@ -25,6 +25,7 @@ from uniseg_monai.core.errors import UniSegError, UsageError
 from uniseg_monai.core.run_folder import latest_checkpoint
 from uniseg_monai.data.phantoms import DOWNSTREAM_TASKS, generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
+from uniseg_monai.model_io.transfer import load_pretrained
 
 SCRATCH, FINE_TUNED = "from scratch", "fine-tuned"
 RUNS = {SCRATCH: "from_scratch", FINE_TUNED: "fine_tuned"}  # run -> its folder
@@ -79,6 +80,17 @@ def budget_of(bundle: Path, epochs: int | None = None, iterations: int | None = 
     iterations = int(iterations or parser.get_parsed_content("iterations_per_epoch"))
     val_interval = min(int(parser.get_parsed_content("val_interval")), epochs)
     return {"epochs": epochs, "iterations_per_epoch": iterations, "val_interval": val_interval}
+
+
+def check_pretrained(bundle: Path, pretrained: str | Path) -> None:
+    """Before any training: ``pretrained`` loaded as the fine-tuning runs load it (the bundle's
+    ``pretrained_network``: :func:`~uniseg_monai.model_io.transfer.load_pretrained` into the :data:`CONFIGS`'
+    network, heads aside), so a file that is no model, or a UniSeg whose encoder-decoder does not fit, is one line
+    naming it (:class:`~uniseg_monai.model_io.transfer.PretrainedCheckpointError`) instead of a failed run."""
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / f"{name}.json") for name in CONFIGS])
+    parser["num_classes"] = 2  # the heads are not transferred: any class count checks the rest
+    load_pretrained(parser.get_parsed_content("network_def"), pretrained)
 
 
 def validation_curve(logs: Path, iterations: int) -> dict[str, list]:
@@ -301,6 +313,8 @@ def transfer(
         raise UsageError(f"{folder} has no fine-tuning recipe configs/demo.json (uniseg_finetune_btcv has one)")
     if pretrained and not Path(pretrained).is_file():
         raise UsageError(f"--pretrained {pretrained} not found: give a pretrained model file (e.g. models/model.pt)")
+    if pretrained:
+        check_pretrained(folder, pretrained)
     out = Path(out).resolve()
     budget = budget_of(folder, epochs, iterations)
     datalist = kidneys_datalist(out)

@@ -254,17 +254,9 @@ class ResumeCheckpointLoader(CheckpointLoader):
             self(engine)
 
     def __call__(self, engine: Engine) -> None:
-        # a truncated or foreign file: the earlier checkpoints are still there
-        fix = "move it away to resume from the previous checkpoint_epoch=N.pt"
-        checkpoint = load_weights_only(self.load_path, UsageError, fix=fix, map_location=self.map_location)
-        if not isinstance(checkpoint, Mapping) or not {"model", "trainer"} <= set(checkpoint):
-            raise UsageError(f"{self.load_path}: not a training checkpoint (no model and trainer state to resume)")
-        changed = changed_settings(checkpoint, self.load_dict, engine)
-        if changed:
-            raise UsageError(
-                f"{self.load_path}: this run was trained with {', '.join(changed)}; resume with that run's values, or "
-                "start a new run in another --ckpt_dir"
-            )
+        checkpoint = read_training_checkpoint(self.load_path, self.map_location)
+        ours = run_settings(self.load_dict.get("optimizer"), self.load_dict.get("lr_scheduler"), engine)
+        refuse_changed(self.load_path, checkpoint, ours)
         extras = trainer_entries(engine, self.load_dict["model"]) if "model" in self.load_dict else {}
         entries = {**self.load_dict, **extras}
         present = {k: v for k, v in entries.items() if k in checkpoint}
@@ -283,11 +275,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
                 "a new run in another --ckpt_dir"
             ) from err
         engine.state.max_epochs = prior_max_epochs
-        if prior_max_epochs is not None and engine.state.epoch >= prior_max_epochs:
-            raise UsageError(
-                f"{self.load_path}: this run already trained {engine.state.epoch} epochs and --epochs is "
-                f"{prior_max_epochs}; pass a larger --epochs to continue it (the poly schedule is stretched to it)"
-            )
+        refuse_finished(self.load_path, engine.state.epoch, prior_max_epochs)
         _stretch_poly_schedule(self.load_dict.get("lr_scheduler"), prior_max_epochs, self.logger)
         _stretch_sequential_schedule(self.load_dict.get("lr_scheduler"), ours, self.logger)
         for key in missing:
@@ -305,32 +293,98 @@ class ResumeCheckpointLoader(CheckpointLoader):
         )
 
 
-OPTIMIZER_IDS = {"initial_lr": "learning_rate", "momentum": "momentum", "weight_decay": "weight_decay"}
+def read_training_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Mapping[str, Any]:
+    """The checkpoint a run resumes from (weights-only loading); a :class:`UsageError` for a truncated or foreign
+    file (the earlier checkpoints are still there) or one without model and trainer state."""
+    fix = "move it away to resume from the previous checkpoint_epoch=N.pt"
+    checkpoint = load_weights_only(path, UsageError, fix=fix, map_location=map_location)
+    if not isinstance(checkpoint, Mapping) or not {"model", "trainer"} <= set(checkpoint):
+        raise UsageError(f"{path}: not a training checkpoint (no model and trainer state to resume)")
+    return checkpoint
 
 
-def changed_settings(checkpoint: Mapping[str, Any], load_dict: Mapping[str, Any], engine: Engine) -> list[str]:
-    """The run settings of a checkpoint that a resumed run would silently replace or mix with its own, as ``"id
-    saved (now ours)"``: the optimizer's learning rate (``initial_lr``, the poly schedule's base; ``lr`` without a
-    scheduler), momentum and weight decay (the prompt group's too: ``prompt_weight_decay``), and the poly schedule's
-    power (loading restores the checkpoint's), and the iterations per epoch (ignite would count the checkpoint's
-    iterations in epochs of the new length) and the batch size (older checkpoints lack it: not checked). ``--epochs``
-    may change: the schedule is stretched (:func:`_stretch_poly_schedule`, :func:`_stretch_sequential_schedule`)."""
-    found = []
-    optimizer, saved = load_dict.get("optimizer"), checkpoint.get("optimizer", {}).get("param_groups", [])
-    if optimizer is not None and saved:
-        ours = optimizer.param_groups[0]
-        keys = {**OPTIMIZER_IDS, **({} if "initial_lr" in ours else {"lr": "learning_rate"})}
-        found += [(name, saved[0].get(key), ours.get(key)) for key, name in keys.items()]
-        if len(saved) > 1 or len(optimizer.param_groups) > 1:  # the prompt's own group (prompt_weight_decay)
-            found.append(
-                ("prompt_weight_decay", saved[-1].get("weight_decay"), optimizer.param_groups[-1]["weight_decay"])
-            )
-    scheduler = load_dict.get("lr_scheduler")
-    if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR):
-        found.append(("poly_power", checkpoint.get("lr_scheduler", {}).get("power"), scheduler.power))
-    found.append(("iterations_per_epoch", checkpoint.get("trainer", {}).get("epoch_length"), engine.state.epoch_length))
-    found.append(("batch_size", checkpoint.get("batch_size"), _batch_size(engine)))  # None: an older checkpoint
-    return [f"{name} {old} (now {new})" for name, old, new in found if None not in (old, new) and old != new]
+def check_resume(ckpt_dir: str | Path, resume: bool, epochs: int, **settings: Any) -> bool:
+    """Before any data is cached (a bundle's ``initialize``): with ``resume``, refuse in one line a checkpoint the
+    run could not continue, as :class:`ResumeCheckpointLoader` later would: one that already reached ``epochs``, or
+    one trained with other ``settings`` (the bundle's ids: ``learning_rate``, ``momentum``, ``weight_decay``,
+    ``prompt_weight_decay``, ``poly_power``, ``iterations_per_epoch``, ``batch_size``; :func:`changed_settings`).
+    True, for ``initialize``."""
+    if not flag(resume, "resume"):
+        return True
+    path = resume_checkpoint(ckpt_dir)
+    checkpoint = read_training_checkpoint(path)
+    refuse_changed(path, checkpoint, settings)
+    trainer = checkpoint["trainer"]  # ignite's state: iteration and epoch_length (or epoch)
+    epoch = trainer.get("epoch", trainer.get("iteration", 0) // max(trainer.get("epoch_length") or 1, 1))
+    refuse_finished(path, epoch, epochs)
+    return True
+
+
+def refuse_changed(path: str | os.PathLike, checkpoint: Mapping[str, Any], ours: Mapping[str, Any]) -> None:
+    changed = changed_settings(saved_settings(checkpoint), ours)
+    if changed:
+        raise UsageError(
+            f"{path}: this run was trained with {', '.join(changed)}; resume with that run's values, or start a new "
+            "run in another --ckpt_dir"
+        )
+
+
+def refuse_finished(path: str | os.PathLike, epoch: int | None, epochs: int | None) -> None:
+    """A checkpoint at ``epoch`` >= this run's ``epochs``: ignite would start the run over."""
+    if None not in (epoch, epochs) and epoch >= int(epochs):
+        raise UsageError(
+            f"{path}: this run already trained {epoch} epochs and --epochs is {epochs}; pass a larger --epochs to "
+            "continue it (the poly schedule is stretched to it)"
+        )
+
+
+def _optimizer_settings(groups: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """An optimizer's settings by the bundle ids: of its first group (learning rate: ``initial_lr``, the
+    schedule's base, else ``lr``) and of its last, the prompt's own group (one group when both decays are equal)."""
+    if not groups:
+        return {}
+    first = groups[0]
+    return {
+        "learning_rate": first.get("initial_lr", first.get("lr")),
+        "momentum": first.get("momentum"),
+        "weight_decay": first.get("weight_decay"),
+        "prompt_weight_decay": groups[-1].get("weight_decay"),
+    }
+
+
+def saved_settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The run settings a checkpoint was trained with, by the bundle ids (None: not saved, e.g. batch size in older
+    checkpoints; a poly power only under ``PolynomialLR``)."""
+    return _optimizer_settings(checkpoint.get("optimizer", {}).get("param_groups", [])) | {
+        "poly_power": checkpoint.get("lr_scheduler", {}).get("power"),
+        "iterations_per_epoch": checkpoint.get("trainer", {}).get("epoch_length"),
+        "batch_size": checkpoint.get("batch_size"),
+    }
+
+
+def run_settings(optimizer: Any, scheduler: Any, engine: Engine) -> dict[str, Any]:
+    """This run's settings by the bundle ids, from its optimizer, scheduler and trainer (as :func:`saved_settings`)."""
+    power = scheduler.power if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR) else None
+    return _optimizer_settings(optimizer.param_groups if optimizer is not None else []) | {
+        "poly_power": power,
+        "iterations_per_epoch": engine.state.epoch_length,
+        "batch_size": _batch_size(engine),
+    }
+
+
+def changed_settings(saved: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
+    """The run settings of a checkpoint (:func:`saved_settings`) that a resumed run would silently replace or mix
+    with its own (``ours``, by the same ids), as ``"id saved (now ours)"``: the learning rate (the poly schedule's
+    base), momentum and weight decay (the prompt group's too: ``prompt_weight_decay``), the poly power (loading
+    restores the checkpoint's), the iterations per epoch (ignite would count the checkpoint's iterations in epochs of
+    the new length) and the batch size. A setting either side lacks (None, absent) is not compared. ``--epochs`` may
+    change: the schedule is stretched (:func:`_stretch_poly_schedule`, :func:`_stretch_sequential_schedule`)."""
+    changed = {
+        name: (old, new) for name in saved if None not in (old := saved[name], new := ours.get(name)) and old != new
+    }
+    if "prompt_weight_decay" in changed and changed["prompt_weight_decay"] == changed.get("weight_decay"):
+        del changed["prompt_weight_decay"]  # the prompt group follows the weight decay: said once
+    return [f"{name} {old} (now {new})" for name, (old, new) in changed.items()]
 
 
 def _stretch_poly_schedule(scheduler: Any, epochs: int | None, logger: Any) -> None:
