@@ -279,3 +279,26 @@ def test_bundle_zip_leaves_every_weights_file_out(tmp_path):
     assert models == ["uniseg_finetune_vs/models/tasks.json"]
     version = json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == [f"uniseg_finetune_vs_v{version}.zip"]  # no temp
+
+
+LIST_OPTIONS = [
+    (command, f"--{name}")
+    for command, run in cli.COMMANDS.items()
+    for name, parameter in inspect.signature(run).parameters.items()
+    if any(hint in str(parameter.annotation) for hint in cli.LIST_HINTS)
+] + [(command, "--patch_size") for command in ("predict", "export")]  # bundle ids: passed to the bundle's config
+
+
+@pytest.mark.parametrize(("command", "option"), LIST_OPTIONS)
+@pytest.mark.parametrize("spelling", ["separate", "equals"])
+def test_a_list_option_written_as_separate_numbers_is_one_line_naming_it(command, option, spelling, capsys):
+    """fire takes `--patch_size 63 63 15` as 63 and two positional arguments of other options ("--tta takes true
+    or false, got 15"): every list option of every command (and the bundle ids of predict and export) is refused
+    before the command runs, with the spelling that works."""
+    words = [option, "63", "63", "15"] if spelling == "separate" else [f"{option}=63", "63", "15"]
+    with pytest.raises(SystemExit) as done:
+        main([command, *words])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and lines == [
+        f"uniseg: error: {option} takes one value: write [63,63,15] or 63,63,15 (no spaces), got 63 63 15"
+    ]

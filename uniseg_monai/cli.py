@@ -439,6 +439,43 @@ def _check_options(command: str, argv: list[str]) -> None:
             raise UsageError(f"unknown option {arg.split('=')[0]} for `uniseg {command}` (options: {options})")
 
 
+LIST_HINTS = ("list", "Sequence", "tuple")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_list_values(command: str, argv: list[str]) -> None:
+    """Refuse a list option written as separate words (``--patch_size 63 63 15``): fire takes the first number as
+    the value and the others as positional arguments of other options (it said "--tta takes true or false, got
+    15"). A list option is one whose parameter is a list / sequence, or any bundle id of a command that passes
+    other ids to a bundle config."""
+    parameters = inspect.signature(COMMANDS[command]).parameters
+    overrides = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or len(arg) < 3:
+            continue
+        key, eq, value = arg[2:].partition("=")
+        parameter = parameters.get(key.replace("-", "_"))
+        if not (overrides if parameter is None else any(h in str(parameter.annotation) for h in LIST_HINTS)):
+            continue
+        words = [value] if eq else []
+        for word in argv[i + 1 :]:
+            if not _is_number(word):
+                break
+            words.append(word)
+        if len(words) > 1 and all(map(_is_number, words)):
+            joined = ",".join(words)
+            raise UsageError(
+                f"--{key} takes one value: write [{joined}] or {joined} (no spaces), got {' '.join(words)}"
+            )
+
+
 def _fire_error(trace: Any) -> None:
     """Fire's display of a command line it cannot run (its error and an 8-line usage) as one :class:`UsageError`:
     an unknown command, a missing required argument or another of fire's errors, naming the ``--help`` to read."""
@@ -470,6 +507,7 @@ def main(argv: list[str] | None = None) -> None:
                 argv = [argv[0], "--", "--help"]  # else a command with **overrides takes --help as a setting
             else:
                 _check_options(argv[0], argv[1:])
+                _check_list_values(argv[0], argv[1:])
         fire.Fire(COMMANDS, command=argv, name="uniseg")
     except KeyboardInterrupt:
         hint = INTERRUPTED.get(argv[0] if argv else "", "")
