@@ -84,6 +84,7 @@ def test_check_data_reports_every_problem_with_its_file(phantoms, tmp_path):
         "nan": write_like(ct, tmp_path / "nan.nii.gz", data=nan),
         "flat": write_like(ct, tmp_path / "flat.nii.gz", data=flat),
         "2d": write_like(ct, tmp_path / "flat2d.nii.gz", data=np.ones((20, 20)) * np.arange(20)),
+        "complex": write_like(ct, tmp_path / "complex.nii.gz", data=nib.load(ct).get_fdata().astype(np.complex64)),
     }
     cases = [
         ({"image": str(root / "missing.nii.gz"), "label": str(organs), "task": "ph_organs"}, "missing.nii.gz"),
@@ -94,6 +95,7 @@ def test_check_data_reports_every_problem_with_its_file(phantoms, tmp_path):
         ({"image": files["nan"], "label": str(organs), "task": "ph_organs"}, "nan.nii.gz"),
         ({"image": files["flat"], "label": str(organs), "task": "ph_organs"}, "flat.nii.gz"),
         ({"image": files["2d"], "task": "ph_organs"}, "flat2d.nii.gz"),
+        ({"image": files["complex"], "label": str(organs), "task": "ph_organs"}, "complex.nii.gz"),
         ({"image": str(ct), "label": str(organs), "task": "ph_brain"}, "4 (T1+T1ce+T2+FLAIR)"),
         ({"image": str(ct), "label": str(organs), "task": "no_such_task"}, "unknown task 'no_such_task'"),
     ]
@@ -106,6 +108,7 @@ def test_check_data_reports_every_problem_with_its_file(phantoms, tmp_path):
         "nan.nii.gz": "NaN or Inf",
         "flat.nii.gz": "empty or constant",
         "flat2d.nii.gz": "not a 3D volume",
+        "complex.nii.gz": "complex-valued voxels: not a real-valued image",
         "4 (T1+T1ce+T2+FLAIR)": "channel(s)",
         "unknown task 'no_such_task'": "unknown task",
     }

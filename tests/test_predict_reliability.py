@@ -377,13 +377,14 @@ def test_output_paths_are_file_names_in_their_folder(tmp_path):
 
 
 def test_bad_headers_are_refused_before_a_voxel_is_read(predict_model, crop, tmp_path, capsys, monkeypatch):
-    """A 2D file, a header claiming 4000^3 voxels, a zero pixdim with or without qform (nibabel would guess 1 mm), a
-    singular sform (MONAI would rebuild it from the pixdims) and channel files on different grids: one line naming
-    the file and the fix, nothing loaded or written."""
+    """A 2D file, a complex-valued one, a header claiming 4000^3 voxels, a zero pixdim with or without qform
+    (nibabel would guess 1 mm), a singular sform (MONAI would rebuild it from the pixdims) and channel files on
+    different grids: one line naming the file and the fix, nothing loaded or written."""
     voxels, affine = crop
     folder = tmp_path / "in"
     folder.mkdir()
     save(folder / "flat.nii.gz", voxels[:, :, 0], affine)
+    nib.save(nib.Nifti1Image(voxels.astype(np.complex64), affine), folder / "complex.nii.gz")  # numpy would cast
     huge = nib.Nifti1Image(voxels, affine)
     huge.header.set_data_shape((4000, 4000, 4000))  # the header lies: the file holds a small crop
     (folder / "huge.nii").write_bytes(huge.header.binaryblock + bytes(4) + voxels.tobytes())
@@ -415,6 +416,7 @@ def test_bad_headers_are_refused_before_a_voxel_is_read(predict_model, crop, tmp
     flat = ", ".join(str(n) for n in voxels.shape[:2])
     expected = [
         f"{folder / 'flat.nii.gz'}: not a 3D volume (shape ({flat})); fix: provide 3D images",
+        f"{folder / 'complex.nii.gz'}: complex-valued voxels: not a real-valued image; fix: save the magnitude",
         f"{folder / 'huge.nii'}: needs ~",
         "GiB, limit 64.0 GiB (available memory): 4000x4000x4000 voxels x 1 channel(s)",
         f"{folder / 'unset.nii.gz'}: singular affine (voxel size 0, 0, 0 mm, determinant 0: a zero pixdim",
@@ -425,7 +427,7 @@ def test_bad_headers_are_refused_before_a_voxel_is_read(predict_model, crop, tmp
     ]
     for text in expected:
         assert text in err
-    assert len([line for line in err.splitlines() if " failed: InputError: " in line]) == 6
+    assert len([line for line in err.splitlines() if " failed: InputError: " in line]) == 7
 
 
 def test_all_tasks_without_a_modality_warn_of_the_assumption(predict_model, crop, tmp_path, capsys):

@@ -51,13 +51,15 @@ class Problem:
 @dataclass(frozen=True)
 class Volume:
     """What a check knows of one file: channels, spatial shape (X, Y, Z; other lengths are not 3D volumes),
-    affine (RAS, mm) and, when read fully, the voxels (C, X, Y, Z)."""
+    affine (RAS, mm), when read fully the voxels (C, X, Y, Z), and whether the header says complex-valued voxels
+    (which loading would cast to their real part)."""
 
     path: str
     channels: int
     shape: tuple[int, ...]
     affine: np.ndarray
     data: torch.Tensor | None = None
+    complex_valued: bool = False
 
 
 @functools.cache
@@ -74,7 +76,8 @@ def read_volume(path: str) -> Volume:
     quiet_itk(path)
     img = _loader()(path)
     affine = header.affine if header is not None else np.asarray(img.affine)
-    return Volume(path, int(img.shape[0]), tuple(img.shape[1:]), affine, img)
+    complex_valued = header is not None and header.complex_valued  # ITK's files: the headers' checks see it
+    return Volume(path, int(img.shape[0]), tuple(img.shape[1:]), affine, img, complex_valued)
 
 
 DEFLATE_MAX_RATIO = 1032  # deflate never compresses better than 1032:1: a .gz holds at least 1/1032 of its data
@@ -127,7 +130,8 @@ def read_header(path: str) -> Volume:
         shape = tuple(int(s) for s in img.shape)
         # a 4th axis holds channels (MONAI's reader puts it first); a 5D+ file is no 3D volume, whatever its sizes
         channels, spatial = (shape[3], shape[:3]) if len(shape) == 4 else (1, shape)
-        return Volume(path, channels, spatial, nifti_affine(img, path))
+        complex_valued = img.get_data_dtype().kind == "c"
+        return Volume(path, channels, spatial, nifti_affine(img, path), complex_valued=complex_valued)
     import itk
 
     quiet_itk(path)
@@ -144,7 +148,8 @@ def read_header(path: str) -> Volume:
     if n >= 3:  # ITK is LPS: flip x and y to RAS
         affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ direction * spacing
         affine[:3, 3] = np.diag([-1.0, -1.0, 1.0]) @ np.array([io.GetOrigin(i) for i in range(3)])
-    return Volume(path, int(io.GetNumberOfComponents()), shape, affine)
+    complex_valued = io.GetPixelType() == itk.CommonEnums.IOPixel_COMPLEX
+    return Volume(path, int(io.GetNumberOfComponents()), shape, affine, complex_valued=complex_valued)
 
 
 def _read(path: str, read: Callable[[str], Volume], problems: list[Problem]) -> Volume | None:
@@ -159,15 +164,22 @@ def _read(path: str, read: Callable[[str], Volume], problems: list[Problem]) -> 
         return None
 
 
-def _not_3d(img: Volume) -> Problem | None:
+def _not_a_volume(img: Volume) -> Problem | None:
+    """A file that is no 3D image of real values, from its header: another number of axes, or complex voxels
+    (MONAI's readers would keep only their real part, with a numpy warning)."""
     if len(img.shape) != 3:
         return Problem(img.path, f"not a 3D volume (shape {img.shape})", "provide 3D images (one file per channel)")
+    if img.complex_valued:
+        return Problem(
+            img.path, "complex-valued voxels: not a real-valued image", "save the magnitude (or the real part) of "
+            "the image as a real-valued file"
+        )  # fmt: skip
     return None
 
 
 def _check_image(img: Volume, task: Task, problems: list[Problem]) -> bool:
-    if not_3d := _not_3d(img):
-        problems.append(not_3d)
+    if not_a_volume := _not_a_volume(img):
+        problems.append(not_a_volume)
         return False
     geometry = geometry_problem(img.affine, task)
     if geometry:
@@ -311,7 +323,7 @@ def case_header(paths: Sequence[str]) -> Volume:
     and the fix for a missing, unreadable or non-3D file and for channel files on different grids."""
     problems: list[Problem] = []
     images = [img for img in (_read(p, read_header, problems) for p in paths) if img is not None]
-    problems += [problem for problem in map(_not_3d, images) if problem]
+    problems += [problem for problem in map(_not_a_volume, images) if problem]
     if not problems:
         problems += _channel_grid_problems(images)
     if problems:
