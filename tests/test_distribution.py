@@ -208,6 +208,17 @@ def test_help_of_commands_that_pass_settings_through():
     assert run.returncode == 0 and "--onnx" in run.stdout + run.stderr
 
 
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["predict", "--help"], ["tasks", "-h"]])
+def test_help_starts_with_the_help_not_a_notice_of_fire(args, capsys):
+    """fire prefixes a help asked with a plain --help by "INFO: Showing help with the command 'uniseg -- --help'."."""
+    try:
+        main(args)
+    except SystemExit as done:
+        assert done.code in (0, None)
+    shown = capsys.readouterr()
+    assert (shown.out + shown.err).lstrip().startswith("NAME") and "INFO:" not in shown.out + shown.err
+
+
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_help_texts_are_whole_sentences(command):
     """fire builds `uniseg --help` and `uniseg COMMAND --help` from the docstrings with its own parser, which keeps

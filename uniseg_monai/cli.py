@@ -502,7 +502,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = _long_flags(argv)
     try:
-        if argv and argv[0] in COMMANDS:
+        if argv in (["--help"], ["-h"]):
+            argv = ["--", "--help"]  # fire's own spelling: its help without "INFO: Showing help with the command ..."
+        elif argv and argv[0] in COMMANDS:
             if any(a in ("--help", "-h") for a in argv[1:]):
                 argv = [argv[0], "--", "--help"]  # else a command with **overrides takes --help as a setting
             else:
