@@ -518,3 +518,26 @@ def test_a_folder_without_dicoms_is_our_one_line_without_itks_warning_output(tmp
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=_env())
     assert run.stdout.count(f"no DICOMs in: {tmp_path}") == 2, run.stdout + run.stderr
     assert "WARNING" not in run.stderr and "No Series" not in run.stderr, run.stderr
+
+
+@pytest.mark.integration
+def test_check_data_draws_no_progress_bar_into_a_log(phantoms, tmp_path):
+    """Off a terminal (a pipe, a log file) tqdm's bars are carriage-return fragments: ours (core/progress.py) and
+    the bundles' ignite ProgressBar ("disable": null) draw only on a terminal."""
+    good = json.loads(phantoms.read_text())
+    item = {k: str(phantoms.parent / v) for k, v in good["training"][0].items() if k in ("image", "label")}
+    datalist = tmp_path / "dl.json"
+    datalist.write_text(
+        json.dumps({"tasks": good["tasks"], "training": [{**item, "task": good["training"][0]["task"]}]})
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "uniseg_monai", "check-data", str(datalist)], capture_output=True, text=True, env=_env()
+    )
+    assert "\r" not in run.stderr and "check-data:" not in run.stderr, run.stderr
+    bars = [
+        handler
+        for config in Path(__file__).resolve().parents[1].glob("bundles/*/configs/*.json")
+        for handler in json.loads(config.read_text()).get("train", {}).get("handlers", [])
+        if isinstance(handler, dict) and handler.get("_target_", "").endswith("ProgressBar")
+    ]
+    assert bars and all("disable" in bar and bar["disable"] is None for bar in bars)

@@ -29,6 +29,7 @@ from uniseg_monai.apps.bundles import one_task_network, open_inference
 from uniseg_monai.core.atomic import Writer, inside, temporaries, write_group
 from uniseg_monai.core.errors import USER_ERRORS, InputError, UsageError, one_line
 from uniseg_monai.core.locks import owned
+from uniseg_monai.core.progress import progress_bar
 from uniseg_monai.data.check import READ_ERRORS, Volume, case_header, check_dicom_series
 from uniseg_monai.data.dicom_seg import build_seg, check_seg_type, choose_series, require_highdicom, source_instances
 from uniseg_monai.data.geometry import geometry_problem, resampled_voxels
@@ -742,7 +743,7 @@ def _predict_cases(
     partial = [c for c, files in found.items() if files and skip_existing]
     failed: dict[str, str] = {}
     run = {"tta": bool(settings["tta"]), "overlap": float(settings["overlap"])}
-    for name, (source, _) in tqdm(cases.items(), desc="uniseg predict", unit="case"):
+    for name, (source, _) in progress_bar(cases.items(), desc="uniseg predict", unit="case"):
         if name in skipped:
             tqdm.write(f"uniseg predict: {name}: skipped, its outputs exist (--skip_existing)", file=sys.stderr)
             continue

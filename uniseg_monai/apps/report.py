@@ -27,11 +27,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from ignite.engine import Engine, Events
-from tqdm import tqdm
 
 from uniseg_monai.core.atomic import inside, write_atomic, write_text_atomic
 from uniseg_monai.core.errors import UsageError, flag
 from uniseg_monai.core.json_files import read_json
+from uniseg_monai.core.progress import progress_bar
 from uniseg_monai.data.transforms import MapTaskLabelsd, image_stem
 from uniseg_monai.tasks import PAPER_DICE, PAPER_UPSTREAM_MEAN_DICE, PAPER_UPSTREAM_TASKS, Task, TaskRegistry
 
@@ -266,7 +266,7 @@ def write_report(
             f"run folder {run}: nothing to report (no TensorBoard event files, {summary_path.name} or "
             f"{cases_path.name}): give the output_dir of a training or evaluation run (nothing was written)"
         )
-    steps = tqdm(total=4, desc="uniseg report", unit="part", disable=not progress)
+    steps = progress_bar(total=4, show=progress, desc="uniseg report", unit="part")
     if scalars:
         curves_figure(scalars, out_dir / "curves.png")
         sections.append(("Training", "curves.png"))

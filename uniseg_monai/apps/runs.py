@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from uniseg_monai.core.errors import UsageError, one_line
+from uniseg_monai.core.progress import progress_bar
 
 
 def seed_list(seeds: int | str | Sequence[int]) -> list[int]:
@@ -117,7 +117,7 @@ def run_all(
     results, failed = {}, {}
     jobs = int(jobs or min(cores(), len(todo)))
     print(f"{command}: {len(todo)} run(s), {jobs} at a time; logs in {logs}")
-    with tqdm(total=len(todo), desc=command, unit="run") as bar:
+    with progress_bar(total=len(todo), desc=command, unit="run") as bar:
         for (name, seed), result in execute(target, todo, jobs):
             if "error" in result:
                 failed[name, seed] = result["error"]

@@ -22,10 +22,10 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.utils import convert_to_tensor
-from tqdm import tqdm
 
 from uniseg_monai.core.atomic import write_atomic
 from uniseg_monai.core.errors import UsageError
+from uniseg_monai.core.progress import progress_bar
 from uniseg_monai.data.check import read_header
 from uniseg_monai.data.geometry import resampled_voxels
 from uniseg_monai.data.memory import GIB, available_memory
@@ -139,7 +139,7 @@ class DiskCacheDataset(PersistentDataset):
             return True
 
         with ThreadPool(self.num_workers) as pool:
-            done = tqdm(pool.imap_unordered(one, order), total=len(order), desc="disk cache", unit="case")
+            done = progress_bar(pool.imap_unordered(one, order), total=len(order), desc="disk cache", unit="case")
             return sum(done)
 
 
@@ -147,7 +147,7 @@ def cache_bytes(items: Sequence[Mapping[str, Any]], registry: TaskRegistry, defa
     """Bytes of the items once pre-processed, from their headers: voxels at the task spacing x (image channels +
     label) x 4 (float32)."""
     total = 0
-    for item in tqdm(items, desc="cache size", unit="case", disable=len(items) < 500):
+    for item in progress_bar(items, show=len(items) >= 500, desc="cache size", unit="case"):
         task = resolve_task(item, registry, default)
         head = read_header(_files(item)[0])
         total += 4 * resampled_voxels(head.shape, head.affine, task) * (task.in_channels + ("label" in item))

@@ -23,10 +23,10 @@ from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import LoadImage
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
-from tqdm import tqdm
 
 from uniseg_monai.core.errors import USER_ERRORS, InputError
 from uniseg_monai.core.notices import NIFTI_SUFFIXES, quiet_itk
+from uniseg_monai.core.progress import progress_bar
 from uniseg_monai.data.datalist import SECTIONS, DatalistError, read_datalist
 from uniseg_monai.data.geometry import affine_problem, geometry_problem
 from uniseg_monai.data.memory import GIB, available_memory, loading_memory
@@ -397,7 +397,7 @@ def check_datalist(path: str | Path, progress: bool = True) -> list[Problem]:
         problems.append(Problem(str(path), str(err), "give every task used by the datalist its own id"))
     seen: dict[tuple[str, ...], list[tuple[str, int, str]]] = {}  # image files -> the entries that name them
     trained: dict[str, set[int]] = {}  # task -> the classes its training labels hold
-    for section, i, item in tqdm(used, desc="check-data", unit="case", disable=not progress):
+    for section, i, item in progress_bar(used, show=progress, desc="check-data", unit="case"):
         where = f"{path} {section}[{i}]"
         if item["task"] not in registry:
             fix = 'add the task to the datalist\'s "tasks" or correct the name'
@@ -462,7 +462,7 @@ def check_run_items(
     :class:`~uniseg_monai.core.errors.InputError` naming the first problem and how many there are."""
     items = [item for group in groups for item in group]
     problems: list[Problem] = []
-    for i, item in enumerate(tqdm(items, desc="checking files", unit="case", disable=len(items) < 500)):
+    for i, item in enumerate(progress_bar(items, show=len(items) >= 500, desc="checking files", unit="case")):
         where = f"case {i} ({item.get('image')})"
         if not labelled:
             item = {k: v for k, v in item.items() if k != "label"}
