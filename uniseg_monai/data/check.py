@@ -73,6 +73,8 @@ def read_volume(path: str) -> Volume:
     header = read_header(path) if path.endswith(NIFTI_SUFFIXES) else None
     if header is not None:
         check_claimed_size(path, header)
+        if header.complex_valued:  # refused from the header (:func:`_not_a_volume`): loading would cast it
+            return header
     quiet_itk(path)
     img = _loader()(path)
     affine = header.affine if header is not None else np.asarray(img.affine)
