@@ -19,7 +19,7 @@ import pydicom
 import pytest
 import torch
 from conftest import shared_path
-from pydicom.uid import generate_uid
+from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
 
 from uniseg_monai.apps import predict as predict_module
 from uniseg_monai.apps.predict import predict
@@ -48,13 +48,28 @@ def model(tmp_path_factory) -> Path:
     return path
 
 
-def make_series(dst: Path, reverse=False, negative_columns=False, drop=None, no_thickness=False, scout=False) -> Path:
-    """A copy of the sample series with its (anonymised away) study / series / instance UIDs filled in, rewritten:
-    files named in reversed order, a negative column direction, a slice left out, no SliceThickness, a localizer
-    (its own series) added."""
+def make_series(
+    dst: Path,
+    reverse=False,
+    negative_columns=False,
+    drop=None,
+    no_thickness=False,
+    scout=False,
+    tilt=0.0,
+    syntax=None,
+    label_syntax=None,
+    no_pixels=None,
+) -> Path:
+    """A copy of the sample series (JPEG 2000 lossless) with its (anonymised away) study / series / instance UIDs
+    filled in, rewritten: files named in reversed order, a negative column direction, a slice left out, no
+    SliceThickness, a localizer (its own series) added, each slice shifted along y by ``tilt`` times its distance
+    from the first (a gantry tilt: positions off the slice normal), the pixels re-encoded in transfer ``syntax``
+    (pydicom's encoders), the transfer syntax UID relabelled ``label_syntax`` (one no installed decoder reads),
+    the pixel data of slice ``no_pixels`` removed."""
     dst.mkdir(parents=True)
     files = sorted(shared_path(SAMPLE).iterdir())
     study, series = generate_uid(entropy_srcs=["t28 study"]), generate_uid(entropy_srcs=["t28 series"])
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
     for i, path in enumerate(files):
         if i == drop:
             continue
@@ -66,6 +81,17 @@ def make_series(dst: Path, reverse=False, negative_columns=False, drop=None, no_
             ds.ImageOrientationPatient = [1, 0, 0, 0, -1, 0]
         if no_thickness:
             del ds.SliceThickness
+        if tilt:
+            ds.ImagePositionPatient[1] += tilt * (ds.ImagePositionPatient[2] - first.ImagePositionPatient[2])
+        if syntax:
+            ds.decompress()
+            ds.compress(syntax)
+        if i == no_pixels:
+            del ds.PixelData
+        if label_syntax:
+            ds.file_meta.TransferSyntaxUID = label_syntax  # pydicom 3.0 knows no name for it: encoding forced
+            ds.save_as(dst / path.name, implicit_vr=False, little_endian=True, force_encoding=True)
+            continue
         ds.save_as(dst / (f"{len(files) - i:03d}.dcm" if reverse else path.name))
         if scout and i == 0:
             ds.SeriesInstanceUID, ds.SeriesDescription = generate_uid(entropy_srcs=["t28 scout"]), "Topogram"
@@ -202,6 +228,80 @@ def test_geometry_variants_segment_correctly(model, tmp_path, variant):
     series = make_series(tmp_path / "ct", **variant)
     assert run(model, series, tmp_path / "out", output_type="nifti,dicom_seg") == 0
     check_round_trip(tmp_path / "out", "ct", series, "binary")
+
+
+def non_image(path: Path, modality: str, sop_class: str, study: str) -> None:
+    """A minimal non-image instance (an SR, a presentation state) of the study, in its own series."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, generate_uid(), modality
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless], ids=["rle", "jpeg-ls"])
+def test_a_compressed_series_segments_to_the_same_maps(model, written, tmp_path, syntax):
+    """RLE Lossless and JPEG-LS Lossless re-encodings of the (JPEG 2000) sample series, read by ITK's GDCM: the same
+    NIfTI maps and SEG frames as the original series."""
+    series = make_series(tmp_path / "ct", syntax=syntax)
+    assert pydicom.dcmread(next(series.iterdir())).file_meta.TransferSyntaxUID == syntax
+    assert run(model, series, tmp_path / "out", output_type="nifti,dicom_seg") == 0
+    _, original = written["binary"]
+    for task in ("liver", "organ_x"):
+        expected = np.asarray(nib.load(original / f"ct_{task}.nii.gz").dataobj)
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out" / f"ct_{task}.nii.gz").dataobj), expected)
+    check_round_trip(tmp_path / "out", "ct", series, "binary")
+
+
+def test_non_image_instances_beside_the_series_are_ignored(model, written, tmp_path):
+    """An SR, a presentation state and the SEG of an earlier run in the series folder belong to no image series:
+    the series is read without them and segments as before."""
+    series = make_series(tmp_path / "ct")
+    study = str(pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True).StudyInstanceUID)
+    non_image(series / "report.dcm", "SR", "1.2.840.10008.5.1.4.1.1.88.22", study)
+    non_image(series / "state.dcm", "PR", "1.2.840.10008.5.1.4.1.1.11.1", study)
+    _, original = written["binary"]
+    shutil.copy(original / "ct_all.seg.dcm", series / "earlier.seg.dcm")
+    assert run(model, series, tmp_path / "out", output_type="nifti,dicom_seg") == 0
+    sidecar = check_round_trip(tmp_path / "out", "ct", series, "binary")
+    assert sidecar["source_instances"] == 20
+
+
+def test_tilt_unreadable_syntax_and_missing_pixels_are_refused_before_loading(model, tmp_path, capsys, monkeypatch):
+    """From the headers (and one decoded slice per transfer syntax), before the series is loaded, one line each
+    naming the file: a gantry tilt (positions sheared off the slice normal), a transfer syntax GDCM does not know
+    (JPEG XL Lossless, 2024) or cannot decode (Deflated Image Frame Compression, 2024; relabelled copies), an image
+    instance without pixel data."""
+    folders = {
+        "tilt": make_series(tmp_path / "tilt", tilt=0.1),
+        "jpegxl": make_series(tmp_path / "jpegxl", label_syntax="1.2.840.10008.1.2.4.110"),
+        "deflate": make_series(tmp_path / "deflate", label_syntax="1.2.840.10008.1.2.8.1"),
+        "nopixels": make_series(tmp_path / "nopixels", no_pixels=4),
+    }
+
+    def never(self, data):
+        raise AssertionError(f"{data['image']} was loaded")
+
+    monkeypatch.setattr(predict_module.ThreadSafeLoadImaged, "__call__", never)
+    assert run(model, [str(f) for f in folders.values()], tmp_path / "out", output_type="nifti,dicom_seg") == 1
+    err = {line.split(" ")[2]: line for line in capsys.readouterr().err.splitlines() if "failed" in line}
+    assert len(err) == 4 and not (tmp_path / "out").exists()
+    names = sorted(p.name for p in shared_path(SAMPLE).iterdir())
+    degrees = f"(a gantry tilt of {np.degrees(np.arctan(0.1)):.2g} degrees)"  # the shear, 0.1 mm per mm
+    assert f"{folders['tilt']}/CT." in err["tilt"] and degrees in err["tilt"]
+    assert "mm off the slice normal through the first slice" in err["tilt"]
+    assert "export the series without tilt" in err["tilt"]
+    fix = "export the series uncompressed or as JPEG / JPEG-LS / JPEG 2000 / RLE, which GDCM reads"
+    for name, syntax in (("jpegxl", "1.2.840.10008.1.2.4.110"), ("deflate", "1.2.840.10008.1.2.8.1")):
+        assert f": transfer syntax {syntax}, which " in err[name] and fix in err[name]
+        assert f"{folders[name]}/CT." in err[name]
+    assert f"{folders['nopixels']}/{names[4]}: an image instance without pixel data" in err["nopixels"]
+    assert "Traceback" not in "".join(err.values())
 
 
 def test_a_missing_slice_thickness_or_slice_and_a_localizer_are_refused_in_one_line_and_series_chooses(

@@ -37,7 +37,8 @@ class Series:
 
 def _headers(folder: Path) -> dict[Path, Any]:
     """The DICOM image headers (no pixel data) of the files in ``folder``; files pydicom cannot read as DICOM are
-    left out (``check_dicom_series`` names them)."""
+    left out (``check_dicom_series`` names them), and so are instances that are no source image (no Rows: an SR, a
+    presentation state, a key object; or a SEG, e.g. written by an earlier run): they belong to no image series."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -47,7 +48,7 @@ def _headers(folder: Path) -> dict[Path, Any]:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
             continue
-        if "SeriesInstanceUID" in ds and ds.get("SOPClassUID") not in IMAGE_STORAGE_EXCLUDED:
+        if "SeriesInstanceUID" in ds and "Rows" in ds and ds.get("SOPClassUID") not in IMAGE_STORAGE_EXCLUDED:
             found[path] = ds
     return found
 
