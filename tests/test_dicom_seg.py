@@ -1,6 +1,8 @@
 """``uniseg predict --output_type dicom_seg``: DICOM SEG (BINARY and LABELMAP) of the real 512x512x20 CT series of
 ../shared, read back with highdicom and with pydicom alone and compared with the NIfTI maps of the same run on the
-series grid; geometry variants made by rewriting copies of the series' headers; dciodvfy; the task registry's codes.
+series grid; geometry variants made by rewriting copies of the series' headers; RLE / JPEG-LS re-encodings and
+non-image instances beside the series (same maps); a gantry tilt, transfer syntaxes GDCM cannot read and missing
+pixel data (refused unread); dciodvfy; the task registry's codes.
 
 The model is a randomly initialised tiny UniSeg whose two tasks (``liver``: registry codes; ``organ_x``: a user task
 without codes) run at 8 x 8 x 4 mm, so the series is one sliding window."""
