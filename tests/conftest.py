@@ -131,9 +131,10 @@ MONAILABEL_TINY = {"patch_size": [64, 64, 32], "base_features": 4, "num_workers"
 MONAILABEL_TINY_TRAIN = {**MONAILABEL_TINY, "iterations_per_epoch": 2, "val_interval": 1, "cache_rate": 0.0}
 
 
-def monailabel_bundle(name: str, registry, root: Path) -> Path:
-    """A copy of bundle ``name`` as a user would keep it for MONAI Label: small settings written into its
-    inference.json / train.json, and a model (random weights) of ``registry``'s tasks with its tasks.json in models/."""
+def monailabel_bundle(name: str, registry, root: Path, **settings) -> Path:
+    """A copy of bundle ``name`` as a user would keep it for MONAI Label: small settings (``settings`` replacing
+    some) written into its inference.json / train.json, and a model (random weights) of ``registry``'s tasks with its
+    tasks.json in models/."""
     from monai.bundle import ConfigParser
 
     from uniseg_monai.model_io.model_files import save_model
@@ -141,9 +142,9 @@ def monailabel_bundle(name: str, registry, root: Path) -> Path:
 
     bundle = root / name
     shutil.copytree(BUNDLES / name, bundle, ignore=shutil.ignore_patterns("models"))
-    for config, settings in (("inference", MONAILABEL_TINY), ("train", MONAILABEL_TINY_TRAIN)):
+    for config, values in (("inference", MONAILABEL_TINY), ("train", MONAILABEL_TINY_TRAIN)):
         path = bundle / "configs" / f"{config}.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}, indent=1))
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values, **settings}, indent=1))
     save_model_tasks(registry, bundle / "models")
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))

@@ -43,10 +43,13 @@ READY_S = 180  # bounded waits for a server to answer
 
 
 def required(ok: bool, what: str) -> None:
-    """A missing external part fails under CI=true (the CI installs it: make orthanc) and skips elsewhere."""
+    """A missing external part fails under CI=true (``make test`` installs it: ``make orthanc``), skips elsewhere."""
     if ok:
         return
-    message = f"{what} is missing: install it as root with `make orthanc` (apt-get install orthanc orthanc-dicomweb)"
+    message = (
+        f"{what} is missing: install it as root with `make orthanc` (apt-get install orthanc orthanc-dicomweb "
+        "orthanc-gdcm)"
+    )
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
@@ -129,7 +132,7 @@ def refused(response: requests.Response, status: int, *words: str) -> None:
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory) -> Iterator[str]:
     """Orthanc on a free loopback port (DICOMweb, GDCM transcoding of the JPEG 2000 sample), storage in tmp."""
-    binary = shutil.which("Orthanc")
+    binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")  # sbin: not on a user's PATH
     required(binary is not None, "Orthanc (Debian package orthanc)")
     plugins = [PLUGINS / "libOrthancDicomWeb.so", PLUGINS / "libOrthancGdcm.so"]
     required(all(p.is_file() for p in plugins), f"the Orthanc plugins {[str(p) for p in plugins]}")
@@ -294,3 +297,20 @@ def test_local_train_on_submitted_labels_swaps_the_served_model_atomically(local
     assert not np.array_equal(new, old)  # the two models segment differently: the checks below tell them apart
     assert all(np.array_equal(m, old) or np.array_equal(m, new) for m in served)
     np.testing.assert_array_equal(np.asarray(label_of(infer(base, image_id, "ph_liver")).dataobj), new)
+
+
+def test_label_server_refuses_a_missing_studies_folder_or_another_app_folder_in_one_line(tmp_path, capsys):
+    from uniseg_monai.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["label-server", "--studies", str(tmp_path / "missing")])
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"uniseg: error: --studies {tmp_path / 'missing'} is no folder: give a folder of NIfTI images or a DICOMweb URL"
+    )
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "main.py").write_text("# the user's app\n")
+    with pytest.raises(SystemExit):
+        main(["label-server", "--studies", str(tmp_path), "--app_dir", str(tmp_path / "app")])
+    assert "holds another main.py" in capsys.readouterr().err
+    assert (tmp_path / "app" / "main.py").read_text() == "# the user's app\n"

@@ -66,8 +66,9 @@ def monailabel_imports() -> None:
         sys.modules.pop("pydicom_seg", None)
         sys.modules["pydicom_seg"] = _stand_in(
             "pydicom_seg",
-            "MONAI Label's own DICOM SEG writer needs pydicom-seg, which does not work with pydicom 3: ask the UniSeg "
-            'app for DICOM SEG with the request parameter {"dicom_seg": true}',
+            "MONAI Label's own DICOM SEG writer and reader need pydicom-seg, which does not work with pydicom 3: ask "
+            'the UniSeg app for DICOM SEG with the request parameter {"dicom_seg": true}; to train, use a local '
+            "datastore (a folder of NIfTI images)",
         )
 
 
@@ -93,12 +94,12 @@ def label_server(
     """Run ``monailabel start_server`` on the UniSeg app until interrupted.
 
     Args:
-        studies: the datastore: a folder of NIfTI images (labels go to its ``labels/``) or a DICOMweb URL
-            (``http://HOST:PORT/dicom-web``).
-        bundle: bundle folder(s) or name(s) to serve, comma-separated; each is one model (its folder name).
-        port: server port.
-        host: address to listen on (127.0.0.1: this machine only; 0.0.0.0: the network).
-        app_dir: MONAI Label's app folder (main.py, logs); default ``~/.cache/uniseg/label_app``.
+        studies: the datastore, a folder of NIfTI images (labels go to its labels folder) or the URL of a DICOMweb
+            server (Orthanc's ends in /dicom-web).
+        bundle: bundle folders or names to serve, comma-separated; each is one model, named after its folder.
+        port: the server's port.
+        host: the address to listen on (127.0.0.1 serves this machine only, 0.0.0.0 the network).
+        app_dir: MONAI Label's app folder for its main.py and logs (default ~/.cache/uniseg/label_app).
     """
     from uniseg_monai.apps.bundles import find_bundle
 
