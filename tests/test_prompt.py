@@ -88,6 +88,7 @@ def test_the_prompt_makes_the_network_answer_the_task_it_is_asked(phantoms, tmp_
 
 def test_label_2_rates_count_each_structure_under_each_task(tmp_path):
     """One shared volume of 4 voxels: spleen (label 2 of ph_organs) at 0-1, tumour (label 2 of ph_liver) at 2-3."""
+
     def save(name: str, values: list[int]) -> str:
         nib.save(nib.Nifti1Image(np.array(values, np.uint8).reshape(4, 1, 1), np.eye(4)), tmp_path / name)
         return name
