@@ -311,10 +311,11 @@ OPTIMIZER_IDS = {"initial_lr": "learning_rate", "momentum": "momentum", "weight_
 def changed_settings(checkpoint: Mapping[str, Any], load_dict: Mapping[str, Any], engine: Engine) -> list[str]:
     """The run settings of a checkpoint that a resumed run would silently replace or mix with its own, as ``"id
     saved (now ours)"``: the optimizer's learning rate (``initial_lr``, the poly schedule's base; ``lr`` without a
-    scheduler), momentum and weight decay (the prompt group's too: ``prompt_weight_decay``), and the poly schedule's
-    power (loading restores the checkpoint's), and the iterations per epoch (ignite would count the checkpoint's
-    iterations in epochs of the new length) and the batch size (older checkpoints lack it: not checked). ``--epochs``
-    may change: the schedule is stretched (:func:`_stretch_poly_schedule`, :func:`_stretch_sequential_schedule`)."""
+    scheduler), momentum and weight decay (the prompt group's too: ``prompt_weight_decay``), the poly schedule's
+    power, alone or inside a ``SequentialLR`` (the demo overlay's; loading restores the checkpoint's), the iterations
+    per epoch (ignite would count the checkpoint's iterations in epochs of the new length) and the batch size (older
+    checkpoints lack it: not checked). ``--epochs`` may change: the schedule is stretched
+    (:func:`_stretch_poly_schedule`, :func:`_stretch_sequential_schedule`)."""
     found = []
     optimizer, saved = load_dict.get("optimizer"), checkpoint.get("optimizer", {}).get("param_groups", [])
     if optimizer is not None and saved:
@@ -325,12 +326,21 @@ def changed_settings(checkpoint: Mapping[str, Any], load_dict: Mapping[str, Any]
             found.append(
                 ("prompt_weight_decay", saved[-1].get("weight_decay"), optimizer.param_groups[-1]["weight_decay"])
             )
-    scheduler = load_dict.get("lr_scheduler")
-    if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR):
-        found.append(("poly_power", checkpoint.get("lr_scheduler", {}).get("power"), scheduler.power))
+    for state, scheduler in _poly_schedules(checkpoint.get("lr_scheduler", {}), load_dict.get("lr_scheduler")):
+        found.append(("poly_power", state.get("power"), scheduler.power))
     found.append(("iterations_per_epoch", checkpoint.get("trainer", {}).get("epoch_length"), engine.state.epoch_length))
     found.append(("batch_size", checkpoint.get("batch_size"), _batch_size(engine)))  # None: an older checkpoint
     return [f"{name} {old} (now {new})" for name, old, new in found if None not in (old, new) and old != new]
+
+
+def _poly_schedules(state: Mapping[str, Any], scheduler: Any) -> list[tuple[Mapping[str, Any], Any]]:
+    """The ``PolynomialLR`` schedulers of ``scheduler`` (itself, or the parts of a ``SequentialLR`` such as the demo
+    overlay's constant-then-poly schedule), each with its saved ``state`` (a checkpoint's ``lr_scheduler`` entry,
+    ``{}`` where the checkpoint lacks it)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR):
+        parts = zip(state.get("_schedulers") or [], scheduler._schedulers)  # a part the state lacks: not checked
+        return [pair for saved, part in parts for pair in _poly_schedules(saved or {}, part)]
+    return [(state, scheduler)] if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR) else []
 
 
 def _stretch_poly_schedule(scheduler: Any, epochs: int | None, logger: Any) -> None:
