@@ -54,8 +54,8 @@ def recipe(bundle: Path) -> dict:
     ``iterations_per_epoch`` (the default budget) and what the table's footer names."""
     parser = ConfigParser()
     parser.read_config([str(bundle / "configs" / f"{name}.json") for name in ("train", RECIPE)])
-    ids = ("epochs", "iterations_per_epoch", "learning_rate", "weight_decay", "prompt_weight_decay", "poly_power",
-           "batch_size", "patch_size", "features")  # fmt: skip
+    ids = ("epochs", "iterations_per_epoch", "learning_rate", "constant_lr_fraction", "weight_decay",
+           "prompt_weight_decay", "poly_power", "batch_size", "patch_size", "features")  # fmt: skip
     found = {key: parser.get_parsed_content(key) for key in ids if key in parser}
     found["optimizer"] = str(parser.get("optimizer#_target_")).rsplit(".", 1)[-1]
     found["augmentation"] = len(parser.get("augmentation_transforms") or [])
