@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dicom3tools setup lint test test-fast test-isa demo ablate transfer bench bundles gpu-wheels
+.PHONY: dicom3tools orthanc setup lint test test-fast test-isa demo ablate transfer bench bundles gpu-wheels
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,18 @@ dicom3tools:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null); } || \
 		echo "dciodvfy missing (apt-get install dicom3tools as root): tests/test_dicom_seg.py skips its validation"
 
+# Orthanc with its DICOMweb and GDCM (JPEG 2000 transcoding) plugins, the PACS tests/test_label_server.py starts on
+# a loopback port: installed with apt-get when missing and run as root (CI); elsewhere those tests skip (fail under
+# CI=true)
+orthanc:
+	@{ command -v Orthanc >/dev/null && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && \
+		[ -f /usr/share/orthanc/plugins/libOrthancGdcm.so ]; } || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb orthanc-gdcm \
+		>/dev/null); } || \
+		echo "Orthanc missing (apt-get install orthanc orthanc-dicomweb orthanc-gdcm as root): tests/test_label_server.py skips"
+
 # pytest-xdist: 2 workers (the tests' networks run on one thread each); each worker builds the session fixtures
-test: lint dicom3tools
+test: lint dicom3tools orthanc
 	$(BIN)/pytest -n 2
 	$(MAKE) test-isa
 

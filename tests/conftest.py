@@ -127,6 +127,34 @@ def tiny_bundle(official_fixture: dict, kind: str, name: str, root: Path) -> Pat
     return bundle
 
 
+MONAILABEL_TINY = {"patch_size": [64, 64, 32], "base_features": 4, "num_workers": 0, "sw_batch_size": 4}
+MONAILABEL_TINY_TRAIN = {**MONAILABEL_TINY, "iterations_per_epoch": 2, "val_interval": 1, "cache_rate": 0.0}
+
+
+def monailabel_bundle(name: str, registry, root: Path, **settings) -> Path:
+    """A copy of bundle ``name`` as a user would keep it for MONAI Label: small settings (``settings`` replacing
+    some) written into its inference.json / train.json, and a model (random weights) of ``registry``'s tasks with its
+    tasks.json in models/."""
+    from monai.bundle import ConfigParser
+
+    from uniseg_monai.model_io.model_files import save_model
+    from uniseg_monai.tasks import save_model_tasks
+
+    bundle = root / name
+    shutil.copytree(BUNDLES / name, bundle, ignore=shutil.ignore_patterns("models"))
+    for config, values in (("inference", MONAILABEL_TINY), ("train", MONAILABEL_TINY_TRAIN)):
+        path = bundle / "configs" / f"{config}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values, **settings}, indent=1))
+    save_model_tasks(registry, bundle / "models")
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    save_model(bundle / "models" / "model.pt", network.state_dict(), network.network_def(), registry)
+    return bundle
+
+
 HOLDER = """
 import sys
 from uniseg_monai.core.locks import owned

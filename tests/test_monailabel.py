@@ -4,78 +4,30 @@
 from __future__ import annotations
 
 import json
-import shutil
-import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from conftest import monailabel_bundle
 
 from uniseg_monai.apps.bundles import bundle_workflow
+from uniseg_monai.apps.label_server import monailabel_imports
 from uniseg_monai.core.errors import user_error
 from uniseg_monai.data.phantoms import generate_downstream_phantoms
 from uniseg_monai.engine.wiring import registry_for_datalist
-from uniseg_monai.model_io.model_files import read_model, save_model
-from uniseg_monai.tasks import TaskRegistry, save_model_tasks
+from uniseg_monai.model_io.model_files import read_model
+from uniseg_monai.tasks import TaskRegistry
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-TINY = {"patch_size": [64, 64, 32], "base_features": 4, "num_workers": 0, "sw_batch_size": 4}
-TINY_TRAIN = {**TINY, "iterations_per_epoch": 2, "val_interval": 1, "cache_rate": 0.0}
-
-
-def _import_monailabel_tasks():
-    """``monailabel.transform.post`` imports ``torchvision.utils`` (``make_grid``/``save_image``, for 2D
-    pathology) at module level. PyPI has no CPU torchvision for the CPU torch build (its wheel links the CUDA
-    libraries), so where none imports, a stand-in whose two functions raise is registered; the bundle tasks never
-    call them (README: "MONAI Label")."""
-    try:
-        import torchvision.utils  # noqa: F401
-    except Exception:  # not installed, or a CUDA build that fails to load
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-
-        def unavailable(*args, **kwargs):
-            raise RuntimeError("torchvision is not installed (stand-in registered by the MONAI Label tests)")
-
-        utils = types.ModuleType("torchvision.utils")
-        utils.make_grid = utils.save_image = unavailable
-        package = types.ModuleType("torchvision")
-        package.utils = utils
-        sys.modules.update({"torchvision": package, "torchvision.utils": utils})
-    from monailabel.tasks.infer.bundle import BundleInferTask
-    from monailabel.tasks.train.bundle import BundleTrainTask
-
-    return BundleInferTask, BundleTrainTask
-
-
-BundleInferTask, BundleTrainTask = _import_monailabel_tasks()
-
-
-def _tiny_bundle(name: str, registry: TaskRegistry, root: Path) -> Path:
-    """A copy of bundle ``name`` as a user would keep it for MONAI Label: small settings written into its
-    inference.json / train.json, and a model (random weights) with its tasks.json in models/."""
-    bundle = root / name
-    shutil.copytree(BUNDLES / name, bundle, ignore=shutil.ignore_patterns("models"))
-    for config, settings in (("inference", TINY), ("train", TINY_TRAIN)):
-        path = bundle / "configs" / f"{config}.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}, indent=1))
-    save_model_tasks(registry, bundle / "models")
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle)
-    torch.manual_seed(0)
-    network = parser.get_parsed_content("network_def")
-    save_model(bundle / "models" / "model.pt", network.state_dict(), network.network_def(), registry)
-    return bundle
+monailabel_imports()  # torchvision's stand-in where no CPU build imports (README: "MONAI Label")
+from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
+from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bundle(phantoms, tmp_path_factory) -> Path:
-    return _tiny_bundle("uniseg_pretrain", registry_for_datalist(phantoms), tmp_path_factory.mktemp("monailabel"))
+    return monailabel_bundle("uniseg_pretrain", registry_for_datalist(phantoms), tmp_path_factory.mktemp("monailabel"))
 
 
 def _bundle_prediction(bundle: Path, phantoms: Path, task: str, out: Path) -> Path:
@@ -121,7 +73,7 @@ def test_infer_task_segments_the_chosen_task_in_the_input_geometry(bundle, phant
 
 @pytest.mark.integration
 def test_fine_tuning_bundle_segments_its_one_task(tmp_path):
-    bundle = _tiny_bundle("uniseg_finetune_vs", TaskRegistry().subset(["vs"]), tmp_path)
+    bundle = monailabel_bundle("uniseg_finetune_vs", TaskRegistry().subset(["vs"]), tmp_path)
     image = next(generate_downstream_phantoms(tmp_path / "vs", "vs", cases=1).rglob("vs_gk_t1_refT1.nii.gz"))
     infer = BundleInferTask(str(bundle), conf={})
     assert infer.config()["task"] == ["vs"] and infer.labels == {"vestibular schwannoma": 1}  # channel_def

@@ -299,8 +299,8 @@ def test_a_dicom_series_missing_a_slice_or_not_dicom_is_refused_unread(model, sm
     monkeypatch.setattr(predict_module.ThreadSafeLoadImaged, "__call__", never)
     assert run(model, [str(cut), str(gap), str(other.parent)], tmp_path / "out", "ph_organs") == 1
     err = capsys.readouterr().err
-    assert f"{cut}: 1 file(s) of the series are no readable DICOM image (slice009.dcm)" in err
-    assert f"{gap}: the slice positions are not evenly spaced (gaps " in err and "largest after slice003.dcm" in err
+    assert f"{cut / 'slice009.dcm'}: a truncated or corrupt file (GDCM reads its transfer syntax, " in err
+    assert f"{gap / 'slice003.dcm'}: the slice positions are not evenly spaced (gaps " in err
     assert f"{other}: not a DICOM series (no DICOM image in it: x.nii.gz)" in err
     assert "No Series were found" not in err and not (tmp_path / "out").exists()
 

@@ -371,15 +371,19 @@ def test_resuming_with_other_network_settings_names_the_field_and_the_option(tmp
         loader(Engine(lambda engine, batch: None))
 
 
-def demo_schedule(epochs: int) -> tuple[torch.nn.Linear, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def demo_schedule(
+    epochs: int, poly_power: float | None = None
+) -> tuple[torch.nn.Linear, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """A tiny network with the demo overlay's optimiser and constant-then-poly ``SequentialLR`` for ``epochs``
-    (train.json + demo.json, only the parameters replaced)."""
+    (train.json + demo.json, only the parameters replaced; ``poly_power`` as ``--poly_power``)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")])
     network = torch.nn.Linear(2, 1)
     parser["optimizer_params"], parser["epochs"] = "$[torch.nn.Parameter(torch.ones(3))]", epochs
+    if poly_power is not None:
+        parser["poly_power"] = poly_power
     optimizer = parser.get_parsed_content("optimizer")
     optimizer.param_groups[0]["params"] = list(network.parameters())
     return network, optimizer, parser.get_parsed_content("lr_scheduler", instantiate=True)
@@ -411,6 +415,20 @@ def test_a_larger_epochs_stretches_the_demo_constant_then_poly_schedule(stop, tm
     assert engine.state.epoch == stop and scheduler._milestones == [10] and scheduler._schedulers[1].total_iters == 10
     assert lrs(optimizer, scheduler, 20 - stop) == pytest.approx(uninterrupted[stop:], rel=1e-9, abs=1e-12)
     assert uninterrupted[-1] > 0 and uninterrupted[9] == uninterrupted[0]  # constant for 10 epochs, then decays
+
+
+def test_resuming_the_demo_schedule_with_another_poly_power_is_refused(tmp_path):
+    network, optimizer, scheduler = demo_schedule(10)
+    lrs(optimizer, scheduler, 3)
+    engine = Engine(lambda engine, batch: None)
+    engine.state.max_epochs, engine.state.epoch_length, engine.state.iteration = 10, 4, 12
+    saved = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": engine}
+    torch.save({k: v.state_dict() for k, v in saved.items()}, tmp_path / "checkpoint_epoch=3.pt")
+    network, optimizer, scheduler = demo_schedule(10, poly_power=2.0)
+    load = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler}
+    with pytest.raises(UsageError, match=r"trained with poly_power 0.9 \(now 2.0\); resume with"):
+        ResumeCheckpointLoader(tmp_path, True, load).attach(engine)
+    assert scheduler._schedulers[1].power == 2.0  # refused before loading: nothing restored
 
 
 def test_a_sequential_schedule_that_cannot_be_stretched_is_refused(tmp_path):

@@ -62,6 +62,7 @@ def test_the_table_the_headline_and_the_figure(tmp_path):
     tuned = [c.strip() for c in lines[3].strip("|").split("|")]
     assert tuned[0] == "fine-tuned" and tuned[head.index("mean")] == "91.0 ± 1.0" and tuned[-2] == "250 ± 87"
     assert "seeds 0, 1, 2" in lines[-1] and "450 iterations (3 epochs x 150)" in lines[-1] and "P/model.pt" in lines[-1]
+    assert "lr 0.003 (held for 50% of the epochs, then the poly decay)" in lines[-1]  # the demo's schedule, named
     assert study.headline(rows) == (
         "from the pretrained model: +10.0 mean Dice at the same budget (mean over 3 seeds); validation Dice 0.80 "
         "reached after 250 iterations fine-tuned, reached after 450 iterations by 1 of 3 seeds from scratch"

@@ -12,6 +12,7 @@ from typing import Any
 import fire
 
 from uniseg_monai.apps.bundles import DEFAULT_BUNDLE
+from uniseg_monai.apps.label_server import label_server
 from uniseg_monai.apps.predict import predict
 from uniseg_monai.apps.weights import convert_into_bundle, download_weights
 from uniseg_monai.core.errors import UsageError, debugging, flag, one_line, user_error
@@ -405,6 +406,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
         "add-task": _add_task,
         "export": _export,
         "predict": _predict,
+        "label-server": label_server,
     }.items()
 }
 INTERRUPTED = {  # what Ctrl-C left, per command

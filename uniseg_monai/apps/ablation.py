@@ -54,8 +54,8 @@ def recipe(bundle: Path) -> dict:
     ``iterations_per_epoch`` (the default budget) and what the table's footer names."""
     parser = ConfigParser()
     parser.read_config([str(bundle / "configs" / f"{name}.json") for name in ("train", RECIPE)])
-    ids = ("epochs", "iterations_per_epoch", "learning_rate", "weight_decay", "prompt_weight_decay", "poly_power",
-           "batch_size", "patch_size", "features")  # fmt: skip
+    ids = ("epochs", "iterations_per_epoch", "learning_rate", "constant_lr_fraction", "weight_decay",
+           "prompt_weight_decay", "poly_power", "batch_size", "patch_size", "features")  # fmt: skip
     found = {key: parser.get_parsed_content(key) for key in ids if key in parser}
     found["optimizer"] = str(parser.get("optimizer#_target_")).rsplit(".", 1)[-1]
     found["augmentation"] = len(parser.get("augmentation_transforms") or [])
@@ -95,20 +95,29 @@ def prompt_effect(predictions: Path, datalist: Path) -> int:
     return sum(int((a != b).sum()) for a, b in (_maps(predictions, v["image"]) for v in shared_volumes(datalist)))
 
 
-def wrong_task_rates(predictions: Path, datalist: Path) -> dict[str, float]:
-    """How often the network answers the other task on the shared test volumes, where label 2 is the spleen under
-    ``ph_organs`` and the liver tumour under ``ph_liver``: ``tumour_as_spleen`` = fraction of the tumour voxels
-    labelled 2 under ``ph_organs``, ``spleen_as_tumour`` = fraction of the spleen voxels labelled 2 under
-    ``ph_liver``. 0 for a network that follows its prompt, ~1 for one that answers one task whatever it is asked."""
-    hits, totals = np.zeros(2), np.zeros(2)
+def label_2_rates(predictions: Path, datalist: Path) -> dict[str, dict[str, float]]:
+    """On the shared test volumes, where label 2 is the spleen under ``ph_organs`` and the liver tumour under
+    ``ph_liver``: the fraction of the spleen voxels and of the tumour voxels labelled 2 under each :data:`SHARED`
+    task, ``{"spleen": {"ph_organs": ..., "ph_liver": ...}, "tumour": {...}}``. A network that ignores its task id
+    has equal rates under both tasks."""
+    hits, totals = np.zeros((2, 2)), np.zeros(2)  # (structure, task), (structure,)
     for volume in shared_volumes(datalist):
-        organs_map, liver_map = _maps(predictions, volume["image"])
-        spleen = np.asarray(nib.load(volume[SHARED[0]]).dataobj) == 2
-        tumour = np.asarray(nib.load(volume[SHARED[1]]).dataobj) == 2
-        hits += [(organs_map[tumour] == 2).sum(), (liver_map[spleen] == 2).sum()]
-        totals += [tumour.sum(), spleen.sum()]
-    rates = hits / np.maximum(totals, 1)
-    return {"tumour_as_spleen": float(rates[0]), "spleen_as_tumour": float(rates[1])}
+        maps = _maps(predictions, volume["image"])
+        for s, task in enumerate(SHARED):
+            structure = np.asarray(nib.load(volume[task]).dataobj) == 2
+            hits[s] += [(m[structure] == 2).sum() for m in maps]
+            totals[s] += structure.sum()
+    rates = hits / np.maximum(totals, 1)[:, None]
+    return {name: dict(zip(SHARED, map(float, row))) for name, row in zip(("spleen", "tumour"), rates)}
+
+
+def wrong_task_rates(predictions: Path, datalist: Path) -> dict[str, float]:
+    """How often the network answers the other task on the shared test volumes (:func:`label_2_rates`):
+    ``tumour_as_spleen`` = fraction of the tumour voxels labelled 2 under ``ph_organs``, ``spleen_as_tumour`` =
+    fraction of the spleen voxels labelled 2 under ``ph_liver``. 0 for a network that follows its prompt, ~1 for one
+    that answers one task whatever it is asked."""
+    rates = label_2_rates(predictions, datalist)
+    return {"tumour_as_spleen": rates["tumour"][SHARED[0]], "spleen_as_tumour": rates["spleen"][SHARED[1]]}
 
 
 def _parameters(run: Path) -> int:

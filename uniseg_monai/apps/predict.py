@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from uniseg_monai.apps.bundles import one_task_network, open_inference
 from uniseg_monai.core.atomic import Writer, inside, temporaries, write_group
-from uniseg_monai.core.errors import USER_ERRORS, InputError, UsageError, one_line
+from uniseg_monai.core.errors import USER_ERRORS, InputError, UsageError, debugging, one_line, raised_in
 from uniseg_monai.core.locks import owned
 from uniseg_monai.core.progress import progress_bar
 from uniseg_monai.data.check import READ_ERRORS, Volume, case_header, check_dicom_series
@@ -496,7 +497,14 @@ class Predictor:
                 sidecar = {**inputs, "task": "all", "rule": MERGE_RULE, "labels": table, **self.sidecar, **run}
                 files[inside(out, f"{name}_all_merged.json")] = _json(sidecar)
         if "dicom_seg" in self.output_types:
-            files.update(self._seg_files(out, name, maps, affine, fits, instances, {**inputs, **self.sidecar, **run}))
+            try:
+                seg = self._seg_files(out, name, maps, affine, fits, instances, {**inputs, **self.sidecar, **run})
+            except InputError as err:  # the maps are good: keep the NIfTI files asked for, fail the case
+                if not files:
+                    raise
+                write_group(files)
+                raise InputError(f"{err} (its NIfTI maps were written, no DICOM SEG)") from err
+            files.update(seg)
         write_group(files)
 
     def _seg_files(
@@ -515,9 +523,18 @@ class Predictor:
         stem = "all" if self.all else fits[0].name
         tic = time.perf_counter()
         description = f"UniSeg {stem}" + (" (" + ", ".join(t.name for t in fits) + ")" if self.all else "")
-        seg, content = build_seg(maps, affine, fits, instances, self.seg_type, self.all, __version__, description)
         buffer = io.BytesIO()
-        seg.save_as(buffer, enforce_file_format=True)
+        try:
+            seg, content = build_seg(maps, affine, fits, instances, self.seg_type, self.all, __version__, description)
+            seg.save_as(buffer, enforce_file_format=True)
+        except (ValueError, TypeError) as err:  # highdicom / pydicom refusing a header value; our own bugs stay
+            if isinstance(err, InputError) or not raised_in(err, ("highdicom", "pydicom")):
+                raise
+            raise InputError(
+                f"{instances[0].filename}: its series' headers make no valid DICOM SEG ({type(err).__name__} from "
+                f"{'highdicom' if raised_in(err, ('highdicom',)) else 'pydicom'}: {one_line(err)}); fix that header "
+                "value (re-export the series) or use --output_type nifti"
+            ) from err
         timing = time.perf_counter() - tic
         new = [label for label in content["default_coded"] if (stem, label) not in self.default_coded]
         if new:  # once per run and class
@@ -618,7 +635,9 @@ def predict(
             Segmentation ``<case>_<task>.seg.dcm`` (``<case>_all.seg.dcm`` for ``all``) per case, its frames
             pixel-aligned with the series' instances and referencing them, plus ``<case>_<task>.seg.json`` (segment
             number -> task and class, the empty classes left out of the SEG); its inputs must be DICOM series folders
-            and it needs highdicom (``pip install 'uniseg-monai[dicom]'``; README, "DICOM SEG output").
+            with study, series and frame of reference UIDs (checked before loading) and it needs highdicom (``pip
+            install 'uniseg-monai[dicom]'``; README, "DICOM SEG output"). A case whose SEG cannot be built once
+            segmented (a header value highdicom refuses) fails, with its NIfTI files still written when asked for.
         seg_type: ``binary`` (default; one bit plane per segment, overlapping across tasks) or ``labelmap`` (one
             value per pixel, the 2024 LABELMAP SEG; with ``all`` the later task wins where tasks overlap, as in the
             merged map).
@@ -754,6 +773,8 @@ def _predict_cases(
             predictor.write(out, name, source, tasks, run)
         except USER_ERRORS as err:  # one bad case (its files, header or values) must not stop the others; a bug does
             failed[name] = f"{type(err).__name__}: {str(err).strip()}"
+            if debugging():
+                traceback.print_exception(err)
             tqdm.write(f"uniseg predict: {name} ({source}) failed: {failed[name]}", file=sys.stderr)
     written = len(cases) - len(failed) - len(skipped)
     print(f"uniseg predict: {written} case(s) written to {out}"

@@ -204,12 +204,14 @@ def table(rows: Sequence[dict], budget: dict, settings: dict, threshold: float =
     sd = "mean ± sd (sample sd)" if len(seeds) > 1 else "one seed"
     s, b = settings, budget
     total = b["epochs"] * b["iterations_per_epoch"]
+    held = s.get("constant_lr_fraction", 0)
+    schedule = f"held for {held:.0%} of the epochs, then the poly decay" if held else "poly decay"
     footer = (
         f"Test Dice in % ({TASK}: a task unseen in pretraining), {sd} over seeds {', '.join(map(str, seeds))}. Both "
         f"runs: {total:,} iterations ({b['epochs']} epochs x {b['iterations_per_epoch']}), validation every "
         f"{b['val_interval']} epochs ({b['val_interval'] * b['iterations_per_epoch']:,} iterations; the evaluated "
         f"model is the best on validation), configs {' + '.join(f'{c}.json' for c in CONFIGS)}: {s['optimizer']} lr "
-        f"{s['learning_rate']}, weight decay {s['weight_decay']}, batch {s['batch_size']}, patch "
+        f"{s['learning_rate']} ({schedule}), weight decay {s['weight_decay']}, batch {s['batch_size']}, patch "
         f"{'x'.join(map(str, s['patch_size']))}, features {s['features']}; fine-tuned from {s['pretrained']}; "
         f"{' or '.join(map(str, s['threads']))} torch thread(s) per run. Iterations to the threshold: the first "
         f"validation at or above it."

@@ -73,6 +73,17 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split()) or type(err).__name__
 
 
+def raised_in(err: BaseException, packages: tuple[str, ...]) -> bool:
+    """Whether ``err`` was raised inside one of the ``packages`` (a frame of its traceback is in their modules): a
+    library rejecting a value it was given, rather than a bug in the caller's own code."""
+    tb = err.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0] in packages:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def debugging() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() in TRUE
 

@@ -279,10 +279,13 @@ def _channel_grid_problems(images: Sequence[Volume]) -> list[Problem]:
 
 
 def check_dicom_series(folder: str) -> None:
-    """An :class:`~uniseg_monai.core.errors.InputError` naming the DICOM series ``folder`` and the fix where ITK's
-    series reader (as MONAI's ``ITKReader`` uses it) would fail or silently read a wrong grid: no file GDCM can read
-    (not a DICOM series), files it cannot read (the reader skips them), or slice positions (ImagePositionPatient
-    along the slice normal) of the series it reads not evenly spaced (a missing or doubled slice)."""
+    """An :class:`~uniseg_monai.core.errors.InputError` in one line naming the DICOM series ``folder``, the file and
+    the fix where ITK's series reader (as MONAI's ``ITKReader`` uses it) would fail or silently read a wrong grid,
+    from the headers and one decoded slice per transfer syntax, before the series is loaded: no file GDCM can read
+    (not a DICOM series); files it cannot read (the reader skips them: :func:`_unreadable`); a transfer syntax no
+    installed decoder reads (:func:`_undecodable`); slice positions (ImagePositionPatient) off the slice normal (a
+    gantry tilt: ITK reads a sheared stack as an orthogonal one) or not evenly spaced along it (a missing or doubled
+    slice) (:func:`_position_problem`)."""
     import itk
 
     quiet_itk(folder)
@@ -293,30 +296,109 @@ def check_dicom_series(folder: str) -> None:
         try:
             io.ReadImageInformation()
         except RuntimeError:
-            unreadable.append(path.name)
+            unreadable.append(path)
             continue
         direction = np.array([io.GetDirection(i) for i in range(3)], dtype=float).T  # columns: the axes
-        geometry[str(path)] = np.array([io.GetOrigin(i) for i in range(3)]) @ np.cross(direction[:, 0], direction[:, 1])
-    shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
-    if not geometry:
+        spacing = np.array([io.GetSpacing(i) for i in range(2)], dtype=float)
+        geometry[str(path)] = (np.array([io.GetOrigin(i) for i in range(3)]), direction, spacing)
+    why = {path: _unreadable(path, list(geometry)) for path in unreadable[:1]}  # the first one explained
+    if not geometry and not any(why.values()):
+        shown = ", ".join(p.name for p in unreadable[:3]) + (f" and {len(unreadable) - 3} more" * (len(unreadable) > 3))
         raise InputError(f"{folder}: not a DICOM series (no DICOM image in it: {shown}); give image files or series")
     if unreadable:
-        raise InputError(
-            f"{folder}: {len(unreadable)} file(s) of the series are no readable DICOM image ({shown}): the series "
-            "would be read without them; re-export the series, or remove those files"
-        )
+        more = f" (and {len(unreadable) - 1} more unreadable file(s))" if len(unreadable) > 1 else ""
+        reason = why[unreadable[0]] or "not a readable DICOM file"
+        fix = "remove it from the folder or re-export the series"
+        fix = DECODE_FIX if reason.startswith("transfer syntax") else fix
+        raise InputError(f"{_shown(unreadable[0])}{more}: {reason}, so the series cannot be read whole; {fix}")
     names = itk.GDCMSeriesFileNames.New()  # the files of the series the reader takes, as MONAI's ITKReader does
     names.SetUseSeriesDetails(True)
     names.AddSeriesRestriction("0008|0021")
     names.SetDirectory(folder)
-    positions = sorted((geometry[f], f) for f in names.GetFileNames(names.GetSeriesUIDs()[0]) if f in geometry)
+    files = [f for f in names.GetFileNames(names.GetSeriesUIDs()[0]) if f in geometry]
+    problem = _undecodable(files) or _position_problem({f: geometry[f] for f in files})
+    if problem:
+        raise InputError(problem)
+
+
+DECODE_FIX = (
+    "export the series uncompressed or as JPEG / JPEG-LS / JPEG 2000 / RLE, which GDCM reads (a tool that decodes "
+    "it converts it: `gdcmconv --raw IN OUT`, `dcmdjpeg IN OUT`), or convert it to NIfTI"
+)
+
+
+def _shown(path: str | Path) -> str:
+    """``path`` as the user gave it: the file a symbolic link of a temporary series folder points to."""
+    return str(Path(path).resolve()) if Path(path).is_symlink() else str(path)
+
+
+def _unreadable(path: Path, readable: Sequence[str]) -> str | None:
+    """Why GDCM cannot read the header of ``path`` (pydicom tells): an image instance without pixel data, a non-image
+    instance (an SR, a presentation state), a transfer syntax GDCM does not know (none of the ``readable`` files
+    has it), else a truncated or corrupt file; None when it is no DICOM file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)  # the pixel data left unread
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+        return None
+    if "Rows" not in ds:
+        return f"a DICOM {ds.get('Modality', '')} instance that is no image"
+    if "PixelData" not in ds:
+        return "an image instance without pixel data (PixelData; a truncated file?)"
+    syntax = pydicom.uid.UID(ds.file_meta.get("TransferSyntaxUID", "?"))
+    if any(read_file_meta_info(f).get("TransferSyntaxUID") == syntax for f in readable):
+        return f"a truncated or corrupt file (GDCM reads its transfer syntax, {syntax.name}, in the others)"
+    return f"transfer syntax {syntax.name}, which GDCM cannot read"
+
+
+def _undecodable(files: Sequence[str]) -> str | None:
+    """The first of ``files`` whose transfer syntax ITK's GDCM cannot decode (one slice decoded per transfer
+    syntax), in one line with the fix; None when all decode."""
+    import itk
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import UID
+
+    syntaxes: dict[str, str] = {}
+    for f in files:
+        syntaxes.setdefault(str(read_file_meta_info(f).get("TransferSyntaxUID", "")), f)
+    for syntax, f in syntaxes.items():
+        try:
+            itk.imread(f)
+        except RuntimeError:
+            return f"{_shown(f)}: transfer syntax {UID(syntax).name}, which no installed decoder reads; {DECODE_FIX}"
+    return None
+
+
+def _position_problem(geometry: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> str | None:
+    """What is wrong with the slice positions of a series (file -> origin (3,) mm, direction (3, 3) with the axes as
+    columns, pixel spacing (2,) mm): slices off the normal through the first one by more than 0.05 pixel (a gantry
+    tilt), or not evenly spaced along it; None when they form a grid."""
+    _, direction, spacing = next(iter(geometry.values()))
+    normal = np.cross(direction[:, 0], direction[:, 1])
+    positions = sorted((float(o @ normal), f) for f, (o, _, _) in geometry.items())
+    first = geometry[positions[0][1]][0]
+    off = {f: np.abs((geometry[f][0] - first) @ direction[:, :2]) / spacing for _, f in positions}
+    worst = max(off, key=lambda f: off[f].max())
+    if off[worst].max() > 0.05:
+        shift = np.linalg.norm((geometry[worst][0] - first) @ direction[:, :2])
+        along = abs(float(geometry[worst][0] @ normal) - positions[0][0])
+        return (
+            f"{_shown(worst)}: lies {shift:.3g} mm off the slice normal through the first slice, {along:.3g} mm "
+            f"away (a gantry tilt of {np.degrees(np.arctan2(shift, along)):.2g} degrees): ITK would read the sheared "
+            "slices as an orthogonal volume; export the series without tilt (the scanner's tilt correction) or "
+            "resample it to an orthogonal grid (e.g. dcm2niix corrects tilt) and give that file"
+        )
     gaps = np.diff([z for z, _ in positions])
     if len(gaps) and (gaps.min() <= 0 or gaps.max() - gaps.min() > 0.01 * np.median(gaps)):
-        after = Path(positions[int(np.argmax(gaps))][1]).name
-        raise InputError(
-            f"{folder}: the slice positions are not evenly spaced (gaps {gaps.min():g} to {gaps.max():g} mm, the "
-            f"largest after {after}): a slice is missing or doubled; re-export the complete series"
+        after = positions[int(np.argmax(gaps))][1]
+        return (
+            f"{_shown(after)}: the slice positions are not evenly spaced (gaps {gaps.min():g} to {gaps.max():g} "
+            "mm, the largest after this file): a slice is missing or doubled; re-export the complete series"
         )
+    return None
 
 
 def case_header(paths: Sequence[str]) -> Volume:

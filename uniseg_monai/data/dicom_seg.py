@@ -22,6 +22,8 @@ from uniseg_monai.tasks import DEFAULT_CLASS_CODE, SCT_CODES, ClassCode, Task, c
 SEG_TYPES = ("binary", "labelmap")
 IMAGE_STORAGE_EXCLUDED = ("1.2.840.10008.5.1.4.1.1.66.4",)  # a SEG is no source image
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+SEG_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
+FROM_FILE_META = {"SOPClassUID": "MediaStorageSOPClassUID", "SOPInstanceUID": "MediaStorageSOPInstanceUID"}
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class Series:
 
 def _headers(folder: Path) -> dict[Path, Any]:
     """The DICOM image headers (no pixel data) of the files in ``folder``; files pydicom cannot read as DICOM are
-    left out (``check_dicom_series`` names them)."""
+    left out (``check_dicom_series`` names them), and so are instances that are no source image (no Rows: an SR, a
+    presentation state, a key object; or a SEG, e.g. written by an earlier run): they belong to no image series."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -47,7 +50,7 @@ def _headers(folder: Path) -> dict[Path, Any]:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
             continue
-        if "SeriesInstanceUID" in ds and ds.get("SOPClassUID") not in IMAGE_STORAGE_EXCLUDED:
+        if "SeriesInstanceUID" in ds and "Rows" in ds and ds.get("SOPClassUID") not in IMAGE_STORAGE_EXCLUDED:
             found[path] = ds
     return found
 
@@ -106,11 +109,12 @@ def choose_series(folder: str | os.PathLike, uid: str | None) -> Series | None:
 
 def source_instances(files: Sequence[Path]) -> list[Any]:
     """The headers of a series' instances (no pixel data), sorted along the slice normal (ascending position:
-    the order a viewer stacks them); an :class:`InputError` naming the file for an instance without the geometry
-    attributes a SEG needs."""
+    the order a viewer stacks them), read before the series is loaded; an :class:`InputError` naming the file for an
+    instance without the geometry attributes a SEG needs, and one for the series when instances lack the UIDs it
+    references (:func:`_missing_uids`)."""
     import pydicom
 
-    instances = []
+    instances, missing_uids = [], {}
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
@@ -121,24 +125,30 @@ def source_instances(files: Sequence[Path]) -> list[Any]:
                 f"{path}: no SliceThickness, which a DICOM SEG copies from its source images; export the series with "
                 "it, or use --output_type nifti"
             )
-        meta = getattr(ds, "file_meta", {})
-        for key, stored in (
-            ("SOPClassUID", "MediaStorageSOPClassUID"),
-            ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
-        ):
-            if not ds.get(key) and meta.get(stored):  # the same UID, by the standard (PS3.10 7.1)
-                setattr(ds, key, meta[stored])
-        missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-                               "FrameOfReferenceUID") if not ds.get(k)]  # fmt: skip
-        if missing:
-            raise InputError(
-                f"{path}: empty {', '.join(missing)} (removed by an anonymiser?): a DICOM SEG must reference the "
-                "study, series, instances and frame of reference; export the series with its UIDs, or use "
-                "--output_type nifti"
-            )
+        if missing := _missing_uids(ds):
+            missing_uids[path] = missing
         instances.append(ds)
+    if missing_uids:
+        path, missing = next(iter(missing_uids.items()))
+        others = f" (and {len(missing_uids) - 1} more file(s) of the series)" if len(missing_uids) > 1 else ""
+        raise InputError(
+            f"{path}{others}: empty or missing {', '.join(missing)} (removed by an anonymiser?): a DICOM SEG "
+            "references the study, series, instances and frame of reference by their UIDs; re-export the series "
+            "with its UIDs (or anonymise it with a tool that keeps or replaces UIDs instead of blanking them), or use "
+            "--output_type nifti"
+        )
     normal = np.cross(*np.reshape(np.asarray(instances[0].ImageOrientationPatient, float), (2, 3)))
     return sorted(instances, key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)))
+
+
+def _missing_uids(ds: Any) -> list[str]:
+    """The UIDs a SEG references that the instance ``ds`` lacks (absent or empty); an empty or absent SOP Class /
+    Instance UID is taken from the file meta (the same UID by PS3.10 7.1) and named only if that has none either."""
+    meta = getattr(ds, "file_meta", None) or {}
+    for key, stored in FROM_FILE_META.items():
+        if not str(ds.get(key) or "").strip() and str(meta.get(stored) or "").strip():
+            setattr(ds, key, str(meta.get(stored)).strip())
+    return [k for k in SEG_UIDS if not str(ds.get(k) or "").strip()]
 
 
 def frames_on_series(labels: np.ndarray, affine: np.ndarray, instances: Sequence[Any]) -> np.ndarray:

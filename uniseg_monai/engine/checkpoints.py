@@ -354,19 +354,35 @@ def _optimizer_settings(groups: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 def saved_settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The run settings a checkpoint was trained with, by the bundle ids (None: not saved, e.g. batch size in older
-    checkpoints; a poly power only under ``PolynomialLR``)."""
+    checkpoints; a poly power only from a ``PolynomialLR``, alone or in a ``SequentialLR``)."""
     return _optimizer_settings(checkpoint.get("optimizer", {}).get("param_groups", [])) | {
-        "poly_power": checkpoint.get("lr_scheduler", {}).get("power"),
+        "poly_power": _saved_poly_power(checkpoint.get("lr_scheduler") or {}),
         "iterations_per_epoch": checkpoint.get("trainer", {}).get("epoch_length"),
         "batch_size": checkpoint.get("batch_size"),
     }
 
 
+def _saved_poly_power(state: Mapping[str, Any]) -> float | None:
+    """The power of the first ``PolynomialLR`` in a saved scheduler state (itself, or a ``SequentialLR``'s part)."""
+    if "power" in state:
+        return state["power"]
+    powers = [_saved_poly_power(part or {}) for part in state.get("_schedulers") or []]
+    return next((power for power in powers if power is not None), None)
+
+
+def _poly_schedules(scheduler: Any) -> list[Any]:
+    """The ``PolynomialLR`` schedulers of ``scheduler``: itself, or the parts of a ``SequentialLR`` such as the demo
+    overlay's constant-then-poly schedule."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR):
+        return [poly for part in scheduler._schedulers for poly in _poly_schedules(part)]
+    return [scheduler] if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR) else []
+
+
 def run_settings(optimizer: Any, scheduler: Any, engine: Engine) -> dict[str, Any]:
     """This run's settings by the bundle ids, from its optimizer, scheduler and trainer (as :func:`saved_settings`)."""
-    power = scheduler.power if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR) else None
+    powers = [part.power for part in _poly_schedules(scheduler)]
     return _optimizer_settings(optimizer.param_groups if optimizer is not None else []) | {
-        "poly_power": power,
+        "poly_power": powers[0] if powers else None,
         "iterations_per_epoch": engine.state.epoch_length,
         "batch_size": _batch_size(engine),
     }
@@ -375,10 +391,11 @@ def run_settings(optimizer: Any, scheduler: Any, engine: Engine) -> dict[str, An
 def changed_settings(saved: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
     """The run settings of a checkpoint (:func:`saved_settings`) that a resumed run would silently replace or mix
     with its own (``ours``, by the same ids), as ``"id saved (now ours)"``: the learning rate (the poly schedule's
-    base), momentum and weight decay (the prompt group's too: ``prompt_weight_decay``), the poly power (loading
-    restores the checkpoint's), the iterations per epoch (ignite would count the checkpoint's iterations in epochs of
-    the new length) and the batch size. A setting either side lacks (None, absent) is not compared. ``--epochs`` may
-    change: the schedule is stretched (:func:`_stretch_poly_schedule`, :func:`_stretch_sequential_schedule`)."""
+    base), momentum and weight decay (the prompt group's too: ``prompt_weight_decay``), the poly power, alone or
+    inside a ``SequentialLR`` (the demo overlay's; loading restores the checkpoint's), the iterations per epoch
+    (ignite would count the checkpoint's iterations in epochs of the new length) and the batch size. A setting
+    either side lacks (None, absent) is not compared. ``--epochs`` may change: the schedule is stretched
+    (:func:`_stretch_poly_schedule`, :func:`_stretch_sequential_schedule`)."""
     changed = {
         name: (old, new) for name in saved if None not in (old := saved[name], new := ours.get(name)) and old != new
     }
