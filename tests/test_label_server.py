@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -299,18 +300,44 @@ def test_local_train_on_submitted_labels_swaps_the_served_model_atomically(local
     np.testing.assert_array_equal(np.asarray(label_of(infer(base, image_id, "ph_liver")).dataobj), new)
 
 
-def test_label_server_refuses_a_missing_studies_folder_or_another_app_folder_in_one_line(tmp_path, capsys):
+def test_label_server_refuses_a_bad_start_in_one_line_before_writing_anything(tmp_path, capsys):
+    """Each start-up mistake is refused before the server starts: one line naming the option; no app folder is
+    written, the user's files are kept."""
     from uniseg_monai.cli import main
 
-    with pytest.raises(SystemExit) as ended:
-        main(["label-server", "--studies", str(tmp_path / "missing")])
-    assert ended.value.code == 2
-    assert capsys.readouterr().err.strip() == (
-        f"uniseg: error: --studies {tmp_path / 'missing'} is no folder: give a folder of NIfTI images or a DICOMweb URL"
-    )
-    (tmp_path / "app").mkdir()
-    (tmp_path / "app" / "main.py").write_text("# the user's app\n")
-    with pytest.raises(SystemExit):
-        main(["label-server", "--studies", str(tmp_path), "--app_dir", str(tmp_path / "app")])
-    assert "holds another main.py" in capsys.readouterr().err
-    assert (tmp_path / "app" / "main.py").read_text() == "# the user's app\n"
+    bundle = tmp_path / "bundle"
+    shutil.copytree(Path(__file__).parents[1] / "bundles" / MODEL, bundle, ignore=shutil.ignore_patterns("model*.pt"))
+    weights = bundle / "models" / "model.pt"
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "user_app").mkdir()
+    (tmp_path / "user_app" / "main.py").write_text("# the user's app\n")
+    app = tmp_path / "app"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        cases = [
+            ({}, f"no weights at {weights}: get them with `uniseg weights --bundle {bundle}` (see README, 'Use a "
+             "pretrained model'), or train the bundle"),
+            ({"studies": str(tmp_path / "missing")}, f"--studies {tmp_path / 'missing'} is no folder: give a folder "
+             "of NIfTI images or a DICOMweb URL"),
+            ({"port": "http"}, "--port takes a whole number from 1 to 65535 (e.g. 8000), got 'http'"),
+            ({"port": "-5"}, "--port takes a whole number from 1 to 65535 (e.g. 8000), got -5"),
+            ({"port": "70000"}, "--port takes a whole number from 1 to 65535 (e.g. 8000), got 70000"),
+            ({"port": str(taken)}, f"--port {taken} is in use on 127.0.0.1 (another server?): choose another --port"),
+            ({"host": "999.1.1.1"}, "--host 999.1.1.1 does not resolve (Name or service not known): give an address "
+             "of this machine (127.0.0.1 serves this machine only, 0.0.0.0 the network)"),
+            ({"app_dir": str(tmp_path / "a_file")}, f"--app_dir {tmp_path / 'a_file'} is a file: give a folder for "
+             "MONAI Label's app (created if missing)"),
+            ({"app_dir": str(tmp_path / "user_app")}, f"--app_dir {tmp_path / 'user_app'} holds another main.py: give "
+             "an empty or new folder as --app_dir"),
+        ]  # fmt: skip
+        for options, line in cases:
+            if options:
+                weights.touch()  # only its presence is checked before the start
+            argv = {"studies": str(tmp_path), "bundle": str(bundle), "app_dir": str(app), **options}
+            with pytest.raises(SystemExit) as ended:
+                main(["label-server", *(word for key, value in argv.items() for word in (f"--{key}", value))])
+            assert (ended.value.code, capsys.readouterr().err.strip()) == (2, f"uniseg: error: {line}"), options
+    assert not app.exists() and (tmp_path / "a_file").read_text() == "not a folder"
+    assert (tmp_path / "user_app" / "main.py").read_text() == "# the user's app\n"

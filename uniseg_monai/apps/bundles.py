@@ -150,6 +150,15 @@ def check_network(folder: Path, parser: ConfigParser, model: ModelFile) -> None:
     )
 
 
+def check_weights(ckpt: Path, bundle: str | os.PathLike) -> None:
+    """Refuse, in one line, a model file ``ckpt`` of ``bundle`` that does not exist (no weights fetched or trained)."""
+    if not ckpt.is_file():
+        raise ModelFileError(
+            f"no weights at {ckpt}: get them with `uniseg weights --bundle {bundle}` (see README, 'Use a pretrained "
+            "model'), or train the bundle"
+        )
+
+
 def open_inference(
     bundle: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -174,11 +183,7 @@ def open_inference(
     bundle = bundle or (bundle_for_model(model) if model else DEFAULT_BUNDLE)
     folder = find_bundle(bundle)
     ckpt = Path(checkpoint) if checkpoint else folder / "models" / MODEL_FILE
-    if not ckpt.is_file():
-        raise ModelFileError(
-            f"no weights at {ckpt}: get them with `uniseg weights --bundle {bundle}` (see README, 'Use a pretrained "
-            "model'), or train the bundle"
-        )
+    check_weights(ckpt, bundle)
     model = model or read_model(ckpt)
     parser = ConfigParser()
     parser.read_config(folder / INFERENCE_CONFIG)

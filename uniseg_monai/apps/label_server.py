@@ -10,14 +10,17 @@ never uses them (it writes DICOM SEG with :func:`uniseg_monai.data.dicom_seg.bui
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
-from uniseg_monai.apps.bundles import DEFAULT_BUNDLE
+from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, check_weights
 from uniseg_monai.core.errors import UsageError
+from uniseg_monai.model_io.model_files import MODEL_FILE
 
 # MONAI Label settings (environment variables read when monailabel.config is imported) that keep the server offline
 # and quiet: no MLflow tracking of training runs. The app itself looks nothing up (no model zoo, no SAM2 download,
@@ -72,13 +75,41 @@ def monailabel_imports() -> None:
         )
 
 
+def check_address(host: str, port: Any) -> None:
+    """Refuse, in one line naming ``--port`` or ``--host``, an address the server could not listen on: a port that is
+    no whole number in 1..65535, a host that does not resolve or is not this machine's, a port in use. Proven by
+    binding a socket there (as uvicorn will, with SO_REUSEADDR) and releasing it."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"--port takes a whole number from 1 to 65535 (e.g. 8000), got {port!r}")
+    fix = "give an address of this machine (127.0.0.1 serves this machine only, 0.0.0.0 the network)"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UsageError(f"--host {host} does not resolve ({getattr(err, 'strerror', None) or err}): {fix}") from None
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise UsageError(f"--port {port} is in use on {host} (another server?): choose another --port") from None
+        if err.errno == errno.EACCES:
+            raise UsageError(f"--port {port} needs root (ports below 1024): choose a --port from 1024") from None
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({err.strerror}): {fix}") from None
+
+
 def write_app(app_dir: Path) -> Path:
     """The MONAI Label app folder ``app_dir`` with its ``main.py`` (MONAI Label adds model/, lib/, logs/, bin/); an
     existing different ``main.py`` is never replaced."""
+    if app_dir.exists() and not app_dir.is_dir():
+        raise UsageError(f"--app_dir {app_dir} is a file: give a folder for MONAI Label's app (created if missing)")
     main = app_dir / "main.py"
     if main.exists() and main.read_text() != APP_MAIN:
         raise UsageError(f"--app_dir {app_dir} holds another main.py: give an empty or new folder as --app_dir")
-    app_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        app_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--app_dir {app_dir} cannot be created ({err.strerror}): give another folder") from None
     if not main.exists():
         main.write_text(APP_MAIN)
     return app_dir
@@ -97,16 +128,20 @@ def label_server(
         studies: the datastore, a folder of NIfTI images (labels go to its labels folder) or the URL of a DICOMweb
             server (Orthanc's ends in /dicom-web).
         bundle: bundle folders or names to serve, comma-separated; each is one model, named after its folder.
-        port: the server's port.
-        host: the address to listen on (127.0.0.1 serves this machine only, 0.0.0.0 the network).
+        port: the server's port, a free one from 1 to 65535.
+        host: the address to listen on (127.0.0.1 serves this machine only, 0.0.0.0 the network); both are checked
+            by binding a socket before the server starts.
         app_dir: MONAI Label's app folder for its main.py and logs (default ~/.cache/uniseg/label_app).
     """
     from uniseg_monai.apps.bundles import find_bundle
 
     names = bundle.split(",") if isinstance(bundle, str) else list(bundle)
-    bundles = ",".join(str(find_bundle(b).resolve()) for b in names)
+    folders = {name: find_bundle(name).resolve() for name in names}
     if not str(studies).startswith(("http://", "https://")) and not Path(studies).is_dir():
         raise UsageError(f"--studies {studies} is no folder: give a folder of NIfTI images or a DICOMweb URL")
+    for name, found in folders.items():
+        check_weights(found / "models" / MODEL_FILE, name)
+    check_address(host, port)
     folder = write_app(Path(app_dir) if app_dir else DEFAULT_APP_DIR)
     for key, value in OFFLINE_SETTINGS.items():
         os.environ.setdefault(key, value)
@@ -114,6 +149,6 @@ def label_server(
     from monailabel.main import Main
 
     sys.argv = ["monailabel", "start_server", "--app", str(folder), "--studies", str(studies), "--host", host,
-                "--port", str(int(port)), "--conf", "bundles", bundles,
+                "--port", str(port), "--conf", "bundles", ",".join(map(str, folders.values())),
                 "--uvicorn_app", "uniseg_monai.apps.label_asgi:app"]  # fmt: skip
     Main().run()
