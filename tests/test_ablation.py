@@ -5,7 +5,10 @@ finished runs reused; run at a reduced budget for its mechanics, not its science
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +116,33 @@ def test_ablate_finds_its_bundle_from_any_folder(tmp_path, monkeypatch, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert done.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
     assert not list(tmp_path.iterdir())  # refused before the phantoms are generated
+
+
+@pytest.mark.parametrize("command", ["ablate", "transfer"])
+def test_a_study_out_that_is_a_file_or_in_use_is_one_line_and_nothing_is_written(tmp_path, capsys, command):
+    """--out a file: "is a file"; --out owned by a live study command (its lock): refused before any run starts, naming
+    that command's pid, so nothing is written into its folder (its runs' console logs stay its own)."""
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit) as done:
+        main([command, "--out", str(tmp_path / "file"), "--seeds", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    expected = f"uniseg: error: --out {tmp_path / 'file'} is a file, but it must be a folder: give a new folder"
+    assert done.value.code == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
+    assert (tmp_path / "file").read_text() == "mine"
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from uniseg_monai.core.locks import acquire; "
+         f"acquire({str(out)!r}, 'study'); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as done:
+            main([command, "--out", str(out), "--seeds", "1", "--epochs", "1", "--iterations", "1"])
+    finally:
+        holder.communicate("")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"uniseg: error: {out} is in use by another study: pid {holder.pid} on "), lines
+    assert not out.exists()  # the holder made it and removed it, empty again: nothing else was written into it

@@ -395,6 +395,29 @@ def test_prepare_refuses_a_dataset_json_it_cannot_use_in_one_line(phantoms, tmp_
     assert message in str(refused.value) and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("task", "modality", "expected"),
+    [
+        ("brats21", {"0": "CT"}, "task 'brats21' expects 4 (T1+T1ce+T2+FLAIR); give the task these images are for, "
+                                 "or a new --task name (defined from dataset.json)"),
+        ("mine", {"0": "CT", "1": "MR"}, "task 'mine' expects 2 (CT+MR); fix \"modality\" in {meta} (nnU-Net v2: "
+                                         "\"channel_names\")"),
+    ],
+    ids=["built-in task", "new task"],
+)  # fmt: skip
+def test_prepare_refuses_data_whose_channels_are_not_the_tasks_modalities(phantoms, tmp_path, task, modality, expected):
+    """The channel count of the images' headers against the task's modalities (built-in, or new from
+    dataset.json), before anything is written: check-data would refuse every case."""
+    msd, out = _msd_folder(phantoms.parent, tmp_path / "Task01", cases=2), tmp_path / "datalist.json"
+    meta = json.loads((msd / "dataset.json").read_text())
+    (msd / "dataset.json").write_text(json.dumps({**meta, "modality": modality}))
+    with pytest.raises(DatalistError) as refused:
+        prepare(msd, task, out)
+    message = expected.format(meta=msd / "dataset.json")
+    assert str(refused.value) == f"{msd}: ./imagesTr/spleen_0.nii.gz has 1 channel(s), but {message}"
+    assert not out.exists()
+
+
 def _raise_first(problems: list) -> None:
     """check-data's first problem as the error a command would print."""
     raise UniSegError(f"{problems[0].where}: {problems[0].what}")

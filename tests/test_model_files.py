@@ -162,6 +162,49 @@ def test_unreadable_files_are_one_clear_error(tmp_path, content, message):
     assert str(path) in str(err.value)
 
 
+def test_a_folder_given_as_the_model_file_says_so(tmp_path, monkeypatch, capsys):
+    """convert-official SRC (and every reader) given a folder: one line saying it is a folder, not "not found"."""
+    from uniseg_monai.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["convert-official", str(tmp_path), "--dst", str(tmp_path / "x.pt")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and lines == [
+        f"uniseg: error: {tmp_path} is a folder; give the model file in it, e.g. {tmp_path / 'model.pt'}"
+    ]
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["official container", "self-describing file"])
+def test_non_finite_weights_are_refused_when_read_naming_the_tensor(official_fixture, tmp_path, capsys, kind):
+    """A model file with NaN / Inf weights (training never writes one) is refused wherever it is read (convert,
+    install, export, predict: all read through read_model), one line naming the file and the tensor; nothing
+    written."""
+    from uniseg_monai.cli import main
+
+    path = tmp_path / "nan.model"
+    if kind == "official container":
+        state = {k: v.clone() for k, v in official_fixture["upstream_state_dict"].items()}
+        key = [k for k, v in state.items() if v.is_floating_point()][3]
+        state[key][0] = float("inf")
+        torch.save({"state_dict": state}, path)
+        command = ["convert-official", str(path), "--dst", str(tmp_path / "out.pt")]
+    else:
+        _two_task_file(path, {"a": _task(0), "b": _task(1)})
+        saved = torch.load(path, weights_only=True)
+        key = list(saved["model"])[5]
+        saved["model"][key][:] = float("nan")
+        torch.save(saved, path)
+        command = ["export", "--checkpoint", str(path), "--onnx", str(tmp_path / "out.onnx")]
+    with pytest.raises(ModelFileError, match=re.escape(f"{path}: 1 of ")) as err:
+        read_model(path)
+    assert f"weight tensors hold NaN / Inf (first: {key})" in str(err.value)
+    with pytest.raises(SystemExit) as done:
+        main(command)
+    assert done.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [f"uniseg: error: {err.value}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.model"]
+
+
 @pytest.mark.integration
 def test_converted_official_file_predicts_without_tasks_json(official_fixture, tmp_path):
     """The reported failure: `uniseg convert-official SRC DST` then `uniseg predict --checkpoint DST`, from a folder

@@ -173,6 +173,44 @@ def test_weights_over_http_say_once_that_no_hash_was_published(official_fixture,
     assert provenance["source_sha256"] == sha256(official_file)
 
 
+@pytest.mark.parametrize("failure", ["HTTP 404", "connection refused", "ftp", "wrong hash"])
+def test_a_failed_http_download_is_only_our_one_line(official_fixture, tmp_path, capfd, failure):
+    """No progress bar for a request that fails and no MONAI log line ("Download failed ... /tmp/...", "check_hash
+    failed"): only ours; nothing installed."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the server's request log is not the command's output
+            pass
+
+    (tmp_path / "served.model").write_bytes(b"weights" * 100)
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    serves = failure in ("HTTP 404", "wrong hash")
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        if serves:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path / "b")
+            scheme, port = ("ftp" if failure == "ftp" else "http"), (server.server_port if serves else 9)
+            url = f"{scheme}://127.0.0.1:{port}/{'served' if failure == 'wrong hash' else 'nope'}.model"
+            if failure == "wrong hash":  # the hash large_files.yml publishes
+                entry = {"path": "models/model.pt", "url": url, "hash_type": "sha256", "hash_val": "0" * 64}
+                (bundle / "large_files.yml").write_text(yaml.safe_dump({"large_files": [entry]}))
+            before = listing(bundle)
+            run = uniseg("weights", "--bundle", str(bundle), *(["--url", url] if failure != "wrong hash" else []))
+        finally:
+            server.shutdown() if serves else None
+    lines = [x for x in run.stderr.strip().splitlines() if not x.startswith("served.model: ")]  # a download's bar
+    assert run.returncode == 2 and len(lines) == 1, run.stderr[-2000:]
+    assert lines[0].startswith(
+        f"uniseg: error: the weights downloaded from {url} do not have the published sha256 {'0' * 64}: "
+        if failure == "wrong hash"
+        else f"uniseg: error: could not fetch the weights from {url}: "
+    )
+    logged = "".join(capfd.readouterr())  # MONAI's log handler writes to the stream it was created with
+    assert "failed" not in logged and not run.stdout, logged
+    assert listing(bundle) == before
+
+
 @pytest.mark.parametrize("download", ["downstream model", "other network", "text file", "missing file"])
 def test_weights_refuses_what_is_not_the_bundles_uniseg(official_fixture, tmp_path, download):
     bundle = tiny_bundle(official_fixture, "upstream", "uniseg_pretrain", tmp_path)

@@ -18,7 +18,7 @@ from monai.bundle import ConfigParser
 
 from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, find_bundle, run_workflow
 from uniseg_monai.apps.report import _pyplot, _save
-from uniseg_monai.apps.runs import cell, run_all, seed_list, stats, whole_numbers
+from uniseg_monai.apps.runs import cell, run_all, seed_list, stats, study_folder, whole_numbers
 from uniseg_monai.core.atomic import write_text_atomic
 from uniseg_monai.core.errors import UniSegError, UsageError
 from uniseg_monai.core.run_folder import latest_checkpoint
@@ -326,32 +326,35 @@ def ablate(
     if jobs is not None and int(jobs) < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
     seeds = seed_list(seeds)
-    budget = {"epochs": epochs, "iterations_per_epoch": iterations, "curve_every": curve_every}
-    runs = {(v, k): out / v / f"seed_{k}" for v in dict.fromkeys(variants) for k in seeds}
-    results = {key: json.loads((run / "result.json").read_text()) for key, run in runs.items()
-               if (run / "result.json").exists()}  # fmt: skip
-    stale = [f"{runs[key]} ({r['budget']})" for key, r in results.items() if r["budget"] != budget]
-    if stale:
-        raise UsageError(f"{stale[0]} was run with another budget than {budget}: choose another --out or delete it")
-    datalist = out / "data" / "datalist.json"
-    if not datalist.exists():
-        generate_phantoms(datalist.parent)
-    shared_datalist(datalist)
-    common = {"bundle": bundle, "datalist": datalist, "epochs": epochs, "iterations": iterations,
-              "curve_every": curve_every, "extra": dict(ids)}  # fmt: skip
-    todo = {
-        key: {"name": key[0], "seed": key[1], "run": run, **common} for key, run in runs.items() if key not in results
-    }
-    failed = {}
-    if todo:
-        done, failed = run_all(run_variant, todo, jobs, "uniseg ablate", f"{out}/<variant>/seed_<k>/console.log")
-        results.update(done)
-    if results:
-        _write(out, [results[key] for key in runs if key in results], failed, settings, seeds)
-    if failed:
-        names = ", ".join(f"{v} seed {k}" for v, k in failed)
-        raise UniSegError(
-            f"{len(failed)} of {len(runs)} run(s) failed ({names}): see {out}/<variant>/seed_<k>/console.log; run the "
-            "same command again to retry them (finished runs are reused)"
-        )
-    return out / "ablation.md"
+    with study_folder(out, "ablation"):  # one command per --out: a second is refused before any run starts
+        budget = {"epochs": epochs, "iterations_per_epoch": iterations, "curve_every": curve_every}
+        runs = {(v, k): out / v / f"seed_{k}" for v in dict.fromkeys(variants) for k in seeds}
+        results = {key: json.loads((run / "result.json").read_text()) for key, run in runs.items()
+                   if (run / "result.json").exists()}  # fmt: skip
+        stale = [f"{runs[key]} ({r['budget']})" for key, r in results.items() if r["budget"] != budget]
+        if stale:
+            raise UsageError(f"{stale[0]} was run with another budget than {budget}: choose another --out or delete it")
+        datalist = out / "data" / "datalist.json"
+        if not datalist.exists():
+            generate_phantoms(datalist.parent)
+        shared_datalist(datalist)
+        common = {"bundle": bundle, "datalist": datalist, "epochs": epochs, "iterations": iterations,
+                  "curve_every": curve_every, "extra": dict(ids)}  # fmt: skip
+        todo = {
+            key: {"name": key[0], "seed": key[1], "run": run, **common}
+            for key, run in runs.items()
+            if key not in results
+        }
+        failed = {}
+        if todo:
+            done, failed = run_all(run_variant, todo, jobs, "uniseg ablate", f"{out}/<variant>/seed_<k>/console.log")
+            results.update(done)
+        if results:
+            _write(out, [results[key] for key in runs if key in results], failed, settings, seeds)
+        if failed:
+            names = ", ".join(f"{v} seed {k}" for v, k in failed)
+            raise UniSegError(
+                f"{len(failed)} of {len(runs)} run(s) failed ({names}): see {out}/<variant>/seed_<k>/console.log; run "
+                "the same command again to retry them (finished runs are reused)"
+            )
+        return out / "ablation.md"

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from uniseg_monai.core.errors import UsageError, one_line
+from uniseg_monai.core.locks import owned
 from uniseg_monai.core.progress import progress_bar
 
 
@@ -64,6 +65,17 @@ def console(path: Path) -> Iterator[None]:
                 stream.flush()
                 os.dup2(old, fd)
                 os.close(old)
+
+
+@contextmanager
+def study_folder(out: Path, what: str) -> Iterator[Path]:
+    """``--out`` of ``uniseg ablate`` / ``transfer`` owned (:func:`~uniseg_monai.core.locks.owned`) for the whole
+    command: a second command into it is refused before any of its runs starts (so it never writes into this one's
+    run logs), naming this one's pid; a file given as ``--out`` is refused in one line."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, but it must be a folder: give a new folder, or an earlier study's")
+    with owned(out, what):
+        yield out
 
 
 def cores() -> int:

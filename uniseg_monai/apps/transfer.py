@@ -19,7 +19,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from uniseg_monai.apps.ablation import recipe
 from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, FINETUNE_BUNDLES, bundle_workflow, find_bundle, run_workflow
 from uniseg_monai.apps.report import _pyplot, _save, read_scalars
-from uniseg_monai.apps.runs import cell, run_all, seed_list, stats, whole_numbers
+from uniseg_monai.apps.runs import cell, run_all, seed_list, stats, study_folder, whole_numbers
 from uniseg_monai.core.atomic import write_text_atomic
 from uniseg_monai.core.errors import UniSegError, UsageError
 from uniseg_monai.core.run_folder import latest_checkpoint
@@ -318,33 +318,34 @@ def transfer(
     if pretrained:
         check_pretrained(folder, pretrained)
     out = Path(out).resolve()
-    budget = budget_of(folder, epochs, iterations)
-    datalist = kidneys_datalist(out)
-    model = Path(pretrained) if pretrained else pretrain(out, name="pretrained") / "models" / "model.pt"
-    results, failed = finetune_pair(out, folder, datalist, model.resolve(), seeds, jobs, budget)
-    if results:
-        rows = summarise(list(results.values()), threshold)
-        threads = sorted({r["threads"] for r in results.values()})
-        settings = {**recipe(folder), "pretrained": str(model), "threads": threads}
-        text = table(rows, budget, settings, threshold)
-        if len(rows) == len(RUNS):
-            text += "\n\n" + headline(rows, threshold) + "."
+    with study_folder(out, "transfer study"):  # one command per --out: a second is refused before any run starts
+        budget = budget_of(folder, epochs, iterations)
+        datalist = kidneys_datalist(out)
+        model = Path(pretrained) if pretrained else pretrain(out, name="pretrained") / "models" / "model.pt"
+        results, failed = finetune_pair(out, folder, datalist, model.resolve(), seeds, jobs, budget)
+        if results:
+            rows = summarise(list(results.values()), threshold)
+            threads = sorted({r["threads"] for r in results.values()})
+            settings = {**recipe(folder), "pretrained": str(model), "threads": threads}
+            text = table(rows, budget, settings, threshold)
+            if len(rows) == len(RUNS):
+                text += "\n\n" + headline(rows, threshold) + "."
+            if failed:
+                text += "\n\nFailed (not in the table): " + ", ".join(f"{n} seed {k}" for n, k in failed) + "."
+            report = {"budget": budget, "settings": settings, "threshold": threshold, "seeds": seeds, "runs": rows,
+                      "results": list(results.values()),
+                      "failed": [{"run": n, "seed": k, "error": e} for (n, k), e in failed.items()]}  # fmt: skip
+            write_text_atomic(out / "transfer.json", json.dumps(report, indent=1) + "\n")
+            write_text_atomic(out / "transfer.md", text + "\n")
+            curves_figure(rows, out / "curves.png", threshold)
+            print(text)
         if failed:
-            text += "\n\nFailed (not in the table): " + ", ".join(f"{n} seed {k}" for n, k in failed) + "."
-        report = {"budget": budget, "settings": settings, "threshold": threshold, "seeds": seeds, "runs": rows,
-                  "results": list(results.values()),
-                  "failed": [{"run": n, "seed": k, "error": e} for (n, k), e in failed.items()]}  # fmt: skip
-        write_text_atomic(out / "transfer.json", json.dumps(report, indent=1) + "\n")
-        write_text_atomic(out / "transfer.md", text + "\n")
-        curves_figure(rows, out / "curves.png", threshold)
-        print(text)
-    if failed:
-        names = ", ".join(f"{n} seed {k}" for n, k in failed)
-        raise UniSegError(
-            f"{len(failed)} run(s) failed ({names}): see {out}/<run>/seed_<k>/console.log; run the same command "
-            "again to retry them (finished runs are reused)"
-        )
-    return out / "transfer.md"
+            names = ", ".join(f"{n} seed {k}" for n, k in failed)
+            raise UniSegError(
+                f"{len(failed)} run(s) failed ({names}): see {out}/<run>/seed_<k>/console.log; run the same command "
+                "again to retry them (finished runs are reused)"
+            )
+        return out / "transfer.md"
 
 
 def _ids(bundle: Path) -> set[str]:

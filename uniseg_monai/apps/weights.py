@@ -12,6 +12,7 @@ with ``<name>_provenance.json`` beside it (source, sha256, licence). An existing
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
+from urllib.request import urlopen
 
 import yaml
 
@@ -67,7 +69,7 @@ def local_source(source: str) -> Path | None:
 def fetch(source: str, dst: Path, hash_val: str = "", hash_type: str = "sha256") -> None:
     """Copy a local path or ``file://`` URL, or download an http(s) / Google Drive URL with MONAI's
     ``download_url`` (gdown for Google Drive), to ``dst``; ``hash_val`` is checked when given."""
-    from monai.apps.utils import download_url
+    from monai.apps.utils import HashCheckError, download_url
 
     try:  # gdown >= 6 (its FileURLRetrievalError derives from DownloadError)
         from gdown.exceptions import DownloadError as GdownError
@@ -82,13 +84,32 @@ def fetch(source: str, dst: Path, hash_val: str = "", hash_type: str = "sha256")
         source = local.resolve().as_uri()
         if not hash_val:
             return
+    monai_log = logging.getLogger("monai.apps")  # MONAI logs each failure ("Download failed ..."): ours is the line
+    errors_only = _BelowError()
+    monai_log.addFilter(errors_only)
     try:
+        if urlparse(source).netloc not in ("drive.google.com", "cloud-api.yandex.net"):  # MONAI's other routes
+            urlopen(source, timeout=60).close()  # a refused request fails here, before MONAI draws a progress bar
         with warnings.catch_warnings():  # no published hash: download_weights says so once, with the file's sha256
             warnings.filterwarnings("ignore", message="No hash value provided", category=UserWarning)
             download_url(source, filepath=dst, hash_val=hash_val or None, hash_type=hash_type, progress=True)
+    except HashCheckError:
+        raise ModelFileError(
+            f"the weights downloaded from {source} do not have the published {hash_type} {hash_val}: damaged on the "
+            "way or changed at the source; download again, or ask its provider for the current hash"
+        ) from None
     except (*USER_ERRORS, ValueError, RuntimeError, GdownError) as err:  # one line for the user: network (OSError),
         # a wrong hash or URL (ValueError), MONAI's and gdown's failed downloads (RuntimeError, gdown's DownloadError)
         raise ModelFileError(f"could not fetch the weights from {source}: {type(err).__name__}: {err}") from err
+    finally:
+        monai_log.removeFilter(errors_only)
+
+
+class _BelowError(logging.Filter):
+    """Lets through log records below ERROR: the failures it drops are raised as the command's one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
 
 
 def _bundle_network(bundle: Path, model: ModelFile):

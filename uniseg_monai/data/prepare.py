@@ -17,8 +17,9 @@ import numpy as np
 from uniseg_monai.core.atomic import write_text_atomic
 from uniseg_monai.core.errors import UsageError
 from uniseg_monai.core.json_files import read_json
+from uniseg_monai.data.check import case_header
 from uniseg_monai.data.datalist import DatalistError, read_datalist
-from uniseg_monai.tasks import TaskError, TaskRegistry, check_task_name
+from uniseg_monai.tasks import Task, TaskError, TaskRegistry, check_task_name
 
 
 def _msd_cases(source: Path, meta: dict) -> tuple[list[dict], list[dict]]:
@@ -123,6 +124,18 @@ def _checked_task(spec: dict[str, Any], task: str, source: Path) -> dict[str, An
     return spec
 
 
+def _check_channels(source: Path, case: dict[str, Any], task: Task, fix: str) -> None:
+    """A :class:`DatalistError` naming ``source``, the case's image, the task and ``fix`` if the channel count of its
+    headers (files x 4th axis) is not the task's modality count: the datalist checks would refuse every case."""
+    images = case["image"] if isinstance(case["image"], list) else [case["image"]]
+    channels = case_header([str(source / f) for f in images]).channels
+    if channels != task.in_channels:
+        raise DatalistError(
+            f"{source}: {images[0]} has {channels} channel(s), but task {task.name!r} expects {task.in_channels} "
+            f"({'+'.join(task.modalities)}); {fix}"
+        )
+
+
 # a task key that prepare's task entry refuses -> where it came from
 _META_KEYS = {
     "modalities": 'its "modality" (nnU-Net v2: "channel_names")',
@@ -201,9 +214,12 @@ def prepare(
     if not train:
         raise DatalistError(f"{source}: no training cases found for format {fmt!r}")
     datalist = read_datalist(out) if out.exists() else {"tasks": {}, "training": [], "validation": [], "testing": []}
+    fix = "give the task these images are for, or a new --task name (defined from dataset.json)"
     if task not in TaskRegistry() and task not in datalist.get("tasks", {}):
         spec = _task_spec(source, meta, train, fmt)
         datalist.setdefault("tasks", {})[task] = _checked_task(spec, task, meta_path if needs_meta else source)
+        fix = f'fix "modality" in {meta_path} (nnU-Net v2: "channel_names")'
+    _check_channels(source, train[0], TaskRegistry().extended(datalist.get("tasks", {}))[task], fix)
     n_cases, n_test = len(train), round(len(train) * test_share)
     train, test = train[: len(train) - n_test], train[len(train) - n_test :] + test
     n_val = round(len(train) * val_fraction) if len(train) > 1 else 0

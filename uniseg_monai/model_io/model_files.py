@@ -110,6 +110,8 @@ def load_weights_only(
     PyTorch file raises ``error`` with ``fix``: what the user does about it."""
     path = Path(path)
     label = name or str(path)
+    if path.is_dir():
+        raise error(f"{label} is a folder; give the model file in it, e.g. {path / MODEL_FILE}")
     if not path.is_file():
         raise error(f"{label}: model file not found")
     try:
@@ -164,6 +166,7 @@ def read_model(path: str | os.PathLike, name: str = "") -> ModelFile:
     obj = load_weights_only(path, name=label)
     state = _state_of(obj, label)
     state = strip_prefix(state)
+    check_finite(state, label)
     network_def = obj.get("network_def") if isinstance(obj, dict) else None
     if network_def is not None:
         network_def = checked_network_def(network_def, label)
@@ -195,6 +198,18 @@ def read_model(path: str | os.PathLike, name: str = "") -> ModelFile:
             registry, network_def, label if tasks is not None else f"{label} with the {MODEL_TASKS_FILE} beside it"
         )
     return ModelFile(path, state, network_def, registry, official, provenance)
+
+
+def check_finite(state: dict[str, torch.Tensor], label: str) -> None:
+    """A :class:`ModelFileError` naming the file ``label`` and its first tensor holding NaN / Inf (training never
+    writes one: :mod:`uniseg_monai.engine.checkpoints` refuses to save it), so that no converted, installed,
+    exported or predicting model carries them."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ModelFileError(
+            f"{label}: {len(bad)} of {len(state)} weight tensors hold NaN / Inf (first: {bad[0]}): the weights are "
+            "not usable (a diverged run or a damaged file); use the last good checkpoint or get the file again"
+        )
 
 
 def check_tasks_fit(tasks: TaskRegistry, network_def: dict[str, Any], label: str) -> None:
