@@ -239,6 +239,11 @@ def test_refused_settings(base_file, tmp_path, capsys):
             main(["add-task", "--datalist", str(datalist), "--task", "ct_new", "--bundle", str(PREDICT_BUNDLE),
                   "--checkpoint", str(base_file), "--out", str(tmp_path / "new"), option])  # fmt: skip
         assert message in capsys.readouterr().err
+    for args in (["ct_new", "--bundle", str(PREDICT_BUNDLE)], ["--datalist", str(datalist)]):  # a name as positional
+        with pytest.raises(SystemExit):
+            main(["add-task", *args])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("uniseg: error: give the datalist that defines the task") and "--task NAME" in err
     with pytest.raises(UsageError, match="is a folder: pass the model file"):
         add_task(str(datalist), "ct_new", str(PREDICT_BUNDLE), checkpoint=str(base_file.parent))
     with pytest.raises(ValueError, match=r"^--task: task name '\.\./up': use letters"):  # before <bundle>/models_../up

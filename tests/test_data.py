@@ -18,7 +18,7 @@ from nibabel.filebasedimages import ImageFileError
 from uniseg_monai.apps.finetune_bundles import read_table
 from uniseg_monai.apps.metadata import sync_metadata
 from uniseg_monai.apps.report import write_report
-from uniseg_monai.core.errors import InputError, UniSegError
+from uniseg_monai.core.errors import InputError, UniSegError, UsageError
 from uniseg_monai.data import DatalistError, check, load_items
 from uniseg_monai.data.check import check_datalist
 from uniseg_monai.data.phantoms import generate_downstream_phantoms, generate_phantoms
@@ -416,6 +416,22 @@ def test_prepare_refuses_data_whose_channels_are_not_the_tasks_modalities(phanto
     message = expected.format(meta=msd / "dataset.json")
     assert str(refused.value) == f"{msd}: ./imagesTr/spleen_0.nii.gz has 1 channel(s), but {message}"
     assert not out.exists()
+
+
+def test_prepare_names_out_when_it_is_no_datalist_to_add_to(phantoms, tmp_path):
+    """OUT is merged into when it exists: a model file or a folder there is named as OUT, and left as it was."""
+    msd = _msd_folder(phantoms.parent, tmp_path / "Task01", cases=2)
+    model, folder = tmp_path / "up.model", tmp_path / "lists"
+    model.write_bytes(b"\x80\x02not json")
+    folder.mkdir()
+    with pytest.raises(DatalistError) as refused:
+        prepare(msd, "spleen", model)
+    assert str(refused.value).startswith(f"OUT {model} exists and is not a datalist to add to (not valid JSON")
+    assert str(refused.value).endswith("give a new file or an existing datalist")
+    assert model.read_bytes() == b"\x80\x02not json"
+    with pytest.raises(UsageError, match="is a folder: give the datalist file"):
+        prepare(msd, "spleen", folder)
+    assert not any(folder.iterdir())
 
 
 def _raise_first(problems: list) -> None:

@@ -287,6 +287,7 @@ def _transfer(
 
 
 def _add_task(
+    *,
     datalist: str = "",
     task: str = "",
     bundle: str = DEFAULT_BUNDLE,
@@ -318,8 +319,11 @@ def _add_task(
     """
     from uniseg_monai.apps.add_task import add_task
 
-    if not datalist:
-        raise UsageError("give the datalist that defines the task and holds its cases: --datalist FILE")
+    if not datalist or not task:
+        raise UsageError(
+            "give the datalist that defines the task and holds its cases and the task's name: --datalist FILE --task "
+            "NAME (options only, no positional arguments; see uniseg add-task --help)"
+        )
     names = [c for c in (configs.split(",") if isinstance(configs, str) else configs) if c]
     result = add_task(datalist, task, bundle, mode, out, checkpoint, names, install, rehearse, **ids)
     print(_json.dumps(result, indent=2))

@@ -182,6 +182,21 @@ def _relative(value: str | list[str], source: Path, out_dir: Path) -> str | list
     return os.path.relpath((source / value).resolve(), out_dir.resolve())
 
 
+def _existing_datalist(out: Path) -> dict[str, Any]:
+    """The datalist OUT that ``prepare`` merges into; one line saying it is OUT when it is no datalist."""
+    if out.is_dir():
+        raise UsageError(
+            f"OUT {out} is a folder: give the datalist file to create or add to, e.g. {out / 'datalist.json'}"
+        )
+    try:
+        return read_datalist(out)
+    except DatalistError as err:
+        raise DatalistError(
+            f"OUT {out} exists and is not a datalist to add to ({str(err).removeprefix(f'{out}: ')}): give a new file "
+            "or an existing datalist"
+        ) from None
+
+
 def prepare(
     source: str | Path,
     task: str,
@@ -213,7 +228,9 @@ def prepare(
     train, test = read_cases(source, meta)
     if not train:
         raise DatalistError(f"{source}: no training cases found for format {fmt!r}")
-    datalist = read_datalist(out) if out.exists() else {"tasks": {}, "training": [], "validation": [], "testing": []}
+    datalist = (
+        _existing_datalist(out) if out.exists() else {"tasks": {}, "training": [], "validation": [], "testing": []}
+    )
     fix = "give the task these images are for, or a new --task name (defined from dataset.json)"
     if task not in TaskRegistry() and task not in datalist.get("tasks", {}):
         spec = _task_spec(source, meta, train, fmt)
