@@ -141,7 +141,8 @@ def orthanc(tmp_path_factory) -> Iterator[str]:
     config = {"Name": "uniseg-test", "HttpPort": port, "DicomServerEnabled": False, "DicomPort": 0,
               "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"), "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "Plugins": [str(p) for p in plugins],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}  # fmt: skip
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+              "Gdcm": {"Throttling": 1}}  # fmt: skip  # GDCM 3.0.21 segfaulted decoding in parallel HTTP threads
     (root / "orthanc.json").write_text(json.dumps(config))
     url = f"http://127.0.0.1:{port}"
     with running([binary, str(root / "orthanc.json")], f"{url}/system", root / "orthanc.log"):
