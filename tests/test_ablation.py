@@ -146,3 +146,16 @@ def test_a_study_out_that_is_a_file_or_in_use_is_one_line_and_nothing_is_written
     assert done.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"uniseg: error: {out} is in use by another study: pid {holder.pid} on "), lines
     assert not out.exists()  # the holder made it and removed it, empty again: nothing else was written into it
+
+
+def test_failed_runs_name_each_run_its_logs_and_the_retry():
+    from uniseg_monai.apps.runs import failed_runs
+
+    failed = {("uniseg", 0): "RuntimeError: x", ("dodnet", 2): "ValueError: y"}
+    assert str(failed_runs(failed, "OUT/<variant>/seed_<k>/console.log", 12)) == (
+        "2 of 12 run(s) failed (uniseg seed 0, dodnet seed 2): see OUT/<variant>/seed_<k>/console.log; run the same "
+        "command again to retry them (finished runs are reused)"
+    )
+    assert str(failed_runs({("fine_tuned", 1): "e"}, "OUT/<run>/seed_<k>/console.log")).startswith(
+        "1 run(s) failed (fine_tuned seed 1): see OUT/<run>/seed_<k>/console.log;"
+    )

@@ -417,13 +417,19 @@ def test_a_larger_epochs_stretches_the_demo_constant_then_poly_schedule(stop, tm
     assert uninterrupted[-1] > 0 and uninterrupted[9] == uninterrupted[0]  # constant for 10 epochs, then decays
 
 
-def test_resuming_the_demo_schedule_with_another_poly_power_is_refused(tmp_path):
-    network, optimizer, scheduler = demo_schedule(10)
+def _checkpoint_after_3_of_10_epochs(network, optimizer, scheduler, folder: Path) -> Engine:
+    """Step ``scheduler`` 3 epochs and save what a trainer saves then (4 iterations per epoch, 10 epochs planned) as
+    ``folder/checkpoint_epoch=3.pt``; the trainer engine, for a resume to attach to."""
     lrs(optimizer, scheduler, 3)
     engine = Engine(lambda engine, batch: None)
     engine.state.max_epochs, engine.state.epoch_length, engine.state.iteration = 10, 4, 12
     saved = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": engine}
-    torch.save({k: v.state_dict() for k, v in saved.items()}, tmp_path / "checkpoint_epoch=3.pt")
+    torch.save({k: v.state_dict() for k, v in saved.items()}, folder / "checkpoint_epoch=3.pt")
+    return engine
+
+
+def test_resuming_the_demo_schedule_with_another_poly_power_is_refused(tmp_path):
+    engine = _checkpoint_after_3_of_10_epochs(*demo_schedule(10), tmp_path)
     network, optimizer, scheduler = demo_schedule(10, poly_power=2.0)
     load = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler}
     with pytest.raises(UsageError, match=r"trained with poly_power 0.9 \(now 2.0\); resume with"):
@@ -441,12 +447,7 @@ def test_a_sequential_schedule_that_cannot_be_stretched_is_refused(tmp_path):
         ]
         return network, optimizer, torch.optim.lr_scheduler.SequentialLR(optimizer, parts, [epochs // 2])
 
-    network, optimizer, scheduler = make(10)
-    lrs(optimizer, scheduler, 3)
-    engine = Engine(lambda engine, batch: None)
-    engine.state.max_epochs, engine.state.epoch_length, engine.state.iteration = 10, 4, 12
-    saved = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": engine}
-    torch.save({k: v.state_dict() for k, v in saved.items()}, tmp_path / "checkpoint_epoch=3.pt")
+    engine = _checkpoint_after_3_of_10_epochs(*make(10), tmp_path)
     network, optimizer, scheduler = make(20)
     engine.state.max_epochs = 20
     with pytest.raises(UsageError, match=r"milestones \[5\] now \[10\].*resume with the checkpoint's --epochs"):

@@ -18,9 +18,9 @@ from monai.bundle import ConfigParser
 
 from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, find_bundle, run_workflow
 from uniseg_monai.apps.report import _pyplot, _save
-from uniseg_monai.apps.runs import cell, run_all, seed_list, stats, study_folder, whole_numbers
+from uniseg_monai.apps.runs import cell, failed_runs, run_all, seed_list, stats, study_folder, whole_numbers
 from uniseg_monai.core.atomic import write_text_atomic
-from uniseg_monai.core.errors import UniSegError, UsageError
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.core.run_folder import latest_checkpoint
 from uniseg_monai.data.phantoms import generate_phantoms
 from uniseg_monai.engine.checkpoints import prune_checkpoints
@@ -345,16 +345,12 @@ def ablate(
             for key, run in runs.items()
             if key not in results
         }
-        failed = {}
+        failed, logs = {}, f"{out}/<variant>/seed_<k>/console.log"
         if todo:
-            done, failed = run_all(run_variant, todo, jobs, "uniseg ablate", f"{out}/<variant>/seed_<k>/console.log")
+            done, failed = run_all(run_variant, todo, jobs, "uniseg ablate", logs)
             results.update(done)
         if results:
             _write(out, [results[key] for key in runs if key in results], failed, settings, seeds)
         if failed:
-            names = ", ".join(f"{v} seed {k}" for v, k in failed)
-            raise UniSegError(
-                f"{len(failed)} of {len(runs)} run(s) failed ({names}): see {out}/<variant>/seed_<k>/console.log; run "
-                "the same command again to retry them (finished runs are reused)"
-            )
+            raise failed_runs(failed, logs, len(runs))
         return out / "ablation.md"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from uniseg_monai.core.errors import UsageError, one_line
+from uniseg_monai.core.errors import UniSegError, UsageError, one_line
 from uniseg_monai.core.locks import owned
 from uniseg_monai.core.progress import progress_bar
 
@@ -138,6 +138,17 @@ def run_all(
                 results[name, seed] = result
             bar.update()
     return results, failed
+
+
+def failed_runs(failed: dict[tuple[str, int], str], logs: str, total: int | None = None) -> UniSegError:
+    """What a command ends with when some of its runs (keyed (name, seed)) failed: which ones (``total``: of how
+    many), where their logs lie and how to retry."""
+    names = ", ".join(f"{name} seed {seed}" for name, seed in failed)
+    count = f"{len(failed)} of {total}" if total else f"{len(failed)}"
+    return UniSegError(
+        f"{count} run(s) failed ({names}): see {logs}; run the same command again to retry them (finished runs are "
+        "reused)"
+    )
 
 
 def stats(values: Sequence[float]) -> dict[str, float | None]:

@@ -19,9 +19,9 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from uniseg_monai.apps.ablation import recipe
 from uniseg_monai.apps.bundles import DEFAULT_BUNDLE, FINETUNE_BUNDLES, bundle_workflow, find_bundle, run_workflow
 from uniseg_monai.apps.report import _pyplot, _save, read_scalars
-from uniseg_monai.apps.runs import cell, run_all, seed_list, stats, study_folder, whole_numbers
+from uniseg_monai.apps.runs import cell, failed_runs, run_all, seed_list, stats, study_folder, whole_numbers
 from uniseg_monai.core.atomic import write_text_atomic
-from uniseg_monai.core.errors import UniSegError, UsageError
+from uniseg_monai.core.errors import UsageError
 from uniseg_monai.core.run_folder import latest_checkpoint
 from uniseg_monai.data.phantoms import DOWNSTREAM_TASKS, generate_downstream_phantoms, generate_phantoms
 from uniseg_monai.data.prepare import prepare
@@ -340,11 +340,7 @@ def transfer(
             curves_figure(rows, out / "curves.png", threshold)
             print(text)
         if failed:
-            names = ", ".join(f"{n} seed {k}" for n, k in failed)
-            raise UniSegError(
-                f"{len(failed)} run(s) failed ({names}): see {out}/<run>/seed_<k>/console.log; run the same command "
-                "again to retry them (finished runs are reused)"
-            )
+            raise failed_runs(failed, f"{out}/<run>/seed_<k>/console.log")
         return out / "transfer.md"
 
 
